@@ -1,0 +1,3 @@
+"""MuxServe: serve many LLMs on shared GPUs."""
+
+__version__ = "0.1.0"

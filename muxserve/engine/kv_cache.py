@@ -1,0 +1,207 @@
+"""Head-wise paged KV cache: one byte pool of pages shared by every model, and its allocator.
+
+A page holds K and V of one (layer, kv-head) for ``page_tokens`` tokens, so models with
+different layer counts, head counts, head sizes and dtypes share one pool. A request of
+a model owns its pages as a flat list in block-major order::
+
+    pages[b * L * H + l * H + h]  = page of token block b, layer l, kv-head h
+
+so ``torch.tensor(pages).view(num_blocks, L, H)`` is its page table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+DEFAULT_PAGE_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How one model (one tensor-parallel rank of it) reads the pages of the pool."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    page_bytes: int = DEFAULT_PAGE_BYTES
+
+    def __post_init__(self) -> None:
+        token_bytes = 2 * self.head_dim * self.dtype_bytes
+        if self.page_bytes % token_bytes:
+            raise ValueError(
+                f"page size {self.page_bytes} B is not a multiple of one token's K+V "
+                f"({token_bytes} B for head_dim {self.head_dim}, {self.dtype})"
+            )
+
+    @property
+    def dtype_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def page_tokens(self) -> int:
+        return self.page_bytes // (2 * self.head_dim * self.dtype_bytes)
+
+    @property
+    def pages_per_block(self) -> int:
+        """Pages that one block of ``page_tokens`` tokens takes over all layers and heads."""
+        return self.num_layers * self.num_kv_heads
+
+    def num_blocks(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.page_tokens)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return self.num_blocks(num_tokens) * self.pages_per_block
+
+
+class KVPool:
+    """A flat byte buffer cut into ``num_pages`` pages; each model views it with its layout."""
+
+    def __init__(self, buffer: torch.Tensor, page_bytes: int = DEFAULT_PAGE_BYTES):
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() % page_bytes:
+            raise ValueError("KV pool buffer must be a 1-D uint8 tensor of whole pages")
+        self.buffer = buffer
+        self.page_bytes = page_bytes
+        self.num_pages = buffer.numel() // page_bytes
+
+    @classmethod
+    def allocate(cls, num_bytes: int, device: str | torch.device = "cpu",
+                 page_bytes: int = DEFAULT_PAGE_BYTES) -> KVPool:
+        num_pages = num_bytes // page_bytes
+        if num_pages < 1:
+            raise ValueError(f"KV cache of {num_bytes} bytes holds no page of {page_bytes} bytes")
+        return cls(torch.zeros(num_pages * page_bytes, dtype=torch.uint8, device=device), page_bytes)
+
+    def view(self, layout: KVLayout) -> torch.Tensor:
+        """(num_pages, 2, page_tokens, head_dim) tensor of ``layout.dtype``; index 0 is K, 1 is V."""
+        if layout.page_bytes != self.page_bytes:
+            raise ValueError(f"layout page size {layout.page_bytes} != pool page size {self.page_bytes}")
+        return self.buffer.view(layout.dtype).view(self.num_pages, 2, layout.page_tokens, layout.head_dim)
+
+
+@dataclass
+class Allocation:
+    """Result of one batch allocation."""
+
+    new_pages: dict[str, list[int]] = field(default_factory=dict)  # admitted id -> pages added now
+    preempted: list[str] = field(default_factory=list)  # tail ids whose pages were all freed
+
+
+@dataclass
+class _ModelState:
+    pages_per_block: int
+    page_tokens: int
+    owned: dict[str, list[int]] = field(default_factory=dict)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.page_tokens) * self.pages_per_block
+
+
+class PageAllocator:
+    """The single owner of page ids for one pool, across all models that share it."""
+
+    def __init__(self, num_pages: int):
+        if num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        self.num_pages = num_pages
+        # LIFO free list; reversed so that a fresh pool hands out 0, 1, 2, ...
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))
+        self._models: dict[str, _ModelState] = {}
+
+    # -- models ---------------------------------------------------------------------------
+    def register_model(self, name: str, layout: KVLayout) -> None:
+        if name in self._models:
+            raise ValueError(f"model {name!r} is already registered")
+        self._models[name] = _ModelState(layout.pages_per_block, layout.page_tokens)
+
+    def _model(self, name: str) -> _ModelState:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise KeyError(f"unknown model {name!r}; registered: {sorted(self._models)}") from None
+
+    @property
+    def models(self) -> list[str]:
+        return list(self._models)
+
+    # -- figures --------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def used_by(self, model: str) -> int:
+        return sum(len(p) for p in self._model(model).owned.values())
+
+    def pages_of(self, model: str, request_id: str) -> list[int]:
+        state = self._model(model)
+        if request_id not in state.owned:
+            raise KeyError(f"request {request_id!r} of model {model!r} owns no pages")
+        return list(state.owned[request_id])
+
+    def owns(self, model: str, request_id: str) -> bool:
+        return request_id in self._model(model).owned
+
+    def max_tokens(self, model: str) -> int:
+        """Tokens one request of ``model`` could hold if it had the whole pool."""
+        state = self._model(model)
+        return self.num_pages // state.pages_per_block * state.page_tokens
+
+    def can_allocate(self, model: str, requests: Iterable[tuple[str, int]]) -> bool:
+        missing = self._missing(self._model(model), list(requests))
+        return missing is not None and sum(missing) <= self.num_free
+
+    # -- allocation -----------------------------------------------------------------------
+    def allocate(self, model: str, requests: Sequence[tuple[str, int]]) -> Allocation:
+        """Give each (request id, tokens it will hold) the pages it misses, in batch order.
+
+        A request that already owns pages keeps them and gets only the missing ones. When the
+        pool cannot cover the whole batch, the longest prefix that fits (counting the pages the
+        dropped tail holds) is admitted and the tail is preempted: its pages are freed.
+        """
+        state = self._model(model)
+        ids = [rid for rid, _ in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate request ids in one allocation for model {model!r}")
+        missing = self._missing(state, requests)
+        if missing is None:
+            raise ValueError(f"negative token count in allocation for model {model!r}")
+        held = [len(state.owned.get(rid, ())) for rid in ids]
+        admitted = len(ids)
+        while admitted > 0 and sum(missing[:admitted]) > self.num_free + sum(held[admitted:]):
+            admitted -= 1
+        result = Allocation()
+        for rid in ids[admitted:]:
+            self._release(state, rid)
+            result.preempted.append(rid)
+        for rid, need in zip(ids[:admitted], missing[:admitted]):
+            pages = [self._free.pop() for _ in range(need)]
+            state.owned.setdefault(rid, []).extend(pages)
+            result.new_pages[rid] = pages
+        return result
+
+    def free(self, model: str, request_ids: Iterable[str]) -> int:
+        """Return every page of finished or aborted requests; unknown ids are an error."""
+        state = self._model(model)
+        request_ids = list(request_ids)
+        unknown = [rid for rid in request_ids if rid not in state.owned]
+        if unknown:
+            raise KeyError(f"requests {unknown!r} of model {model!r} own no pages (unknown or already freed)")
+        return sum(self._release(state, rid) for rid in request_ids)
+
+    def _missing(self, state: _ModelState, requests: Sequence[tuple[str, int]]) -> list[int] | None:
+        out = []
+        for rid, tokens in requests:
+            if tokens < 0:
+                return None
+            out.append(max(0, state.pages_for(tokens) - len(state.owned.get(rid, ()))))
+        return out
+
+    def _release(self, state: _ModelState, request_id: str) -> int:
+        pages = state.owned.pop(request_id, [])
+        # Reverse so the request's first page is handed out first next time.
+        self._free.extend(reversed(pages))
+        return len(pages)

@@ -1,0 +1,92 @@
+"""Offline generation API: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence as Seq
+
+from tqdm import tqdm
+
+from muxserve.engine.llm_engine import EngineConfig, LLMEngine
+from muxserve.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    """The result of one prompt."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated ids only
+    text: str
+    finish_reason: str
+    num_preemptions: int = 0
+
+
+class LLM:
+    """Generate from one model, in process.
+
+    Args:
+        model: a known short name (``smollm2-135m``), a Hugging Face folder or a ``.gguf`` file.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        device: ``cpu`` or ``cuda``.
+        **kwargs: further :class:`EngineConfig` fields (``kv_cache_bytes``, ``max_num_seqs``, ...).
+    """
+
+    def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, **kwargs))
+        self._tokenizer = None
+
+    def get_tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.engine.folder)
+        return self._tokenizer
+
+    def generate(self, prompts: str | Seq[str] | Seq[Seq[int]], sampling_params: SamplingParams | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (a string or a list of token ids); outputs keep prompt order."""
+        params = sampling_params or SamplingParams()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        tokenizer = self.get_tokenizer()
+        texts: list[str | None] = []
+        seqs = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                ids = tokenizer.encode(prompt, add_special_tokens=True)
+                texts.append(prompt)
+            else:
+                ids = list(prompt)
+                texts.append(None)
+            seqs.append(self.engine.add_request(ids, params))
+        bar = tqdm(total=len(seqs), desc="generating", disable=not use_tqdm)
+        while self.engine.has_unfinished():
+            bar.update(len(self.engine.step()))
+        bar.close()
+        return [
+            RequestOutput(text, s.prompt_token_ids, list(s.output_token_ids),
+                          tokenizer.decode(s.output_token_ids, skip_special_tokens=True),
+                          s.finish_reason.value, s.num_preemptions)
+            for text, s in zip(texts, seqs)
+        ]
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation and generate the assistant turn."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]  # type: ignore[list-item]
+        tokenizer = self.get_tokenizer()
+        if not tokenizer.chat_template:
+            raise ValueError(f"model {self.engine.folder} has no chat template")
+        prompts = [_as_ids(tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True))
+                   for conv in messages]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+
+def _as_ids(encoded) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template; older versions a list.
+    if hasattr(encoded, "keys") and "input_ids" in encoded:
+        encoded = encoded["input_ids"]
+    return list(encoded)

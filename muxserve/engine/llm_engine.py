@@ -1,0 +1,162 @@
+"""A single-model engine: weights, an in-process KV pool, continuous batching."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from muxserve.engine.attention import make_attention, select_backend
+from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES, KVLayout, KVPool, PageAllocator
+from muxserve.engine.loader import iter_weights
+from muxserve.engine.model_config import ModelSpec
+from muxserve.engine.model_hub import resolve_model
+from muxserve.engine.models import build_model
+from muxserve.engine.models.rotary import RotaryEmbedding
+from muxserve.engine.runner import ModelRunner
+from muxserve.engine.sampling_params import SamplingParams
+from muxserve.engine.scheduler import Scheduler
+from muxserve.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DEFAULT_CPU_KV_BYTES = 512 * 1024 * 1024
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; choose cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    return dev
+
+
+def load_model(folder, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Build the model on ``device`` and fill it from the checkpoint in ``folder``."""
+    with torch.device("meta"):
+        model = build_model(spec)
+    model = model.to_empty(device=device).to(dtype)
+    # Rotary tables are computed, not loaded: build them on the device in float32.
+    model.rotary = RotaryEmbedding(spec.rope, spec.head_dim, spec.max_position_embeddings).to(device)
+    model.load_weights(iter_weights(folder, dtype))
+    return model.eval()
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "cpu"
+    kv_cache_bytes: int | None = None  # pool size; default: 512 MiB on CPU, gpu_memory_utilization on GPU
+    gpu_memory_utilization: float = 0.9
+    page_bytes: int = DEFAULT_PAGE_BYTES
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs!r}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < self.page_bytes:
+            raise ValueError(f"kv_cache_bytes ({self.kv_cache_bytes}) is smaller than one page ({self.page_bytes})")
+
+
+class LLMEngine:
+    """Loads one model and runs requests to completion with continuous batching."""
+
+    MODEL_NAME = "model"
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.dtype = parse_dtype(config.dtype)
+        self.device = parse_device(config.device)
+        self.folder = resolve_model(config.model)
+        self.spec = ModelSpec.from_folder(self.folder)
+        self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
+                                 self.spec.max_position_embeddings)
+        self.model = load_model(self.folder, self.spec, self.dtype, self.device)
+        self.layout = KVLayout(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim,
+                               self.dtype, config.page_bytes)
+        self.pool = KVPool.allocate(self._kv_bytes(), self.device, config.page_bytes)
+        self.allocator = PageAllocator(self.pool.num_pages)
+        self.allocator.register_model(self.MODEL_NAME, self.layout)
+        backend = select_backend(config.attention_backend, self.device)
+        attention = make_attention(backend, self.pool.view(self.layout), self.spec.num_heads,
+                                   self.spec.num_kv_heads, self.spec.head_dim)
+        self.runner = ModelRunner(self.model, self.layout, attention, self.device)
+        batched = config.max_num_batched_tokens or max(2048, self.max_model_len)
+        self.scheduler = Scheduler(self.allocator, self.MODEL_NAME, config.max_num_seqs, batched)
+        self.eos_token_ids = frozenset(self.spec.eos_token_ids) | _generation_eos(self.folder)
+        self._ids = itertools.count()
+        logger.info("loaded %s (%s, %s) on %s; KV pool %d pages of %d B = %d tokens per sequence at most",
+                    self.folder, self.spec.architecture, self.dtype, self.device, self.pool.num_pages,
+                    config.page_bytes, self.allocator.max_tokens(self.MODEL_NAME))
+
+    def _kv_bytes(self) -> int:
+        if self.config.kv_cache_bytes is not None:
+            return self.config.kv_cache_bytes
+        if self.device.type == "cpu":
+            return DEFAULT_CPU_KV_BYTES
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        reserve = 2 * 1024**3  # activations, logits and the CUDA context
+        free = int(total * self.config.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device) - reserve
+        if free < self.config.page_bytes:
+            raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization {self.config.gpu_memory_utilization}")
+        return free
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt of {n} tokens does not fit the model's context of {self.max_model_len} tokens")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of the vocabulary [0, {self.spec.vocab_size}): {bad[:5]}")
+        total = min(n + params.max_tokens, self.max_model_len)
+        capacity = self.allocator.max_tokens(self.MODEL_NAME)
+        if total > capacity:
+            raise ValueError(f"request needs {total} tokens of KV cache but the whole pool holds {capacity}; "
+                             "raise kv_cache_bytes or lower max_tokens")
+        seq = Sequence(str(next(self._ids)), list(prompt_token_ids), params, self.eos_token_ids, self.max_model_len)
+        self.scheduler.add(seq)
+        return seq
+
+    def step(self) -> list[Sequence]:
+        """Run one prefill or decode step; return the sequences that finished in it."""
+        step = self.scheduler.schedule()
+        if step is None:
+            return []
+        tokens = self.runner.step(step.seqs, step.is_prefill)
+        return self.scheduler.finish_step(step, tokens)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+
+def _generation_eos(folder) -> frozenset[int]:
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return frozenset()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    if eos is None:
+        return frozenset()
+    return frozenset(eos if isinstance(eos, list) else [eos])

@@ -1,0 +1,41 @@
+"""Checkpoint reading: Hugging Face safetensors folders (single file or sharded with an index)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The weight files of a folder, in index order when the checkpoint is sharded."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / name for name in shard_names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that do not exist: {missing}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {folder} (expected model.safetensors or {INDEX_FILE})")
+    return files
+
+
+def iter_weights(folder: str | Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every tensor of the checkpoint, cast to ``dtype`` if given."""
+    for path in safetensors_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                yield name, tensor if dtype is None else tensor.to(dtype)

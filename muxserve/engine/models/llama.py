@@ -1,0 +1,149 @@
+"""One decoder for the Llama family: Llama 2/3, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from muxserve.engine.attention import AttentionMetadata
+from muxserve.engine.model_config import ModelSpec
+from muxserve.engine.models.rotary import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.spec = spec
+        self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.attention_bias)
+        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=False)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+
+    def forward(self, x, positions, rotary, attn, meta: AttentionMetadata):
+        s = self.spec
+        q, k, v = self.qkv_proj(x).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
+        q = q.view(-1, s.num_heads, s.head_dim)  # (N, Hq, D)
+        k = k.view(-1, s.num_kv_heads, s.head_dim)  # (N, H, D)
+        v = v.view(-1, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        out = attn.forward(self.layer, q, k, v, meta)  # (N, Hq, D)
+        return self.o_proj(out.reshape(-1, s.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, layer)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, positions, rotary, attn, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids of a flat batch (N,) -> hidden states (N, hidden); logits only where asked."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        if spec.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(spec.rope, spec.head_dim, spec.max_position_embeddings)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, attn, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up as they arrive."""
+        params = dict(self.named_parameters())
+        loaded: set[tuple[str, int | None]] = set()
+        s = self.spec
+        fused = {  # HF suffix -> (our suffix, row offset, rows)
+            "q_proj": ("qkv_proj", 0, s.q_size),
+            "k_proj": ("qkv_proj", s.q_size, s.kv_size),
+            "v_proj": ("qkv_proj", s.q_size + s.kv_size, s.kv_size),
+            "gate_proj": ("gate_up_proj", 0, s.intermediate_size),
+            "up_proj": ("gate_up_proj", s.intermediate_size, s.intermediate_size),
+        }
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue
+            parts = name.split(".")
+            target, rows = name, None
+            if len(parts) >= 2 and parts[-2] in fused:
+                ours, start, count = fused[parts[-2]]
+                target = ".".join(parts[:-2] + [ours, parts[-1]])
+                rows = (start, count)
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {s.architecture}")
+            param = params[target]
+            dest = param.data if rows is None else param.data.narrow(0, *rows)
+            if dest.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            loaded.add((target, None if rows is None else rows[0]))
+        missing = sorted(f"{n}@{o}" if o is not None else n for n, o in _expected_slots(params, fused) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint lacks tensors for {s.architecture}: {missing[:8]}")
+
+
+def _expected_slots(params: dict[str, nn.Parameter], fused) -> set[tuple[str, int | None]]:
+    """Every (parameter, fused row offset) that a complete checkpoint fills."""
+    offsets: dict[str, list[int]] = {}
+    for ours, start, _ in fused.values():
+        offsets.setdefault(ours, []).append(start)
+    slots: set[tuple[str, int | None]] = set()
+    for name in params:
+        kind = name.split(".")[-2] if "." in name else ""
+        if kind in offsets:
+            slots.update((name, o) for o in offsets[kind])
+        else:
+            slots.add((name, None))
+    return slots

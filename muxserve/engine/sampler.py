@@ -1,0 +1,38 @@
+"""Next-token selection: greedy, temperature, top-k, top-p, per-request seeds."""
+
+from __future__ import annotations
+
+import torch
+
+from muxserve.engine.sampling_params import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """logits: (B, vocab) float32 -> one token id per row."""
+    if all(p.greedy for p in params):
+        return logits.argmax(dim=-1).tolist()
+    greedy = logits.argmax(dim=-1).tolist()
+    out = []
+    for i, p in enumerate(params):
+        if p.greedy:
+            out.append(greedy[i])
+            continue
+        probs = _filtered_probs(logits[i], p).cpu()
+        out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
+    return out
+
+
+def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p; the first token always stays.
+        drop = cumulative - sorted_logits.softmax(-1) >= p.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+    return logits.softmax(-1)
