@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import gt, itemgetter
 from typing import Iterable, Sequence
 
 import torch
@@ -96,6 +98,9 @@ class _ModelState:
     pages_per_block: int
     page_tokens: int
     owned: dict[str, list[int]] = field(default_factory=dict)
+    # Tokens that the whole blocks a request owns can hold (kept with `owned`): a request
+    # needs pages exactly when it asks for more tokens than this.
+    capacity: dict[str, int] = field(default_factory=dict)
 
     def pages_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.page_tokens) * self.pages_per_block
@@ -161,26 +166,64 @@ class PageAllocator:
         A request that already owns pages keeps them and gets only the missing ones. When the
         pool cannot cover the whole batch, the longest prefix that fits (counting the pages the
         dropped tail holds) is admitted and the tail is preempted: its pages are freed.
+        ``new_pages`` has every admitted id, in batch order (an empty list if it needed none).
+        """
+        if not isinstance(requests, (list, tuple)):
+            requests = list(requests)
+        sparse = self.allocate_sparse(model, requests)
+        admitted = len(requests) - len(sparse.preempted)
+        new_pages = {rid: [] for rid, _ in requests[:admitted]}
+        new_pages.update(sparse.new_pages)  # keeps the batch order of the keys
+        return Allocation(new_pages, sparse.preempted)
+
+    def allocate_sparse(self, model: str, requests: Sequence[tuple[str, int]]) -> Allocation:
+        """``allocate``, but ``new_pages`` lists only the admitted requests that got pages.
+
+        The hot path of every decode step: the scan for requests that need a page runs in C
+        (map/compress over the batch), and page lists move by slicing.
         """
         state = self._model(model)
-        ids = [rid for rid, _ in requests]
+        if not isinstance(requests, (list, tuple)):
+            requests = list(requests)
+        ids = list(map(itemgetter(0), requests))
+        tokens = list(map(itemgetter(1), requests))
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate request ids in one allocation for model {model!r}")
-        missing = self._missing(state, requests)
-        if missing is None:
+        least = min(tokens, default=0)
+        if least < 0:
             raise ValueError(f"negative token count in allocation for model {model!r}")
-        held = [len(state.owned.get(rid, ())) for rid in ids]
+        owned, capacity, free = state.owned, state.capacity, self._free
+        pt, ppb = state.page_tokens, state.pages_per_block
+        wanting = list(compress(range(len(ids)), map(gt, tokens, map(capacity.get, ids, repeat(0)))))
+        # -(-t // pt) is ceil(t / pt); owned pages always come in whole blocks of ppb.
+        need = {i: -(-tokens[i] // pt) * ppb - len(owned.get(ids[i], ())) for i in wanting}
+        total = sum(need.values())
         admitted = len(ids)
-        while admitted > 0 and sum(missing[:admitted]) > self.num_free + sum(held[admitted:]):
-            admitted -= 1
-        result = Allocation()
-        for rid in ids[admitted:]:
+        if total > len(free):  # shortage: drop the tail until the prefix fits (the tail's pages count)
+            tail_held = 0
+            while admitted > 0 and total > len(free) + tail_held:
+                admitted -= 1
+                total -= need.get(admitted, 0)
+                tail_held += len(owned.get(ids[admitted], ()))
+            wanting = [i for i in wanting if i < admitted]
+        result = Allocation(preempted=ids[admitted:])
+        for rid in result.preempted:
             self._release(state, rid)
-            result.preempted.append(rid)
-        for rid, need in zip(ids[:admitted], missing[:admitted]):
-            pages = [self._free.pop() for _ in range(need)]
-            state.owned.setdefault(rid, []).extend(pages)
+        if least == 0:  # a request admitted with no tokens yet still becomes known (and freeable)
+            for rid in ids[:admitted]:
+                owned.setdefault(rid, [])
+        for i in wanting:
+            rid, n = ids[i], need[i]
+            pages = free[-n:]  # what n pops would return, in the same order
+            pages.reverse()
+            del free[-n:]
             result.new_pages[rid] = pages
+            held = owned.get(rid)
+            if held is None:
+                owned[rid] = pages.copy()
+            else:
+                held.extend(pages)
+            capacity[rid] = -(-tokens[i] // pt) * pt
         return result
 
     def free(self, model: str, request_ids: Iterable[str]) -> int:
@@ -193,14 +236,15 @@ class PageAllocator:
         return sum(self._release(state, rid) for rid in request_ids)
 
     def _missing(self, state: _ModelState, requests: Sequence[tuple[str, int]]) -> list[int] | None:
-        out = []
-        for rid, tokens in requests:
-            if tokens < 0:
-                return None
-            out.append(max(0, state.pages_for(tokens) - len(state.owned.get(rid, ()))))
-        return out
+        pt, ppb, get = state.page_tokens, state.pages_per_block, state.owned.get
+        # -(-t // pt) is ceil(t / pt)
+        if requests and min(map(itemgetter(1), requests)) < 0:
+            return None
+        out = [-(-t // pt) * ppb - len(get(rid, ())) for rid, t in requests]
+        return [m if m > 0 else 0 for m in out]
 
     def _release(self, state: _ModelState, request_id: str) -> int:
+        state.capacity.pop(request_id, None)
         pages = state.owned.pop(request_id, [])
         # Reverse so the request's first page is handed out first next time.
         self._free.extend(reversed(pages))

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence as Seq
 
 from tqdm import tqdm
 
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine
 from muxserve.engine.sampling_params import SamplingParams
+
+# Files of which at least one is present in a folder that carries a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -37,8 +41,15 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, **kwargs))
         self._tokenizer = None
 
+    def has_tokenizer(self) -> bool:
+        """Whether the model folder carries a tokenizer (random-weight benchmark models do not)."""
+        return any((Path(self.engine.folder) / name).is_file() for name in TOKENIZER_FILES)
+
     def get_tokenizer(self):
         if self._tokenizer is None:
+            if not self.has_tokenizer():
+                raise FileNotFoundError(f"model folder {self.engine.folder} has no tokenizer "
+                                        f"(none of {', '.join(TOKENIZER_FILES)}); pass prompts as token ids")
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.engine.folder)
@@ -50,24 +61,29 @@ class LLM:
         params = sampling_params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        tokenizer = self.get_tokenizer()
+        # Token-id prompts need no tokenizer; output text stays empty when the folder has none.
+        needs_tokenizer = any(isinstance(p, str) for p in prompts) or self.has_tokenizer()
+        tokenizer = self.get_tokenizer() if needs_tokenizer else None
         texts: list[str | None] = []
-        seqs = []
+        token_ids: list[list[int]] = []
         for prompt in prompts:
             if isinstance(prompt, str):
-                ids = tokenizer.encode(prompt, add_special_tokens=True)
+                token_ids.append(tokenizer.encode(prompt, add_special_tokens=True))
                 texts.append(prompt)
             else:
-                ids = list(prompt)
+                token_ids.append(list(prompt))
                 texts.append(None)
-            seqs.append(self.engine.add_request(ids, params))
+        # Check every prompt before queueing any, so a rejected batch leaves nothing behind.
+        for ids in token_ids:
+            self.engine.check_request(ids, params)
+        seqs = [self.engine.add_request(ids, params) for ids in token_ids]
         bar = tqdm(total=len(seqs), desc="generating", disable=not use_tqdm)
         while self.engine.has_unfinished():
             bar.update(len(self.engine.step()))
         bar.close()
         return [
             RequestOutput(text, s.prompt_token_ids, list(s.output_token_ids),
-                          tokenizer.decode(s.output_token_ids, skip_special_tokens=True),
+                          tokenizer.decode(s.output_token_ids, skip_special_tokens=True) if tokenizer else "",
                           s.finish_reason.value, s.num_preemptions)
             for text, s in zip(texts, seqs)
         ]

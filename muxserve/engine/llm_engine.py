@@ -38,7 +38,10 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def parse_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch rejects unknown device types ("tpu") with a RuntimeError
+        raise ValueError(f"unsupported device {device!r}; choose cpu or cuda") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {device!r}; choose cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -84,31 +87,48 @@ class LLMEngine:
 
     MODEL_NAME = "model"
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, model: torch.nn.Module | None = None, pool: KVPool | None = None,
+                 allocator=None, model_name: str | None = None):
+        """Load ``config.model`` and make a private pool, or run on injected parts.
+
+        ``model`` (already on ``config.device`` in ``config.dtype``), ``pool`` and ``allocator`` (a
+        ``PageAllocator`` or anything with its methods, e.g. ``FlexStoreClient``, on which
+        ``model_name`` is registered) let the engine run on weights, a KV pool and page ids
+        owned by FlexStore; ``config.model`` then only names the folder of the config files.
+        """
+        if allocator is not None and pool is None:
+            raise ValueError("an injected allocator needs the pool whose pages it hands out (pool=...)")
         self.config = config
+        self.model_name = model_name or self.MODEL_NAME
         self.dtype = parse_dtype(config.dtype)
         self.device = parse_device(config.device)
         self.folder = resolve_model(config.model)
         self.spec = ModelSpec.from_folder(self.folder)
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)
-        self.model = load_model(self.folder, self.spec, self.dtype, self.device)
+        self.model = model if model is not None else load_model(self.folder, self.spec, self.dtype, self.device)
+        page_bytes = pool.page_bytes if pool is not None else config.page_bytes
         self.layout = KVLayout(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim,
-                               self.dtype, config.page_bytes)
-        self.pool = KVPool.allocate(self._kv_bytes(), self.device, config.page_bytes)
-        self.allocator = PageAllocator(self.pool.num_pages)
-        self.allocator.register_model(self.MODEL_NAME, self.layout)
+                               self.dtype, page_bytes)
+        self.pool = pool if pool is not None else KVPool.allocate(self._kv_bytes(), self.device, page_bytes)
+        if allocator is None:
+            allocator = PageAllocator(self.pool.num_pages)
+            allocator.register_model(self.model_name, self.layout)
+        elif self.model_name not in allocator.models:
+            raise ValueError(f"model {self.model_name!r} is not registered with the injected allocator "
+                             f"(it has {sorted(allocator.models)})")
+        self.allocator = allocator
         backend = select_backend(config.attention_backend, self.device)
         attention = make_attention(backend, self.pool.view(self.layout), self.spec.num_heads,
                                    self.spec.num_kv_heads, self.spec.head_dim)
         self.runner = ModelRunner(self.model, self.layout, attention, self.device)
         batched = config.max_num_batched_tokens or max(2048, self.max_model_len)
-        self.scheduler = Scheduler(self.allocator, self.MODEL_NAME, config.max_num_seqs, batched)
+        self.scheduler = Scheduler(self.allocator, self.model_name, config.max_num_seqs, batched)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids) | _generation_eos(self.folder)
         self._ids = itertools.count()
         logger.info("loaded %s (%s, %s) on %s; KV pool %d pages of %d B = %d tokens per sequence at most",
                     self.folder, self.spec.architecture, self.dtype, self.device, self.pool.num_pages,
-                    config.page_bytes, self.allocator.max_tokens(self.MODEL_NAME))
+                    page_bytes, self.allocator.max_tokens(self.model_name))
 
     def _kv_bytes(self) -> int:
         if self.config.kv_cache_bytes is not None:
@@ -123,6 +143,13 @@ class LLMEngine:
         return free
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        self.check_request(prompt_token_ids, params)
+        seq = Sequence(str(next(self._ids)), list(prompt_token_ids), params, self.eos_token_ids, self.max_model_len)
+        self.scheduler.add(seq)
+        return seq
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError if the request can never run (empty, too long, bad ids, bigger than the pool)."""
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("prompt is empty")
@@ -132,13 +159,10 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids out of the vocabulary [0, {self.spec.vocab_size}): {bad[:5]}")
         total = min(n + params.max_tokens, self.max_model_len)
-        capacity = self.allocator.max_tokens(self.MODEL_NAME)
+        capacity = self.allocator.max_tokens(self.model_name)
         if total > capacity:
             raise ValueError(f"request needs {total} tokens of KV cache but the whole pool holds {capacity}; "
                              "raise kv_cache_bytes or lower max_tokens")
-        seq = Sequence(str(next(self._ids)), list(prompt_token_ids), params, self.eos_token_ids, self.max_model_len)
-        self.scheduler.add(seq)
-        return seq
 
     def step(self) -> list[Sequence]:
         """Run one prefill or decode step; return the sequences that finished in it."""
