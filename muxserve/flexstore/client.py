@@ -1,0 +1,209 @@
+"""Talking to FlexStore: an allocator-shaped client, and attaching a model's weights and the pool.
+
+``FlexStoreClient`` has the methods of ``engine.kv_cache.PageAllocator`` that the engine's
+Scheduler calls (``allocate``, ``free``, ``can_allocate``, ``max_tokens``, ``num_free``, ...), so
+it can stand in for the in-process allocator. One client per thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import zmq
+
+from muxserve.engine.kv_cache import Allocation, KVLayout, KVPool
+from muxserve.engine.model_config import ModelSpec
+from muxserve.flexstore import protocol as P
+from muxserve.flexstore.manager import FlexStoreError
+from muxserve.flexstore.segments import SharedSegment
+from muxserve.flexstore.weights import attach_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FlexStoreClient", "FlexStoreError", "FlexStoreTimeout", "AttachedModel"]
+
+
+class FlexStoreTimeout(TimeoutError):
+    """FlexStore did not answer in time (not running, or busy)."""
+
+
+@dataclass
+class AttachedModel:
+    """One model mapped from FlexStore: its weights bound to the shared segment, and the shared pool."""
+
+    name: str
+    folder: Path
+    spec: ModelSpec
+    dtype: torch.dtype
+    device: torch.device
+    layout: KVLayout
+    model: torch.nn.Module
+    pool: KVPool
+    _segments: list[SharedSegment] = field(default_factory=list, repr=False)
+
+    def close(self) -> None:
+        """Drop this process's mappings (never unlinks: FlexStore owns the segments)."""
+        self.model = None  # type: ignore[assignment]
+        self.pool = None  # type: ignore[assignment]
+        for segment in self._segments:
+            segment.release()
+        self._segments = []
+
+
+class FlexStoreClient:
+    """Request/response client of one FlexStore (a ZeroMQ REQ socket).
+
+    Every method raises :class:`FlexStoreError` (with ``.code`` and ``.message``) when FlexStore
+    answers with an error, and :class:`FlexStoreTimeout` when it does not answer in ``timeout_s``.
+    """
+
+    def __init__(self, address: str, timeout_s: float = 30.0):
+        self.address = address
+        self.timeout_ms = int(timeout_s * 1000)
+        self._socket = self._connect()
+        self._info: P.Info | None = None
+
+    def _connect(self) -> zmq.Socket:
+        sock = zmq.Context.instance().socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        # After a timeout the next send starts over instead of failing on REQ's strict send/recv turn.
+        sock.setsockopt(zmq.REQ_RELAXED, 1)
+        sock.setsockopt(zmq.REQ_CORRELATE, 1)
+        sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)  # a blocking recv with a deadline: no poller per call
+        sock.connect(self.address)
+        return sock
+
+    def call(self, request: P.Request) -> P.Reply:
+        """Send one request, wait for its reply; Error replies raise FlexStoreError."""
+        return self._check(self.call_raw(P.encode(request)))
+
+    def call_raw(self, data: bytes) -> P.Reply:
+        """Send arbitrary bytes (tests use it for garbage) and decode the reply, errors included."""
+        self._socket.send(data)
+        try:
+            return P.decode_reply(self._socket.recv())
+        except zmq.Again:
+            raise FlexStoreTimeout(f"FlexStore at {self.address} did not answer within {self.timeout_ms} ms") from None
+
+    @staticmethod
+    def _check(reply: P.Reply) -> P.Reply:
+        if isinstance(reply, P.Error):
+            raise FlexStoreError(reply.code, reply.message)
+        return reply
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> FlexStoreClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- service ----------------------------------------------------------------------------
+    def ping(self) -> int:
+        """FlexStore's process id, once it is ready."""
+        return self.call(P.Ping()).pid
+
+    def info(self, refresh: bool = False) -> P.Info:
+        if self._info is None or refresh:
+            self._info = self.call(P.GetInfo())
+        return self._info
+
+    def stats(self) -> P.Stats:
+        return self.call(P.GetStats())
+
+    def shutdown(self) -> None:
+        self.call(P.Shutdown())
+
+    # -- the PageAllocator interface --------------------------------------------------------
+    @property
+    def num_pages(self) -> int:
+        return self.info().num_pages
+
+    @property
+    def models(self) -> list[str]:
+        return [m.name for m in self.info().models]
+
+    @property
+    def num_free(self) -> int:
+        return self.stats().num_free
+
+    def max_tokens(self, model: str) -> int:
+        for m in self.info().models:
+            if m.name == model:
+                return m.max_tokens
+        raise FlexStoreError("unknown_model", f"unknown model {model!r}; served: {sorted(self.models)}")
+
+    def used_by(self, model: str) -> int:
+        for m in self.stats().models:
+            if m.name == model:
+                return m.pages
+        raise FlexStoreError("unknown_model", f"unknown model {model!r}; served: {sorted(self.models)}")
+
+    def can_allocate(self, model: str, requests: Iterable[tuple[str, int]]) -> bool:
+        return bool(self.call(P.CanAllocate(model, _as_list(requests))).value)
+
+    def allocate(self, model: str, requests: Sequence[tuple[str, int]]) -> Allocation:
+        """Same contract as ``PageAllocator.allocate``; every admitted id is in ``new_pages``."""
+        requests = _as_list(requests)
+        reply = self.call(P.Allocate(model, requests))
+        admitted = len(requests) - len(reply.preempted)
+        new_pages = {rid: [] for rid, _ in requests[:admitted]}
+        new_pages.update(reply.new_pages)  # FlexStore sends only the requests that got pages
+        return Allocation(new_pages, reply.preempted)
+
+    def free(self, model: str, request_ids: Iterable[str]) -> int:
+        return self.call(P.Free(model, list(request_ids))).value
+
+    def pages_of(self, model: str, request_id: str) -> list[int]:
+        return self.call(P.PagesOf(model, request_id)).pages
+
+    def owns(self, model: str, request_id: str) -> bool:
+        try:
+            self.pages_of(model, request_id)
+        except FlexStoreError as exc:
+            if exc.code == "unknown_request":
+                return False
+            raise
+        return True
+
+    # -- attaching --------------------------------------------------------------------------
+    def attach(self, model: str) -> AttachedModel:
+        """Map ``model``'s weights and the pool into this process (zero copy)."""
+        from muxserve.engine.llm_engine import parse_device, parse_dtype
+
+        info: P.AttachInfo = self.call(P.Attach(model))
+        dtype = parse_dtype(info.model.dtype)
+        device = parse_device(info.device)
+        weights = SharedSegment.attach(info.weights)
+        try:
+            pool_segment = SharedSegment.attach(info.pool)
+        except BaseException:
+            weights.release()
+            raise
+        lay = info.model.layout
+        layout = KVLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, parse_dtype(lay.dtype), lay.page_bytes)
+        net = attach_model(info.spec, dtype, device, weights.tensor, info.tensors)
+        pool = KVPool(pool_segment.tensor, lay.page_bytes)
+        return AttachedModel(model, Path(info.model.folder), info.spec, dtype, device, layout, net, pool,
+                             [weights, pool_segment])
+
+
+def attached_engine(client: FlexStoreClient, model: str, **engine_kwargs):
+    """An ``LLMEngine`` for ``model`` that runs on FlexStore's weights, pool and page allocator."""
+    from muxserve.engine.llm_engine import EngineConfig, LLMEngine
+
+    attached = client.attach(model)
+    config = EngineConfig(model=str(attached.folder), dtype=str(attached.dtype).removeprefix("torch."),
+                          device=str(attached.device), page_bytes=attached.pool.page_bytes, **engine_kwargs)
+    # The engine's tensors keep the mappings alive; nothing else needs to hold ``attached``.
+    return LLMEngine(config, model=attached.model, pool=attached.pool, allocator=client, model_name=model)
+
+
+def _as_list(requests) -> list:
+    return requests if isinstance(requests, list) else list(requests)

@@ -1,0 +1,95 @@
+"""What one FlexStore serves: its models, its device, its KV pool size and its address."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES
+
+DEFAULT_CPU_KV_BYTES = 512 * 1024 * 1024
+LOAD_FORMATS = ("auto", "random")
+_ADDRESS = re.compile(r"^(tcp://\S+:\d+|ipc://\S+|inproc://\S+)$")
+_SHM_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One LLM of the instance.
+
+    Args:
+        name: the id that clients use (unique per FlexStore).
+        model: a known short name, a Hugging Face folder or a ``.gguf`` file (see ``model_hub``).
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        load_format: ``auto`` reads the checkpoint; ``random`` fills the weights from ``seed``
+            (the folder then needs only ``config.json``; for benchmarks of real shapes).
+        seed: seed of the random weights.
+    """
+
+    name: str
+    model: str
+    dtype: str = "float32"
+    load_format: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c.isspace() for c in self.name):
+            raise ValueError(f"model name {self.name!r} must be non-empty and have no spaces")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format {self.load_format!r} of model {self.name!r}; choose from {LOAD_FORMATS}")
+
+
+@dataclass(frozen=True)
+class FlexStoreConfig:
+    """Settings of one FlexStore process (one GPU, or the CPU).
+
+    ``kv_cache_bytes`` sizes the pool when given. Otherwise the pool takes 512 MiB on CPU and,
+    as in the original, ``gpu_memory_utilization`` x the GPU's *total* memory on a GPU (rounded
+    down to a multiple of 128 pages); the weights and every runtime's activations must fit in
+    the rest.
+    """
+
+    models: tuple[ModelEntry, ...]
+    address: str
+    device: str = "cpu"
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.5
+    page_bytes: int = DEFAULT_PAGE_BYTES
+    shm_prefix: str = "muxserve"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
+        if not self.models:
+            raise ValueError("FlexStore needs at least one model")
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate model names: {dupes}")
+        if not _ADDRESS.match(self.address):
+            raise ValueError(f"address {self.address!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555 or ipc:///tmp/fs")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.page_bytes < 64 or self.page_bytes % 64:
+            raise ValueError(f"page_bytes must be a positive multiple of 64, got {self.page_bytes!r}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < self.page_bytes:
+            raise ValueError(f"kv_cache_bytes ({self.kv_cache_bytes}) is smaller than one page ({self.page_bytes})")
+        if not _SHM_PREFIX.match(self.shm_prefix):
+            raise ValueError(f"shm_prefix {self.shm_prefix!r} must be 1-64 letters, digits, '_', '.' or '-'")
+
+
+def parse_model_arg(text: str, default_dtype: str = "float32") -> ModelEntry:
+    """``NAME=MODEL[:DTYPE]`` (the CLI's ``--model``) -> ModelEntry; ``MODEL`` may be ``random:FOLDER``."""
+    from muxserve.engine.llm_engine import DTYPES
+
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--model {text!r}: expected NAME=MODEL[:DTYPE], e.g. llm-0=smollm2-135m:bfloat16")
+    dtype = default_dtype
+    head, colon, tail = rest.rpartition(":")
+    if colon and tail in DTYPES:
+        rest, dtype = head, tail
+    load_format = "auto"
+    if rest.startswith("random:"):
+        rest, load_format = rest[len("random:"):], "random"
+    return ModelEntry(name=name, model=rest, dtype=dtype, load_format=load_format)
+

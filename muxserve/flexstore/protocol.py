@@ -1,0 +1,203 @@
+"""FlexStore's request/response messages: msgspec Structs, a tagged union, encoded with msgpack.
+
+Every request gets exactly one reply; a failure is an :class:`Error` reply, never a dropped
+connection. Structs are ``array_like`` (a msgpack array ``[tag, field, ...]``) to keep the hot
+path (``Allocate`` -> ``Allocated``) small and fast.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from muxserve.engine.model_config import ModelSpec
+
+
+class _Msg(msgspec.Struct, array_like=True, tag=True, frozen=True, omit_defaults=True):
+    pass
+
+
+# -- requests ----------------------------------------------------------------------------------
+class Ping(_Msg):
+    """Readiness probe."""
+
+
+class GetInfo(_Msg):
+    """Pool geometry and the models served."""
+
+
+class Attach(_Msg):
+    """Ask for the handles a runtime needs to map one model's weights and the pool."""
+
+    model: str
+
+
+class Allocate(_Msg):
+    """Give each ``(request id, tokens it will hold)`` the pages it misses (see ``PageAllocator``)."""
+
+    model: str
+    requests: list[tuple[str, int]]
+
+
+class CanAllocate(_Msg):
+    model: str
+    requests: list[tuple[str, int]]
+
+
+class Free(_Msg):
+    """Return every page of finished or aborted requests."""
+
+    model: str
+    request_ids: list[str]
+
+
+class PagesOf(_Msg):
+    model: str
+    request_id: str
+
+
+class GetStats(_Msg):
+    pass
+
+
+class Shutdown(_Msg):
+    """Reply, then release every segment and exit."""
+
+
+Request = Union[Ping, GetInfo, Attach, Allocate, CanAllocate, Free, PagesOf, GetStats, Shutdown]
+
+
+# -- pieces of replies -------------------------------------------------------------------------
+class CudaIpcHandle(msgspec.Struct, array_like=True, frozen=True):
+    """What ``UntypedStorage._share_cuda_()`` returns, to rebuild the storage in another process."""
+
+    device: int
+    handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes | None
+    event_sync_required: bool
+
+
+class Segment(msgspec.Struct, array_like=True, frozen=True):
+    """A flat byte buffer: a POSIX shared-memory name (CPU) or a CUDA IPC handle (GPU)."""
+
+    kind: str  # "shm" or "cuda"
+    nbytes: int
+    name: str = ""  # shm: the segment's name, without the leading "/"
+    cuda: CudaIpcHandle | None = None
+
+
+class TensorSpec(msgspec.Struct, array_like=True, frozen=True):
+    """One parameter inside a weight segment."""
+
+    name: str  # e.g. "layers.0.self_attn.qkv_proj.weight"
+    shape: tuple[int, ...]
+    offset: int  # bytes from the segment's start
+
+
+class LayoutInfo(msgspec.Struct, array_like=True, frozen=True):
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    page_bytes: int
+    page_tokens: int
+    pages_per_block: int
+
+
+class ModelInfo(msgspec.Struct, array_like=True, frozen=True):
+    name: str
+    folder: str
+    dtype: str
+    layout: LayoutInfo
+    max_tokens: int  # tokens one request could hold with the whole pool
+    weight_bytes: int
+
+
+class ModelStats(msgspec.Struct, array_like=True, frozen=True):
+    name: str
+    requests: int  # requests holding pages now
+    pages: int  # pages held now
+    preemptions: int  # requests preempted since start
+
+
+# -- replies -----------------------------------------------------------------------------------
+class Pong(_Msg):
+    pid: int
+
+
+class Info(_Msg):
+    device: str
+    num_pages: int
+    page_bytes: int
+    models: list[ModelInfo]
+
+
+class AttachInfo(_Msg):
+    model: ModelInfo
+    spec: ModelSpec
+    device: str
+    weights: Segment
+    tensors: list[TensorSpec]
+    pool: Segment
+    num_pages: int
+
+
+class Allocated(_Msg):
+    """Only admitted requests that got pages appear in ``new_pages``; the client fills in the rest."""
+
+    new_pages: dict[str, list[int]]
+    preempted: list[str]
+
+
+class Answer(_Msg):
+    """A scalar result (can_allocate -> bool, free -> pages returned)."""
+
+    value: int
+
+
+class Pages(_Msg):
+    pages: list[int]
+
+
+class Stats(_Msg):
+    num_pages: int
+    num_free: int
+    models: list[ModelStats]
+
+
+class Ok(_Msg):
+    pass
+
+
+class Error(_Msg):
+    """``code`` is one of ERROR_CODES; ``message`` says what was wrong, naming the bad value."""
+
+    code: str
+    message: str
+
+
+ERROR_CODES = ("malformed", "unknown_model", "unknown_request", "invalid", "internal")
+
+Reply = Union[Pong, Info, AttachInfo, Allocated, Answer, Pages, Stats, Ok, Error]
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+def encode(msg: _Msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_request(data: bytes) -> Request:
+    """Raises ``msgspec.DecodeError`` (incl. ``ValidationError``) for anything that is not a request."""
+    return _request_decoder.decode(data)
+
+
+def decode_reply(data: bytes) -> Reply:
+    return _reply_decoder.decode(data)

@@ -1,0 +1,131 @@
+"""Weight storage: every parameter of a model packed into one shared segment.
+
+FlexStore builds the model on the meta device, lays its parameters out back to back in one
+segment (256-byte aligned), binds the parameters to views of that segment and then reads the
+checkpoint straight into them, so the weights exist once per device. A runtime receives the
+same layout (a list of :class:`TensorSpec`), maps the segment and binds a meta-built model to
+it: zero copies, one set of weights for every process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from muxserve.engine.loader import iter_weights
+from muxserve.engine.model_config import ModelSpec
+from muxserve.engine.models import build_model
+from muxserve.engine.models.llama import RMSNorm
+from muxserve.engine.models.rotary import RotaryEmbedding
+from muxserve.flexstore.config import ModelEntry
+from muxserve.flexstore.protocol import TensorSpec
+from muxserve.flexstore.segments import SharedSegment
+
+logger = logging.getLogger(__name__)
+ALIGN = 256  # bytes; enough for any dtype and for vectorized GPU loads
+
+
+@dataclass
+class StoredWeights:
+    """One model's weights as FlexStore holds them."""
+
+    entry: ModelEntry
+    folder: Path
+    spec: ModelSpec
+    dtype: torch.dtype
+    segment: SharedSegment
+    tensors: list[TensorSpec]
+
+
+def meta_model(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
+    """The model with every parameter on the meta device (no memory), in ``dtype``."""
+    with torch.device("meta"):
+        return build_model(spec).to(dtype)
+
+
+def plan_layout(model: nn.Module) -> tuple[list[TensorSpec], int]:
+    """Offsets of every parameter in one flat segment, and the segment's size in bytes."""
+    tensors, offset = [], 0
+    for name, param in model.named_parameters():
+        offset = _align(offset)
+        tensors.append(TensorSpec(name=name, shape=tuple(param.shape), offset=offset))
+        offset += param.numel() * param.element_size()
+    return tensors, max(_align(offset), ALIGN)
+
+
+def bind_parameters(model: nn.Module, buffer: torch.Tensor, tensors: list[TensorSpec], dtype: torch.dtype) -> None:
+    """Replace every parameter of ``model`` by a view of ``buffer`` (1-D uint8) at its offset."""
+    expected = {name for name, _ in model.named_parameters()}
+    given = {t.name for t in tensors}
+    if expected != given:
+        raise ValueError(f"weight layout does not fit the model: missing {sorted(expected - given)[:5]}, "
+                         f"unexpected {sorted(given - expected)[:5]}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for t in tensors:
+        nbytes = math.prod(t.shape) * itemsize
+        if t.offset % itemsize or t.offset + nbytes > buffer.numel():
+            raise ValueError(f"tensor {t.name!r} at offset {t.offset} ({nbytes} B) does not fit a segment of {buffer.numel()} B")
+        view = buffer[t.offset: t.offset + nbytes].view(dtype).view(t.shape)
+        module_name, _, attr = t.name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(view, requires_grad=False))
+
+
+def finish_model(model: nn.Module, spec: ModelSpec, device: torch.device) -> nn.Module:
+    """Compute the rotary tables on ``device`` (as ``load_model`` does) and check nothing is left on meta."""
+    model.rotary = RotaryEmbedding(spec.rope, spec.head_dim, spec.max_position_embeddings).to(device)
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise ValueError(f"model tensors left unbound on the meta device: {on_meta[:5]}")
+    return model.eval()
+
+
+def load_shared(entry: ModelEntry, folder: Path, device: torch.device, segment_name: str) -> StoredWeights:
+    """Load one model's weights into a new shared segment (FlexStore side)."""
+    from muxserve.engine.llm_engine import parse_dtype
+
+    dtype = parse_dtype(entry.dtype)
+    spec = ModelSpec.from_folder(folder)
+    model = meta_model(spec, dtype)
+    tensors, nbytes = plan_layout(model)
+    segment = SharedSegment.create(nbytes, device, segment_name)
+    try:
+        bind_parameters(model, segment.tensor, tensors, dtype)
+        with torch.no_grad():
+            if entry.load_format == "random":
+                _fill_random(model, entry.seed, device)
+            else:
+                model.load_weights(iter_weights(folder, dtype))
+    except BaseException:
+        segment.release()
+        raise
+    return StoredWeights(entry, folder, spec, dtype, segment, tensors)
+
+
+def attach_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, buffer: torch.Tensor,
+                 tensors: list[TensorSpec]) -> nn.Module:
+    """Build the model on meta and bind it to a mapped weight segment (runtime side)."""
+    model = meta_model(spec, dtype)
+    bind_parameters(model, buffer, tensors, dtype)
+    return finish_model(model, spec, device)
+
+
+def _fill_random(model: nn.Module, seed: int, device: torch.device) -> None:
+    """Deterministic random weights: N(0, 0.02) matrices, unit norms, zero biases."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    for name, param in model.named_parameters():
+        if id(param) in norms:
+            param.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, 0.02, generator=gen)
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
