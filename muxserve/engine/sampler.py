@@ -7,6 +7,18 @@ import torch
 from muxserve.engine.sampling_params import SamplingParams
 
 
+def step_generator(seed: int | None, step: int) -> torch.Generator | None:
+    """The random stream for one sampling step of a seeded request.
+
+    Derived from (seed, number of tokens generated so far) rather than carried along, so a
+    request sampled by its prefill runtime and then by its decode runtime (two processes), or
+    recomputed after preemption, draws exactly the numbers it would draw in one engine.
+    """
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + step) % (1 << 63))
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
     """logits: (B, vocab) float32 -> one token id per row."""

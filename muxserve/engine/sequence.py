@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from muxserve.engine.sampler import step_generator
 from muxserve.engine.sampling_params import SamplingParams
 
 
@@ -34,12 +35,11 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     pages: list[int] = field(default_factory=list)  # block-major: [block][layer][kv-head]
-    generator: torch.Generator | None = None
     num_preemptions: int = 0
 
-    def __post_init__(self) -> None:
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+    @property
+    def generator(self) -> torch.Generator | None:
+        return step_generator(self.params.seed, len(self.output_token_ids))
 
     @property
     def token_ids(self) -> list[int]:

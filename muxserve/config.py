@@ -1,0 +1,127 @@
+"""The model_config YAML of one instance (one GPU mesh), decoded and validated.
+
+Format (compatible with the original MuxServe)::
+
+    num_gpus: 1
+    max_num_seqs: 256
+    overload_threshold: 2
+    gpu_memory_utilization: 0.5      # fraction of each GPU's TOTAL memory given to the KV pool
+    kv_cache_bytes: 268435456        # optional: pool size in bytes (required meaning on CPU)
+    models:
+      - name: llm-0
+        model: smollm2-135m            # folder, .gguf file or known short name
+        tensor_parallel_size: 1
+        pipeline_parallel_size: 1
+        placement: [[0]]
+        mps_percentage: [100, 30]      # [prefill, decode]; the larger one runs prefill
+        model_dtype: fp32              # fp16, bf16 or fp32
+        max_num_seqs: 64               # optional, per model
+    workloads:
+      workload_file: examples/basic/workload.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Percentage = Annotated[int, msgspec.Meta(ge=1, le=100)]
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with the file and the offending value named."""
+
+
+class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    model: str
+    tensor_parallel_size: PositiveInt = 1
+    pipeline_parallel_size: PositiveInt = 1
+    placement: list[list[Annotated[int, msgspec.Meta(ge=0)]]] = msgspec.field(default_factory=lambda: [[0]])
+    mps_percentage: list[Percentage] = msgspec.field(default_factory=lambda: [100, 100])
+    model_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    max_num_seqs: PositiveInt | None = None
+    load_format: Literal["auto", "random"] = "auto"  # random: seeded weights from config.json (benchmarks)
+
+    @property
+    def prefill_percentage(self) -> int:
+        return max(self.mps_percentage)
+
+    @property
+    def decode_percentage(self) -> int:
+        return min(self.mps_percentage)
+
+    @property
+    def torch_dtype_name(self) -> str:
+        return DTYPES[self.model_dtype]
+
+    @property
+    def devices(self) -> list[int]:
+        return self.placement[0]
+
+
+class WorkloadsEntry(msgspec.Struct, forbid_unknown_fields=True):
+    workload_file: str | None = None
+
+
+class MuxServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    num_gpus: PositiveInt = 1
+    max_num_seqs: PositiveInt = 256
+    overload_threshold: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
+    gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    kv_cache_bytes: PositiveInt | None = None
+    models: Annotated[list[ModelEntry], msgspec.Meta(min_length=1)]
+    workloads: WorkloadsEntry = msgspec.field(default_factory=WorkloadsEntry)
+
+    def model(self, name: str) -> ModelEntry:
+        for entry in self.models:
+            if entry.name == name:
+                return entry
+        raise ConfigError(f"no LLM named {name!r} in the config; LLMs: {self.model_names}")
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def max_num_seqs_of(self, name: str) -> int:
+        """Per-model max_num_seqs when given, else the instance-wide value."""
+        return self.model(name).max_num_seqs or self.max_num_seqs
+
+
+def load_config(path: str | Path) -> MuxServeConfig:
+    """Read and validate a model_config YAML; every problem is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model config {path} does not exist")
+    try:
+        config = msgspec.yaml.decode(path.read_bytes(), type=MuxServeConfig)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    check_config(config, str(path))
+    return config
+
+
+def check_config(config: MuxServeConfig, source: str) -> None:
+    seen: set[str] = set()
+    for i, m in enumerate(config.models):
+        where = f"{source}: models[{i}] ({m.name!r})"
+        if m.name in seen:
+            raise ConfigError(f"{where}: two LLMs are named {m.name!r}; names must be unique")
+        seen.add(m.name)
+        if len(m.mps_percentage) != 2:
+            raise ConfigError(f"{where}: mps_percentage must be [prefill, decode], got {m.mps_percentage}")
+        if not m.placement or not m.placement[0]:
+            raise ConfigError(f"{where}: placement must list the devices, e.g. [[0]]")
+        gpus = m.tensor_parallel_size * m.pipeline_parallel_size
+        if len(m.devices) != gpus:
+            raise ConfigError(f"{where}: placement {m.devices} has {len(m.devices)} devices but "
+                              f"tensor_parallel_size x pipeline_parallel_size = {gpus}")
+        out_of_range = [d for d in m.devices if d >= config.num_gpus]
+        if out_of_range:
+            raise ConfigError(f"{where}: placement devices {out_of_range} are outside num_gpus={config.num_gpus}")

@@ -1,0 +1,36 @@
+"""``python -m muxserve.flexserver``: one runtime process (started by the launcher)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from muxserve.flexserver.runtime import Runtime, RuntimeConfig
+from muxserve.utils import exit_with_parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m muxserve.flexserver",
+                                description="A MuxServe runtime: runs the prefill or decode steps of one LLM.")
+    p.add_argument("--llm", required=True, help="the LLM's name in the model config")
+    p.add_argument("--phase", required=True, choices=["prefill", "decode"], help="which steps this runtime runs")
+    p.add_argument("--flexstore", required=True, help="FlexStore's ZeroMQ address")
+    p.add_argument("--jobs", required=True, help="ZeroMQ address the scheduler sends jobs on")
+    p.add_argument("--results", required=True, help="ZeroMQ address results go to")
+    p.add_argument("--attention-backend", default="auto", help="attention backend (default: auto)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s runtime %(message)s")
+    exit_with_parent()
+    torch.set_num_threads(args.threads)
+    config = RuntimeConfig(args.llm, args.phase, args.flexstore, args.jobs, args.results, args.attention_backend)
+    Runtime(config).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

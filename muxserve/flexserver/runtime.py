@@ -1,0 +1,115 @@
+"""A runtime process: one LLM, one phase, one job at a time.
+
+It attaches the LLM's weights and the KV pool from FlexStore (no copy, no loading of its own),
+keeps each request's page list, runs the step a job asks for and answers with the sampled
+tokens. It never decides what to run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from muxserve.engine.attention import make_attention, select_backend
+from muxserve.engine.runner import ModelRunner
+from muxserve.engine.sampler import step_generator
+from muxserve.engine.sampling_params import SamplingParams
+from muxserve.flexserver import messages as M
+from muxserve.flexstore.client import FlexStoreClient
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _StepSeq:
+    """What ModelRunner reads of a sequence, rebuilt from a SeqInput."""
+
+    token_ids: list[int]
+    num_tokens: int
+    pages: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class RuntimeConfig:
+    llm: str
+    phase: str  # prefill or decode
+    flexstore_address: str
+    jobs_address: str  # PULL: the scheduler binds, we connect
+    results_address: str  # PUSH: the scheduler binds, we connect
+    attention_backend: str = "auto"
+
+    @property
+    def name(self) -> str:
+        return f"{self.llm}/{self.phase}"
+
+
+@dataclass
+class Runtime:
+    config: RuntimeConfig
+    pages: dict[str, list[int]] = field(default_factory=dict)
+    params: dict[str, SamplingParams] = field(default_factory=dict)
+
+    def attach(self) -> None:
+        client = FlexStoreClient(self.config.flexstore_address)
+        self.attached = client.attach(self.config.llm)
+        client.close()
+        a = self.attached
+        backend = select_backend(self.config.attention_backend, a.device)
+        attention = make_attention(backend, a.pool.view(a.layout), a.spec.num_heads, a.spec.num_kv_heads,
+                                   a.spec.head_dim)
+        self.runner = ModelRunner(a.model, a.layout, attention, a.device)
+
+    def run_job(self, job: M.Job) -> list[int]:
+        for req_id in job.release:
+            self.pages.pop(req_id, None)
+            self.params.pop(req_id, None)
+        seqs = []
+        for s in job.seqs:
+            pages = self.pages.setdefault(s.req_id, [])
+            del pages[s.page_offset:]
+            pages.extend(s.new_pages)
+            params = self.params.get(s.req_id)
+            if params is None or params.seed != s.seed or params.temperature != s.temperature:
+                params = SamplingParams(max_tokens=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                        seed=s.seed)
+                self.params[s.req_id] = params
+            seqs.append(_StepSeq(s.token_ids, s.num_tokens, pages, params,
+                                 step_generator(s.seed, s.num_output_tokens)))
+        tokens = self.runner.step(seqs, job.phase == "prefill")
+        if self.attached.device.type == "cuda":
+            torch.cuda.synchronize(self.attached.device)
+        return tokens
+
+    def serve(self) -> None:
+        ctx = zmq.Context.instance()
+        jobs = ctx.socket(zmq.PULL)
+        jobs.connect(self.config.jobs_address)
+        results = ctx.socket(zmq.PUSH)
+        results.setsockopt(zmq.LINGER, 2000)
+        results.connect(self.config.results_address)
+        name = self.config.name
+        try:
+            self.attach()
+            results.send(M.encode(M.Ready(name, os.getpid())))
+            logger.info("%s ready (pid %d)", name, os.getpid())
+            while True:
+                msg = M.decode_to_runtime(jobs.recv())
+                if isinstance(msg, M.Shutdown):
+                    break
+                start = time.perf_counter()
+                tokens = self.run_job(msg)
+                results.send(M.encode(M.JobResult(msg.job_id, name, tokens, time.perf_counter() - start)))
+        except Exception as exc:  # report, then die: the launcher stops everything
+            logger.exception("%s failed", name)
+            results.send(M.encode(M.Failure(name, f"{type(exc).__name__}: {exc}")))
+            raise
+        finally:
+            jobs.close(linger=0)
+            results.close()

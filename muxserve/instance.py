@@ -1,0 +1,271 @@
+"""One running MuxServe instance (one GPU mesh): FlexStore, two runtimes per LLM, the scheduler.
+
+``Instance.start()`` brings every process up and waits until each is ready; ``submit()`` queues
+a request; ``poll()`` dispatches jobs and applies results; ``stop()`` ends every process it
+started. The offline launcher and the HTTP server both drive an Instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from muxserve.config import MuxServeConfig
+from muxserve.engine.llm_engine import _generation_eos
+from muxserve.engine.model_config import ModelSpec
+from muxserve.engine.sampling_params import SamplingParams
+from muxserve.flexserver import messages as M
+from muxserve.flexstore import FlexStoreClient, FlexStoreConfig, FlexStoreProcess
+from muxserve.flexstore.config import ModelEntry as StoreModel
+from muxserve.muxsched.launcher import ChildDied, ProcessGroup, mps_env
+from muxserve.muxsched.policy import QuotaMode, SchedulePolicy
+from muxserve.muxsched.quota import QuotaManager, QuotaModel
+from muxserve.muxsched.request import Phase, Request
+from muxserve.muxsched.resource import units_for
+from muxserve.muxsched.scheduler import LLMInfo, MuxScheduler
+from muxserve.muxsched.stats import BaseLatency
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_PROMPT_LENS = (16, 64, 256)
+CALIBRATION_DECODE_STEPS = 8
+
+
+@dataclass
+class InstanceOptions:
+    """How to run a config: the launcher's flags that are not part of the YAML."""
+
+    policy: SchedulePolicy
+    device: str = "cpu"  # cpu or cuda
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int | None = None  # overrides the config's instance-wide value
+    page_bytes: int = 16 * 1024
+    mps_dir: str | None = None
+    flexstore_address: str = "tcp://127.0.0.1:50051"
+    log_dir: Path | None = None
+    rates: dict[str, float] = field(default_factory=dict)  # requests/s per LLM, for the quotas
+    avg_seq_len: int = 416  # the original's default when the workload has no length stats
+    ready_timeout_s: float = 600.0
+
+
+class _Link:
+    """PUSH socket that carries one runtime's jobs."""
+
+    def __init__(self, socket: zmq.Socket):
+        self.socket = socket
+
+    def send(self, job: M.Job) -> None:
+        self.socket.send(M.encode(job))
+
+
+class Instance:
+    def __init__(self, config: MuxServeConfig, options: InstanceOptions):
+        self.config = config
+        self.options = options
+        self.processes = ProcessGroup(options.log_dir)
+        self.flexstore: FlexStoreProcess | None = None
+        self.run_dir = Path(tempfile.mkdtemp(prefix="muxserve-"))
+        self._ctx = zmq.Context()
+        self._sockets: list[zmq.Socket] = []
+        self.scheduler: MuxScheduler | None = None
+        self._ids = 0
+
+    # -- start ------------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self._start_flexstore()
+            results, links = self._bind_sockets()
+            self._results = results
+            self._start_runtimes(links)
+            self._wait_ready()
+            self.scheduler = self._build_scheduler(links)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_flexstore(self) -> None:
+        o = self.options
+        device = "cuda:0" if o.device == "cuda" else "cpu"
+        models = tuple(StoreModel(m.name, m.model, m.torch_dtype_name, m.load_format) for m in self.config.models)
+        store_config = FlexStoreConfig(models=models, address=o.flexstore_address, device=device,
+                                       kv_cache_bytes=self.config.kv_cache_bytes,
+                                       gpu_memory_utilization=self.config.gpu_memory_utilization,
+                                       page_bytes=o.page_bytes, shm_prefix=f"muxserve{os.getpid()}")
+        log = o.log_dir / "flexstore.log" if o.log_dir else None
+        if o.log_dir:
+            o.log_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("starting FlexStore at %s (%d LLMs on %s)", o.flexstore_address, len(models), device)
+        self.flexstore = FlexStoreProcess(store_config, log_file=log).start(o.ready_timeout_s)
+        with FlexStoreClient(o.flexstore_address) as client:
+            self.store_info = client.info()
+        for m in self.store_info.models:
+            logger.info("FlexStore: %s holds at most %d tokens (%d pages of %d B in the pool)",
+                        m.name, m.max_tokens, self.store_info.num_pages, self.store_info.page_bytes)
+
+    def _bind_sockets(self):
+        results = self._ctx.socket(zmq.PULL)
+        results.bind(f"ipc://{self.run_dir}/results")
+        self._sockets.append(results)
+        links = {}
+        for i, m in enumerate(self.config.models):
+            for phase in Phase:
+                sock = self._ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.bind(f"ipc://{self.run_dir}/{i}-{phase.value}")
+                self._sockets.append(sock)
+                links[(m.name, phase)] = _Link(sock)
+        return results, links
+
+    def _start_runtimes(self, links) -> None:
+        o = self.options
+        for i, m in enumerate(self.config.models):
+            for phase in Phase:
+                if phase is Phase.PREFILL:
+                    pct = max(10, m.prefill_percentage - o.policy.prefill_mps_reduction)
+                else:
+                    pct = m.decode_percentage
+                args = ["-m", "muxserve.flexserver", "--llm", m.name, "--phase", phase.value,
+                        "--flexstore", o.flexstore_address, "--jobs", f"ipc://{self.run_dir}/{i}-{phase.value}",
+                        "--results", f"ipc://{self.run_dir}/results"]
+                self.processes.start(f"{m.name}/{phase.value}", args, mps_env(o.mps_dir, pct))
+
+    def _wait_ready(self) -> None:
+        expected = {f"{m.name}/{p.value}" for m in self.config.models for p in Phase}
+        deadline = time.monotonic() + self.options.ready_timeout_s
+        while expected:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"runtimes not ready after {self.options.ready_timeout_s} s: {sorted(expected)}")
+            if self._results.poll(200):
+                msg = M.decode_from_runtime(self._results.recv())
+                if isinstance(msg, M.Failure):
+                    raise RuntimeError(f"runtime {msg.runtime} failed at start: {msg.message}")
+                if isinstance(msg, M.Ready):
+                    expected.discard(msg.runtime)
+        logger.info("all %d runtimes ready", 2 * len(self.config.models))
+
+    def _build_scheduler(self, links) -> MuxScheduler:
+        o = self.options
+        infos, quota_models = [], []
+        layouts = {m.name: m for m in self.store_info.models}
+        for m in self.config.models:
+            folder = layouts[m.name].folder
+            spec = ModelSpec.from_folder(folder)
+            infos.append(LLMInfo(
+                name=m.name, prefill_units=units_for(m.prefill_percentage), decode_units=units_for(m.decode_percentage),
+                max_num_seqs=m.max_num_seqs or o.max_num_seqs or self.config.max_num_seqs,
+                eos_ids=frozenset(spec.eos_token_ids) | _generation_eos(folder),
+                max_model_len=spec.max_position_embeddings, vocab_size=spec.vocab_size,
+            ))
+            lay = layouts[m.name].layout
+            quota_models.append(QuotaModel(m.name, o.rates.get(m.name, 1.0), lay.pages_per_block, lay.page_tokens))
+        quota = None
+        if o.policy.quota is not QuotaMode.NONE:
+            quota = QuotaManager(quota_models, self.store_info.num_pages, o.avg_seq_len,
+                                 by_rate=o.policy.quota is QuotaMode.ADAPTIVE)
+            logger.info("initial quotas (sequences): %s", quota.all_max_num_seqs())
+        allocator = FlexStoreClient(o.flexstore_address)
+        self._allocator = allocator
+        return MuxScheduler(infos, allocator, links, o.policy, o.max_num_batched_tokens,
+                            self.config.overload_threshold, quota)
+
+    # -- run --------------------------------------------------------------------------------
+    def max_tokens(self, llm: str) -> int:
+        return next(m.max_tokens for m in self.store_info.models if m.name == llm)
+
+    def submit(self, llm: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float,
+               idx: int | None = None) -> Request:
+        """Queue a request (``arrival`` on the time.monotonic clock)."""
+        info = self.scheduler.llms[llm].info
+        total = min(len(prompt_token_ids) + params.max_tokens, info.max_model_len)
+        if total > self.max_tokens(llm):
+            raise ValueError(f"request of {total} tokens does not fit LLM {llm!r}: the KV pool holds "
+                             f"{self.max_tokens(llm)} tokens of it")
+        bad = [t for t in prompt_token_ids if not 0 <= t < info.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of the vocabulary of {llm!r} [0, {info.vocab_size}): {bad[:5]}")
+        if len(prompt_token_ids) >= info.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens exceeds the context of {llm!r} "
+                             f"({info.max_model_len} tokens)")
+        self._ids += 1
+        req = Request(req_id=str(self._ids), idx=self._ids if idx is None else idx, llm=llm,
+                      prompt_token_ids=list(prompt_token_ids), params=params, arrival=arrival)
+        self.scheduler.add(req)
+        return req
+
+    def poll(self, timeout_s: float) -> list[Request]:
+        """Schedule, then wait up to ``timeout_s`` for results; returns requests that finished."""
+        self._check_alive()
+        self.scheduler.schedule()
+        finished = []
+        if self._results.poll(max(0, int(timeout_s * 1000))):
+            while True:
+                msg = M.decode_from_runtime(self._results.recv())
+                if isinstance(msg, M.Failure):
+                    raise RuntimeError(f"runtime {msg.runtime} failed: {msg.message}")
+                if isinstance(msg, M.JobResult):
+                    finished.extend(self.scheduler.on_result(msg))
+                if not self._results.poll(0):
+                    break
+            self.scheduler.schedule()
+        return finished
+
+    def calibrate(self) -> dict[str, BaseLatency]:
+        """Measure each LLM alone at batch 1: prefill at a few prompt lengths, then decode steps."""
+        bases = {}
+        rng = random.Random(0)
+        for m in self.config.models:
+            info = self.scheduler.llms[m.name].info
+            points, decode = [], []
+            for n in CALIBRATION_PROMPT_LENS:
+                if n + CALIBRATION_DECODE_STEPS >= min(info.max_model_len, self.max_tokens(m.name)):
+                    continue
+                req = self.submit(m.name, [rng.randrange(info.vocab_size) for _ in range(n)],
+                                  SamplingParams(max_tokens=CALIBRATION_DECODE_STEPS, temperature=0, ignore_eos=True),
+                                  time.monotonic())
+                while req.end is None:
+                    self.poll(0.05)
+                points.append((n, req.prefill_end - req.submit))
+                decode.append((req.end - req.prefill_end) / (CALIBRATION_DECODE_STEPS - 1))
+            self.scheduler.finished.clear()
+            bases[m.name] = BaseLatency(tuple(points), sum(decode) / len(decode))
+            logger.info("%s alone: prefill %s, decode step %.1f ms", m.name,
+                        ", ".join(f"{n} tok {s * 1e3:.1f} ms" for n, s in points), bases[m.name].decode_step * 1e3)
+        return bases
+
+    def _check_alive(self) -> None:
+        self.processes.check()
+        if self.flexstore is not None and self.flexstore.proc is not None and self.flexstore.proc.poll() is not None:
+            raise ChildDied("flexstore", self.flexstore.proc.returncode, self.flexstore.log_file)
+
+    # -- stop -------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop every process this instance started and release its sockets and files."""
+        for (_, _), link in getattr(self.scheduler, "links", {}).items():
+            try:
+                link.socket.send(M.encode(M.Shutdown()), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self.processes.stop_all()
+        if getattr(self, "_allocator", None) is not None:
+            self._allocator.close()
+        if self.flexstore is not None:
+            try:
+                self.flexstore.stop()
+            except Exception:  # noqa: BLE001 - keep stopping the rest
+                logger.exception("stopping FlexStore failed")
+            self.flexstore = None
+        for sock in self._sockets:
+            sock.close(linger=0)
+        self._sockets.clear()
+        if not self._ctx.closed:
+            self._ctx.term()
+        shutil.rmtree(self.run_dir, ignore_errors=True)

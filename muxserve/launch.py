@@ -1,0 +1,262 @@
+"""``python -m muxserve.launch MODEL_CONFIG.yaml``: replay a workload on one instance (one mesh).
+
+Starts FlexStore, two runtimes per LLM and the scheduler, waits until all are ready, measures
+each LLM alone (the base latency of the SLO figures), replays the workload file, prints the
+statistics block, writes ``--stats-file`` and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import msgspec
+from tqdm import tqdm
+
+from muxserve.config import ConfigError, MuxServeConfig, load_config
+from muxserve.engine.kv_cache import KVLayout
+from muxserve.engine.llm_engine import parse_dtype
+from muxserve.engine.model_config import ModelSpec
+from muxserve.engine.model_hub import resolve_model
+from muxserve.engine.sampling_params import SamplingParams
+from muxserve.instance import Instance, InstanceOptions
+from muxserve.muxsched.launcher import ChildDied
+from muxserve.muxsched.policy import POLICIES, get_policy
+from muxserve.muxsched.stats import format_stats, summarize_run
+from muxserve.muxsched.workload import Workload, WorkloadError, load_workload
+
+logger = logging.getLogger("muxserve.launch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m muxserve.launch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_config", help="the instance's model_config YAML (see examples/basic/model_config.yaml)")
+    g = p.add_argument_group("mesh (as torch.distributed.launch)")
+    g.add_argument("--nnodes", type=int, default=1, help="nodes of this mesh; only 1 is supported (default: 1)")
+    g.add_argument("--node-rank", "--node_rank", type=int, default=0, help="rank of this node (default: 0)")
+    g.add_argument("--master-addr", "--master_addr", default="127.0.0.1", help="address of rank 0 (default: 127.0.0.1)")
+    g.add_argument("--master-port", "--master_port", type=int, default=29500,
+                   help="torch.distributed port of rank 0 (default: 29500)")
+    g.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=None,
+                   help="GPUs of this mesh; must equal num_gpus of the config on GPU (default: num_gpus)")
+    g = p.add_argument_group("addresses")
+    g.add_argument("--server-port", type=int, default=50060,
+                   help="base port of the runtimes' torch.distributed groups (default: 50060)")
+    g.add_argument("--flexstore-port", type=int, default=50051, help="FlexStore's TCP port on 127.0.0.1 (default: 50051)")
+    g = p.add_argument_group("run")
+    g.add_argument("--workload-file", help="workload JSON to replay (default: workloads.workload_file of the config)")
+    g.add_argument("--split-by-model", help="serve only this LLM of the config and its requests (spatial partitioning)")
+    g.add_argument("--mps-dir", help="MPS directory given to scripts/start_mps.sh; runtimes then run under MPS "
+                                     "with their mps_percentage (without it they time-share the GPU)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where models run (default: cuda if available, else cpu)")
+    g.add_argument("--stats-file", help="write per-request records (with output token ids) and the summary as JSON")
+    g.add_argument("--log-dir", default="log/vllm_proc",
+                   help="folder for the logs of FlexStore and each runtime (default: log/vllm_proc)")
+    g.add_argument("--no-slo", action="store_true", help="skip measuring each LLM alone (no SLO attainment figures)")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g = p.add_argument_group("scheduler")
+    g.add_argument("--schedule-approach", choices=list(POLICIES), default="adbs",
+                   help="adbs (MuxServe), fcfs (temporal multiplexing), roundrobin, fix, fix-adbs (default: adbs)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="prompt tokens in one prefill job at most (default: 2048)")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV page for the LLM with the widest K/V; sets the page size "
+                        "(default: 16 KiB pages, e.g. 32 tokens of 128-dim bf16)")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences per LLM at most; overrides the config's instance-wide max_num_seqs")
+    return p
+
+
+def page_bytes_for(config: MuxServeConfig, block_size: int | None) -> int:
+    """16 KiB by default; with --block-size, the page that holds that many tokens of the widest LLM."""
+    specs = {m.name: (ModelSpec.from_folder(resolve_model(m.model)), parse_dtype(m.torch_dtype_name))
+             for m in config.models}
+    if block_size is None:
+        page = 16 * 1024
+    else:
+        if block_size < 1:
+            raise ConfigError(f"--block-size must be >= 1, got {block_size}")
+        widest = max(spec.head_dim * dtype.itemsize for spec, dtype in specs.values())
+        page = block_size * 2 * widest
+    for name, (spec, dtype) in specs.items():
+        try:
+            KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, page)
+        except ValueError as e:
+            raise ConfigError(f"LLM {name!r}: {e}") from None
+    return page
+
+
+def planned_max_tokens(config: MuxServeConfig, page_bytes: int, device: str) -> dict[str, int] | None:
+    """Tokens one request of each LLM can hold with the whole pool, known before start on CPU."""
+    if config.kv_cache_bytes is None and device != "cpu":
+        return None  # sized from the GPU's memory by FlexStore at start
+    from muxserve.flexstore.config import DEFAULT_CPU_KV_BYTES
+
+    pages = (config.kv_cache_bytes or DEFAULT_CPU_KV_BYTES) // page_bytes
+    out = {}
+    for m in config.models:
+        spec = ModelSpec.from_folder(resolve_model(m.model))
+        layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, parse_dtype(m.torch_dtype_name),
+                          page_bytes)
+        out[m.name] = pages // layout.pages_per_block * layout.page_tokens
+    return out
+
+
+def check_requests_fit(workload: Workload, max_tokens: dict[str, int], source: str) -> None:
+    too_big = [r.idx for r in workload.requests if len(r.prompt_token_ids) + r.output_len > max_tokens[r.llm]]
+    if too_big:
+        raise ConfigError(f"requests {too_big[:10]} of {source} need more KV cache than the pool holds for their "
+                          f"LLM (at most {max_tokens} tokens); raise kv_cache_bytes / gpu_memory_utilization")
+
+
+def check_args(args, config: MuxServeConfig, device: str) -> None:
+    if args.nnodes != 1 or args.node_rank != 0:
+        raise ConfigError("an instance runs on one node (--nnodes 1 --node-rank 0); start one launch per mesh")
+    if device == "cuda" and args.nproc_per_node is not None and args.nproc_per_node != config.num_gpus:
+        raise ConfigError(f"--nproc_per_node {args.nproc_per_node} differs from num_gpus {config.num_gpus} "
+                          f"in {args.model_config}")
+    for m in config.models:
+        if m.tensor_parallel_size * m.pipeline_parallel_size > 1:
+            raise ConfigError(f"{args.model_config}: LLM {m.name!r} asks for tensor_parallel_size "
+                              f"{m.tensor_parallel_size} x pipeline_parallel_size {m.pipeline_parallel_size}; "
+                              "meshes of one device only are supported by this version")
+    if args.mps_dir and device != "cuda":
+        raise ConfigError("--mps-dir needs a CUDA device (MPS partitions GPU SMs)")
+    if args.max_num_batched_tokens < 1:
+        raise ConfigError(f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}")
+    if args.max_num_seqs is not None and args.max_num_seqs < 1:
+        raise ConfigError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+
+
+def select(config: MuxServeConfig, workload: Workload, split_by_model: str | None, source: str):
+    """Apply --split-by-model and check that every LLM of the workload exists."""
+    if split_by_model:
+        config.model(split_by_model)  # ConfigError when unknown
+        config = msgspec.structs.replace(config, models=[config.model(split_by_model)])
+        workload = workload.only({split_by_model})
+    unknown = sorted(set(workload.llms) - set(config.model_names))
+    if unknown:
+        raise ConfigError(f"workload {source} names LLMs that the config lacks: {unknown}; "
+                          f"config LLMs: {config.model_names}")
+    if not workload.requests:
+        raise ConfigError(f"workload {source} has no request for the LLMs {config.model_names}")
+    return config, workload
+
+
+def average_seq_len(workload: Workload) -> int:
+    reqs = workload.requests
+    return max(1, round(sum(len(r.prompt_token_ids) + r.output_len for r in reqs) / len(reqs)))
+
+
+def replay(instance: Instance, workload: Workload) -> list:
+    """Submit each request at its arrival time; return the finished requests."""
+    pending = deque(workload.requests)
+    requests = []
+    t0 = time.monotonic()
+    with tqdm(total=len(pending), desc="requests", unit="req", file=sys.stderr) as bar:
+        while pending or instance.scheduler.has_work():
+            now = time.monotonic() - t0
+            while pending and pending[0].arrival <= now:
+                r = pending.popleft()
+                params = SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
+                requests.append(instance.submit(r.llm, r.prompt_token_ids, params, t0 + r.arrival, r.idx))
+            wait = min(0.05, pending[0].arrival - now) if pending else 0.05
+            bar.update(len(instance.poll(max(0.0, wait))))
+    for r in requests:  # report times relative to the start of replay
+        r.arrival -= t0
+        r.submit -= t0
+        r.prefill_end -= t0
+        r.end -= t0
+    return requests
+
+
+def run(args) -> int:
+    config = load_config(args.model_config)
+    workload_path = args.workload_file or config.workloads.workload_file
+    if not workload_path:
+        raise ConfigError(f"no workload: give --workload-file or workloads.workload_file in {args.model_config}")
+    workload = load_workload(workload_path)
+    config, workload = select(config, workload, args.split_by_model, workload_path)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_args(args, config, device)
+    options = InstanceOptions(
+        policy=get_policy(args.schedule_approach), device=device,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        page_bytes=page_bytes_for(config, args.block_size), mps_dir=args.mps_dir,
+        flexstore_address=f"tcp://127.0.0.1:{args.flexstore_port}", log_dir=Path(args.log_dir),
+        rates=workload.rates(), avg_seq_len=average_seq_len(workload),
+    )
+    planned = planned_max_tokens(config, options.page_bytes, device)
+    if planned is not None:
+        check_requests_fit(workload, planned, workload_path)
+    instance = Instance(config, options)
+    try:
+        instance.start()
+        check_requests_fit(workload, {m: instance.max_tokens(m) for m in config.model_names}, workload_path)
+        bases = None if args.no_slo else instance.calibrate()
+        logger.info("replaying %d requests of %s with %s", len(workload.requests), workload_path,
+                    args.schedule_approach)
+        requests = replay(instance, workload)
+        preemptions = instance.scheduler.num_preemptions
+    finally:
+        instance.stop()
+    records = [r.record() for r in requests]
+    summary = summarize_run(records, bases)
+    summary["overall"]["scheduler_preemptions"] = preemptions
+    print(format_stats(summary), flush=True)
+    if args.stats_file:
+        write_stats(args, records, summary, bases)
+    return 0
+
+
+def write_stats(args, records, summary, bases) -> None:
+    doc = {
+        "command": sys.argv,
+        "schedule_approach": args.schedule_approach,
+        "requests": [dataclasses.asdict(r) for r in records],
+        "summary": summary,
+        "base_latency": {k: {"prefill_points": v.prefill_points, "decode_step": v.decode_step}
+                         for k, v in (bases or {}).items()},
+    }
+    path = Path(args.stats_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(doc), indent=1))
+    logger.info("statistics written to %s", path)
+
+
+def _sigterm(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return run(args)
+    except (ConfigError, WorkloadError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ChildDied, RuntimeError, TimeoutError) as e:
+        print(f"error: {e}; every process of the instance was stopped", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; every process of the instance was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

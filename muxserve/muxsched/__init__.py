@@ -1,0 +1,1 @@
+"""Scheduling of many LLMs on one mesh: ADBS and baselines, SM units, quotas, workloads, placement."""

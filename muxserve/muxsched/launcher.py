@@ -1,0 +1,93 @@
+"""Child processes of one instance: start them, notice a death, stop them all.
+
+Every child is started with ``exit_with_parent`` semantics (the kernel signals it if the
+launcher dies), so even a SIGKILLed launcher leaves no orphan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class ChildDied(RuntimeError):
+    """A child process of the instance exited while it was needed."""
+
+    def __init__(self, name: str, code: int, log: Path | None):
+        where = f"; its log: {log}" if log else ""
+        super().__init__(f"process {name} exited with code {code}{where}")
+        self.name = name
+        self.code = code
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path | None
+
+
+def mps_env(mps_dir: str | None, percentage: int) -> dict[str, str]:
+    """Environment that puts a CUDA process under the MPS daemon at ``percentage`` of the SMs."""
+    if not mps_dir:
+        return {}
+    base = Path(mps_dir)
+    # Accept both the directory given to start_mps.sh and its nvidia-mps subfolder.
+    pipe = base if base.name == "nvidia-mps" else base / "nvidia-mps"
+    log = pipe.parent / "nvidia-log"
+    return {
+        "CUDA_MPS_PIPE_DIRECTORY": str(pipe),
+        "CUDA_MPS_LOG_DIRECTORY": str(log),
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(percentage),
+    }
+
+
+class ProcessGroup:
+    def __init__(self, log_dir: Path | None):
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
+        log = None
+        out = subprocess.DEVNULL
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            log = self.log_dir / f"{name.replace('/', '_')}.log"
+            out = open(log, "ab")
+        try:
+            proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})})
+        finally:
+            if log is not None:
+                out.close()
+        child = Child(name, proc, log)
+        self.children.append(child)
+        logger.info("started %s (pid %d)", name, proc.pid)
+        return child
+
+    def check(self) -> None:
+        """Raise ChildDied if any child has exited."""
+        for child in self.children:
+            code = child.proc.poll()
+            if code is not None:
+                raise ChildDied(child.name, code, child.log)
+
+    def stop_all(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every child still running, then SIGKILL the ones that do not exit in time."""
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        for child in self.children:
+            try:
+                child.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0f s; killing it", child.name, timeout_s)
+                child.proc.kill()
+                child.proc.wait()
+        self.children.clear()

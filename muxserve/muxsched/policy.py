@@ -1,0 +1,47 @@
+"""The scheduling approaches of the original, as flags the one scheduler loop reads.
+
+    adbs       prefill first, round-robin over LLMs; decodes fill the SM units left;
+               KV quotas split by rate and adapted periodically (MuxServe)
+    fix-adbs   adbs with quotas fixed at start (split by pages per token, not by rate)
+    fix        fixed quotas; an LLM's prefill and decode never run at the same time
+    roundrobin adbs without quotas; a prefill blocked on SM units ends the round
+    fcfs       strict first-come-first-served over all LLMs, no quotas; with MPS off this is
+               temporal multiplexing
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class QuotaMode(str, enum.Enum):
+    ADAPTIVE = "adaptive"  # initial split by rate, adapted every few seconds
+    FIXED = "fixed"  # split by pages per token at start, never changed
+    NONE = "none"  # the config's max_num_seqs only
+
+
+@dataclass(frozen=True)
+class SchedulePolicy:
+    name: str
+    quota: QuotaMode
+    fcfs_order: bool = False  # pick the LLM of the oldest request instead of round-robin
+    stop_on_blocked_prefill: bool = False
+    exclusive_phases: bool = False  # prefill and decode of one LLM never overlap
+    prefill_mps_reduction: int = 0  # the prefill runtime starts this many points lower
+
+
+POLICIES = {
+    "adbs": SchedulePolicy("adbs", QuotaMode.ADAPTIVE),
+    "fix-adbs": SchedulePolicy("fix-adbs", QuotaMode.FIXED),
+    "fix": SchedulePolicy("fix", QuotaMode.FIXED, exclusive_phases=True, prefill_mps_reduction=10),
+    "roundrobin": SchedulePolicy("roundrobin", QuotaMode.NONE, stop_on_blocked_prefill=True),
+    "fcfs": SchedulePolicy("fcfs", QuotaMode.NONE, fcfs_order=True),
+}
+
+
+def get_policy(name: str) -> SchedulePolicy:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown schedule approach {name!r}; choose from {', '.join(POLICIES)}") from None

@@ -1,0 +1,287 @@
+"""The MuxServe scheduler: decides each moment which prefill and decode jobs run side by side.
+
+It owns no tensors. For every LLM it keeps a FCFS queue of waiting requests and the set of
+prefilled requests between decode steps; it asks the page allocator (FlexStore) for pages,
+accounts SM units (10 % each, plus a bounded overload) and sends typed jobs to the runtimes,
+one job at a time per runtime. Results come back as one token per request.
+
+NOTE: a batch is all-prefill or all-decode, as in the original; a prefill recomputes every
+token a request has so far (prompt + output), so preemption is just "free pages, re-queue".
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from muxserve.flexserver.messages import Job, JobResult
+from muxserve.muxsched.policy import QuotaMode, SchedulePolicy
+from muxserve.muxsched.quota import QuotaManager
+from muxserve.muxsched.request import Phase, Request
+from muxserve.muxsched.resource import SMResource
+
+logger = logging.getLogger(__name__)
+
+
+class RuntimeLink(Protocol):
+    """Where the jobs of one (LLM, phase) runtime go."""
+
+    def send(self, job: Job) -> None: ...
+
+
+@dataclass
+class LLMInfo:
+    name: str
+    prefill_units: int
+    decode_units: int
+    max_num_seqs: int  # the config's cap
+    eos_ids: frozenset[int]
+    max_model_len: int
+    vocab_size: int
+
+
+@dataclass
+class _LLMState:
+    info: LLMInfo
+    waiting: deque[Request] = field(default_factory=deque)  # FCFS; preempted go to the head
+    running: list[Request] = field(default_factory=list)  # prefilled, between decode steps
+    executing: int = 0  # requests inside in-flight jobs
+    wait_for_cache: bool = False  # a prefill found no pages: wait until some request finishes
+    release: dict[Phase, list[str]] = field(default_factory=lambda: {Phase.PREFILL: [], Phase.DECODE: []})
+
+    @property
+    def active(self) -> int:
+        return len(self.running) + self.executing
+
+
+@dataclass
+class _Inflight:
+    llm: str
+    phase: Phase
+    requests: list[Request]
+    units: list[int]
+
+
+class MuxScheduler:
+    def __init__(self, llms: list[LLMInfo], allocator, links: dict[tuple[str, Phase], RuntimeLink],
+                 policy: SchedulePolicy, max_num_batched_tokens: int, overload_threshold: int,
+                 quota: QuotaManager | None = None, clock: Callable[[], float] | None = None,
+                 adapt_interval: float = 8.0):
+        if policy.quota is not QuotaMode.NONE and quota is None:
+            raise ValueError(f"schedule approach {policy.name!r} needs a QuotaManager")
+        self.llms = {info.name: _LLMState(info) for info in llms}
+        self.order = [info.name for info in llms]
+        self.allocator = allocator
+        self.links = links
+        self.policy = policy
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.sm = SMResource(overload_threshold)
+        self.quota = quota
+        self.clock = clock or __import__("time").monotonic
+        self.adapt_interval = adapt_interval
+        self._last_adapt = self.clock()
+        self._prefill_ptr = 0
+        self._decode_ptr = 0
+        self._job_ids = itertools.count()
+        self.inflight: dict[int, _Inflight] = {}
+        self.busy: set[tuple[str, Phase]] = set()
+        self.num_preemptions = 0
+        self.finished: list[Request] = []
+
+    # -- requests in and out ----------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.llms[request.llm].waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.inflight) or any(s.waiting or s.running for s in self.llms.values())
+
+    def quota_of(self, llm: str) -> int:
+        cap = self.llms[llm].info.max_num_seqs
+        if self.quota is None:
+            return cap
+        return min(cap, self.quota.max_num_seqs(llm))
+
+    def on_result(self, result: JobResult) -> list[Request]:
+        """Apply one job's tokens; return the requests that finished with it."""
+        job = self.inflight.pop(result.job_id)
+        state = self.llms[job.llm]
+        self.sm.release(job.units)
+        self.busy.discard((job.llm, job.phase))
+        state.executing -= len(job.requests)
+        if len(result.tokens) != len(job.requests):
+            raise RuntimeError(f"runtime {result.runtime} returned {len(result.tokens)} tokens "
+                               f"for {len(job.requests)} requests")
+        now = self.clock()
+        done = []
+        for req, token in zip(job.requests, result.tokens):
+            req.output_token_ids.append(token)
+            if req.prefill_end is None:
+                req.prefill_end = now
+            req.finish_reason = req.finish_reason_after(token, state.info.eos_ids, state.info.max_model_len)
+            if req.finish_reason:
+                req.end = now
+                done.append(req)
+            else:
+                state.running.append(req)
+        if done:
+            self.allocator.free(job.llm, [r.req_id for r in done])
+            for phase in Phase:
+                state.release[phase].extend(r.req_id for r in done)
+            for s in self.llms.values():  # pages came back: every LLM may try again
+                s.wait_for_cache = False
+            self.finished.extend(done)
+        return done
+
+    # -- the scheduling step ----------------------------------------------------------------
+    def schedule(self) -> int:
+        """Dispatch what may run now; returns the number of jobs sent."""
+        self._maybe_adapt_quotas()
+        if not self.inflight and not any(s.running for s in self.llms.values()):
+            for s in self.llms.values():  # nothing holds pages: nothing to wait for
+                s.wait_for_cache = False
+        sent = self._schedule_prefills()
+        prefill_running = any(j.phase is Phase.PREFILL for j in self.inflight.values())
+        if not prefill_running and any(self._wants_prefill(s) for s in self.llms.values()):
+            return sent  # prefill priority: no decode starts while a prefill waits for SM units
+        return sent + self._schedule_decodes()
+
+    def _schedule_prefills(self) -> int:
+        sent = 0
+        if self.policy.fcfs_order:
+            candidates = [s for s in self.llms.values() if s.waiting]
+            if candidates:
+                oldest = min(candidates, key=lambda s: s.waiting[0].idx)
+                sent += self._try_prefill(oldest) == "sent"
+            return sent
+        n, start = len(self.order), self._prefill_ptr  # the pointer moves inside the loop
+        for i in range(n):
+            pos = (start + i) % n
+            outcome = self._try_prefill(self.llms[self.order[pos]])
+            if outcome == "sent":
+                sent += 1
+                self._prefill_ptr = (pos + 1) % n
+            elif outcome == "no_sm" and self.policy.stop_on_blocked_prefill:
+                break
+        return sent
+
+    def _schedule_decodes(self) -> int:
+        sent = 0
+        if self.policy.fcfs_order:
+            ordered = sorted((s for s in self.llms.values() if s.running),
+                             key=lambda s: min(r.idx for r in s.running))
+            for state in ordered:
+                outcome = self._try_decode(state)
+                if outcome == "no_sm":
+                    break
+                sent += outcome == "sent"
+            return sent
+        n, start = len(self.order), self._decode_ptr
+        for i in range(n):
+            pos = (start + i) % n
+            if self._try_decode(self.llms[self.order[pos]]) == "sent":
+                sent += 1
+                self._decode_ptr = (pos + 1) % n
+        return sent
+
+    def _wants_prefill(self, state: _LLMState) -> bool:
+        return bool(state.waiting) and not state.wait_for_cache and state.active < self.quota_of(state.info.name)
+
+    def _phase_blocked(self, state: _LLMState, phase: Phase) -> bool:
+        name = state.info.name
+        if (name, phase) in self.busy:
+            return True
+        other = Phase.DECODE if phase is Phase.PREFILL else Phase.PREFILL
+        return self.policy.exclusive_phases and (name, other) in self.busy
+
+    def _try_prefill(self, state: _LLMState) -> str:
+        if not self._wants_prefill(state) or self._phase_blocked(state, Phase.PREFILL):
+            return "skip"
+        if not self.sm.can_allocate(state.info.prefill_units):
+            return "no_sm"
+        room = self.quota_of(state.info.name) - state.active
+        batch, tokens = [], 0
+        for req in state.waiting:
+            if len(batch) >= room or (batch and tokens + req.num_tokens > self.max_num_batched_tokens):
+                break
+            batch.append(req)
+            tokens += req.num_tokens
+        admitted = self._allocate(state, batch)
+        if len(admitted) < len(batch):
+            state.wait_for_cache = True  # the rest stays queued, in order
+        if not admitted:
+            return "skip"
+        for _ in admitted:
+            state.waiting.popleft()
+        now = self.clock()
+        for req in admitted:
+            if req.submit is None:
+                req.submit = now
+        self._dispatch(state, Phase.PREFILL, admitted, state.info.prefill_units)
+        return "sent"
+
+    def _try_decode(self, state: _LLMState) -> str:
+        if not state.running or self._phase_blocked(state, Phase.DECODE):
+            return "skip"
+        if not self.sm.can_allocate(state.info.decode_units):
+            return "no_sm"
+        state.running.sort(key=lambda r: r.idx)
+        batch = state.running[: max(1, self.quota_of(state.info.name))]
+        admitted = self._allocate(state, batch)
+        preempted = batch[len(admitted):]
+        for req in preempted:
+            state.running.remove(req)
+            req.preempt()
+            for phase in Phase:
+                state.release[phase].append(req.req_id)
+        for req in reversed(preempted):  # back to the head of the queue, oldest first
+            state.waiting.appendleft(req)
+        if preempted:
+            self.num_preemptions += len(preempted)
+            for s in self.llms.values():  # freed pages: others may admit again; this one waits
+                s.wait_for_cache = False
+            state.wait_for_cache = True
+            logger.info("%s: preempted %d requests (KV pool full)", state.info.name, len(preempted))
+        if not admitted:
+            return "skip"
+        del state.running[: len(admitted)]
+        if self.quota is not None:
+            self.quota.record_decode_batch(state.info.name, len(admitted))
+        self._dispatch(state, Phase.DECODE, admitted, state.info.decode_units)
+        return "sent"
+
+    def _allocate(self, state: _LLMState, batch: list[Request]) -> list[Request]:
+        """Pages for every request of the batch; returns the admitted prefix (the tail was preempted)."""
+        if not batch:
+            return []
+        result = self.allocator.allocate(state.info.name, [(r.req_id, r.num_tokens) for r in batch])
+        admitted = batch[: len(batch) - len(result.preempted)]
+        for req in admitted:
+            req.pages.extend(result.new_pages.get(req.req_id, ()))
+        return admitted
+
+    def _dispatch(self, state: _LLMState, phase: Phase, requests: list[Request], units_needed: int) -> None:
+        name = state.info.name
+        runtime = f"{name}/{phase.value}"
+        job = Job(next(self._job_ids), phase.value, [r.seq_input(runtime, phase) for r in requests],
+                  release=state.release[phase])
+        state.release[phase] = []
+        units = self.sm.allocate(units_needed)
+        self.inflight[job.job_id] = _Inflight(name, phase, requests, units)
+        self.busy.add((name, phase))
+        state.executing += len(requests)
+        self.links[(name, phase)].send(job)
+
+    def _maybe_adapt_quotas(self) -> None:
+        if self.policy.quota is not QuotaMode.ADAPTIVE or self.quota is None:
+            return
+        now = self.clock()
+        if now - self._last_adapt < self.adapt_interval:
+            return
+        self._last_adapt = now
+        demand = {n: len(s.waiting) + s.active for n, s in self.llms.items()}
+        moved = self.quota.adapt(demand)
+        if any(moved.values()):
+            logger.info("quota adapted: %s", self.quota.all_max_num_seqs())

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Stop the MPS control daemon started by scripts/start_mps.sh DIR.
+set -euo pipefail
+if [ $# -ne 1 ]; then
+    echo "usage: $0 DIR" >&2
+    exit 2
+fi
+dir=$(realpath -m "$1")
+here=$(dirname "$0")
+ctl=$("$here/find_mps_control.sh")
+export CUDA_MPS_PIPE_DIRECTORY="$dir/nvidia-mps"
+export CUDA_MPS_LOG_DIRECTORY="$dir/nvidia-log"
+if [ ! -S "$dir/nvidia-mps/control" ]; then
+    echo "no MPS daemon is running with pipe directory $dir/nvidia-mps"
+    exit 0
+fi
+echo quit | "$ctl"
+for _ in $(seq 50); do
+    [ -S "$dir/nvidia-mps/control" ] || break
+    sleep 0.1
+done
+echo "MPS stopped ($dir)"

@@ -1,0 +1,151 @@
+"""End to end: python -m muxserve.launch on three tiny LLMs, checked against the offline engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .helpers import REPO, launch_args, run_launch, shm_segments
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _check_all_match(setup, stats, llms=("llm-0", "llm-1", "llm-2")):
+    expected_idx = {r.idx for r in setup.requests if r.llm in llms}
+    got = {r["idx"]: r for r in stats["requests"]}
+    assert set(got) == expected_idx
+    for idx, rec in got.items():
+        assert rec["output_token_ids"] == setup.expected[idx], f"request {idx} ({rec['model']})"
+        assert rec["output_len"] == len(setup.expected[idx])
+        assert rec["arrival"] <= rec["submit"] <= rec["prefill_end"] <= rec["end"]
+    summary = stats["summary"]
+    assert summary["overall"]["num_finished"] == len(expected_idx)
+    assert sorted(summary["per_model"]) == sorted(llms)
+
+
+def test_adbs_serves_every_request_with_offline_tokens(setup, tmp_path):
+    proc, stats = run_launch(setup.config(), setup.workload, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_all_match(setup, stats)
+    assert len(setup.requests) >= 60
+    # The statistics block of the original, per LLM and overall, with SLO attainment.
+    for line in ("Name: llm-0", "Name: llm-2", "Summary:", "Throughput", "[TTFT]", "[TPOT]", "[SLO attainment]"):
+        assert line in proc.stdout
+    assert set(stats["base_latency"]) == {"llm-0", "llm-1", "llm-2"}
+    assert stats["summary"]["overall"]["slo_attainment"]["20"] > 0
+
+
+def test_small_pool_preempts_and_still_matches(setup, tmp_path):
+    # Every request at once, 24 pages of 16 KiB and no quotas (roundrobin admits while pages are
+    # free): the growing decodes of the three LLMs run out of pages and preempt.
+    from muxserve.muxsched.workload import WorkloadRequest, write_workload
+
+    burst = tmp_path / "burst.json"
+    write_workload(burst, {}, [WorkloadRequest(r.idx, r.llm, 0.0, r.prompt_token_ids, r.output_len)
+                               for r in setup.requests])
+    config = setup.config(kv_cache_bytes=24 * 16384)
+    proc, stats = run_launch(config, burst, tmp_path, "--no-slo", "--schedule-approach", "roundrobin")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert stats["summary"]["overall"]["scheduler_preemptions"] > 0
+    assert any(r["num_preemptions"] > 0 for r in stats["requests"])
+    _check_all_match(setup, stats)
+
+
+def test_fcfs_temporal_multiplexing(setup, tmp_path):
+    proc, stats = run_launch(setup.config(), setup.workload, tmp_path, "--no-slo", "--schedule-approach", "fcfs")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert stats["schedule_approach"] == "fcfs"
+    _check_all_match(setup, stats)
+
+
+def test_split_by_model_serves_one_llm(setup, tmp_path):
+    proc, stats = run_launch(setup.config(), setup.workload, tmp_path, "--no-slo", "--split-by-model", "llm-1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_all_match(setup, stats, llms=("llm-1",))
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def test_killing_a_runtime_stops_everything(setup, tmp_path):
+    # A long workload (arrivals stretched 20x) so the run is still going when the runtime dies.
+    from muxserve.muxsched.workload import WorkloadRequest, write_workload
+
+    slow = tmp_path / "slow.json"
+    write_workload(slow, {}, [WorkloadRequest(r.idx, r.llm, r.arrival * 20, r.prompt_token_ids, r.output_len)
+                              for r in setup.requests])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(launch_args(setup.config(), slow, tmp_path, "--no-slo"), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    victim = None
+    while victim is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        if not (tmp_path / "logs").is_dir() or proc.poll() is not None:
+            continue
+        log = "".join(p.read_text(errors="ignore") for p in (tmp_path / "logs").glob("*.log"))
+        if log.count("ready (pid") == 6:  # every runtime attached
+            time.sleep(2)  # into the replay
+            victim = next(p for p in _children(proc.pid) if "--llm llm-1 --phase decode" in _cmdline(p))
+    assert victim is not None, "runtimes never became ready"
+    descendants = _children(proc.pid)
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "process llm-1/decode exited with code -9" in err
+    assert "every process of the instance was stopped" in err
+    for pid in descendants:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert not shm_segments(f"muxserve{proc.pid}")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"models": "dup"}, "two LLMs are named 'llm-0'; names must be unique"),
+    ({"mps": [100, 130]}, "Expected `int` <= 100 - at `$.models[0].mps_percentage[1]`"),
+])
+def test_inconsistent_config_is_refused_before_start(setup, tmp_path, change, message):
+    config = setup.config()
+    doc = yaml.safe_load(config.read_text())
+    if change.get("models") == "dup":
+        doc["models"][1]["name"] = "llm-0"
+    if "mps" in change:
+        doc["models"][0]["mps_percentage"] = change["mps"]
+    config.write_text(yaml.safe_dump(doc))
+    proc, stats = run_launch(config, setup.workload, tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert stats is None
+    assert not (tmp_path / "logs").exists()  # nothing was started
+
+
+def test_workload_naming_an_unknown_llm_is_refused(setup, tmp_path):
+    config = setup.config()
+    doc = yaml.safe_load(config.read_text())
+    doc["models"] = doc["models"][:2]
+    config.write_text(yaml.safe_dump(doc))
+    proc, _ = run_launch(config, setup.workload, tmp_path)
+    assert proc.returncode == 2
+    assert "names LLMs that the config lacks: ['llm-2']" in proc.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_request_larger_than_the_pool_is_refused(setup, tmp_path):
+    # 4 pages: llm-0 (2 layers x 2 kv-heads per block) holds 1 block of 32 tokens at most.
+    proc, _ = run_launch(setup.config(kv_cache_bytes=4 * 16384), setup.workload, tmp_path, "--no-slo")
+    assert proc.returncode == 2
+    assert "need more KV cache than the pool holds for their LLM" in proc.stderr
