@@ -12,8 +12,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 HUNGRY_UTIL = 0.9  # an LLM using this much of its quota wants more
-DONOR_UTIL = 0.95  # a donor keeps enough pages for this utilization
+DONOR_UTIL = 0.95  # a donor gives away what lies between its use and 95 % of its quota
 HISTORY = 500  # decode batch sizes remembered per LLM
+DEFAULT_AVG_BS = 30  # assumed decode batch size of an LLM without history (as the original)
 
 
 @dataclass
@@ -66,32 +67,39 @@ class QuotaManager:
         self._states[name].batch_sizes.append(batch_size)
 
     def adapt(self, demand: dict[str, int]) -> dict[str, int]:
-        """Move pages from under-used LLMs to hungry ones; ``demand`` = waiting + running per LLM.
+        """Move pages from under-used LLMs to hungry ones, as the original every 8 s.
 
-        Returns the pages each LLM received (negative: gave away).
+        ``demand`` = waiting + running requests per LLM. With ``avg_bs`` the mean of the last
+        decode batch sizes (DEFAULT_AVG_BS without history) and ``util = avg_bs / quota``:
+        an LLM with util >= 0.9 and demand >= 1.1 avg_bs is hungry and asks for
+        ``min(max(1, int(0.1 avg_bs)), int(demand - avg_bs))`` sequences; an LLM with util < 0.9
+        can give ``int(max(1, (0.95 - util) quota))`` sequences (keeping at least one), shared
+        out in proportion to what each donor can give. Returns the pages each LLM received.
         """
-        util, avg_bs = {}, {}
+        util, avg_bs, quota = {}, {}, {}
         for name, s in self._states.items():
-            avg_bs[name] = sum(s.batch_sizes) / len(s.batch_sizes) if s.batch_sizes else 0.0
-            util[name] = avg_bs[name] / self.max_num_seqs(name)
-        hungry = sorted(
-            (n for n in self._states if util[n] >= HUNGRY_UTIL and demand.get(n, 0) >= 1.1 * avg_bs[n]),
-            key=lambda n: -util[n],
-        )
+            avg_bs[name] = sum(s.batch_sizes) / len(s.batch_sizes) if s.batch_sizes else DEFAULT_AVG_BS
+            quota[name] = self.max_num_seqs(name)
+            util[name] = avg_bs[name] / quota[name]
         spare = {}
         for n, s in self._states.items():
             if util[n] < HUNGRY_UTIL:
-                keep_seqs = math.ceil(DONOR_UTIL * avg_bs[n] / HUNGRY_UTIL) if avg_bs[n] else 1
-                spare[n] = max(0, s.pages - max(1, keep_seqs) * s.model.pages_per_seq(self.avg_seq_len))
+                pps = s.model.pages_per_seq(self.avg_seq_len)
+                can_give = int(max(1, (DONOR_UTIL - util[n]) * quota[n])) * pps
+                spare[n] = max(0, min(can_give, s.pages - pps))
+        hungry = sorted((n for n in self._states if util[n] >= HUNGRY_UTIL and demand.get(n, 0) >= 1.1 * avg_bs[n]),
+                        key=lambda n: -util[n])
         moved = {n: 0 for n in self._states}
         for n in hungry:
             total_spare = sum(spare.values())
             if total_spare <= 0:
                 break
-            want_seqs = max(1, int(0.1 * avg_bs[n]), int(demand[n] - avg_bs[n]) // 2)
+            want_seqs = min(max(1, int(0.1 * avg_bs[n])), int(demand[n] - avg_bs[n]))
             want = min(total_spare, want_seqs * self._states[n].model.pages_per_seq(self.avg_seq_len))
-            for donor in list(spare):
-                give = min(spare[donor], math.ceil(want * spare[donor] / total_spare))
+            shares = {d: want * spare[d] // total_spare for d in spare}
+            # Whole pages: the remainder of the proportional split comes from the largest donor.
+            shares[max(spare, key=spare.get)] += want - sum(shares.values())
+            for donor, give in shares.items():
                 spare[donor] -= give
                 self._states[donor].pages -= give
                 self._states[n].pages += give

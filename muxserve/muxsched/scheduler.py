@@ -144,16 +144,18 @@ class MuxScheduler:
                 s.wait_for_cache = False
         sent = self._schedule_prefills()
         prefill_running = any(j.phase is Phase.PREFILL for j in self.inflight.values())
-        if not prefill_running and any(self._wants_prefill(s) for s in self.llms.values()):
+        # fcfs waits only for the prefill it picked: if that LLM is at its quota, its running
+        # requests must decode (they free the room), whatever other LLMs have waiting
+        contenders = [self._fcfs_pick()] if self.policy.fcfs_order else self.llms.values()
+        if not prefill_running and any(s is not None and self._wants_prefill(s) for s in contenders):
             return sent  # prefill priority: no decode starts while a prefill waits for SM units
         return sent + self._schedule_decodes()
 
     def _schedule_prefills(self) -> int:
         sent = 0
         if self.policy.fcfs_order:
-            candidates = [s for s in self.llms.values() if s.waiting]
-            if candidates:
-                oldest = min(candidates, key=lambda s: s.waiting[0].idx)
+            oldest = self._fcfs_pick()
+            if oldest is not None:
                 sent += self._try_prefill(oldest) == "sent"
             return sent
         n, start = len(self.order), self._prefill_ptr  # the pointer moves inside the loop
@@ -166,6 +168,11 @@ class MuxScheduler:
             elif outcome == "no_sm" and self.policy.stop_on_blocked_prefill:
                 break
         return sent
+
+    def _fcfs_pick(self) -> _LLMState | None:
+        """The LLM of the oldest waiting request over all LLMs."""
+        candidates = [s for s in self.llms.values() if s.waiting]
+        return min(candidates, key=lambda s: s.waiting[0].idx) if candidates else None
 
     def _schedule_decodes(self) -> int:
         sent = 0
