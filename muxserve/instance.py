@@ -103,7 +103,9 @@ class Instance:
         if o.log_dir:
             o.log_dir.mkdir(parents=True, exist_ok=True)
         logger.info("starting FlexStore at %s (%d LLMs on %s)", o.flexstore_address, len(models), device)
-        self.flexstore = FlexStoreProcess(store_config, log_file=log).start(o.ready_timeout_s)
+        # Under MPS every process touching the GPU, FlexStore included, is a client of the daemon.
+        env = {**os.environ, **mps_env(o.mps_dir, 100)} if o.mps_dir else None
+        self.flexstore = FlexStoreProcess(store_config, log_file=log, env=env).start(o.ready_timeout_s)
         with FlexStoreClient(o.flexstore_address) as client:
             self.store_info = client.info()
         for m in self.store_info.models:
@@ -219,22 +221,26 @@ class Instance:
         return finished
 
     def calibrate(self) -> dict[str, BaseLatency]:
-        """Measure each LLM alone at batch 1: prefill at a few prompt lengths, then decode steps."""
+        """Measure each LLM alone at batch 1: prefill at a few prompt lengths, then decode steps.
+
+        A first, unmeasured request per LLM warms its runtimes up (kernel selection, allocator).
+        """
         bases = {}
         rng = random.Random(0)
         for m in self.config.models:
             info = self.scheduler.llms[m.name].info
+            room = min(info.max_model_len, self.max_tokens(m.name)) - CALIBRATION_DECODE_STEPS
+            lengths = [n for n in CALIBRATION_PROMPT_LENS if n < room]
             points, decode = [], []
-            for n in CALIBRATION_PROMPT_LENS:
-                if n + CALIBRATION_DECODE_STEPS >= min(info.max_model_len, self.max_tokens(m.name)):
-                    continue
+            for i, n in enumerate([lengths[0], *lengths]):
                 req = self.submit(m.name, [rng.randrange(info.vocab_size) for _ in range(n)],
                                   SamplingParams(max_tokens=CALIBRATION_DECODE_STEPS, temperature=0, ignore_eos=True),
                                   time.monotonic())
                 while req.end is None:
                     self.poll(0.05)
-                points.append((n, req.prefill_end - req.submit))
-                decode.append((req.end - req.prefill_end) / (CALIBRATION_DECODE_STEPS - 1))
+                if i > 0:  # the first one was the warm-up
+                    points.append((n, req.prefill_end - req.submit))
+                    decode.append((req.end - req.prefill_end) / (CALIBRATION_DECODE_STEPS - 1))
             self.scheduler.finished.clear()
             bases[m.name] = BaseLatency(tuple(points), sum(decode) / len(decode))
             logger.info("%s alone: prefill %s, decode step %.1f ms", m.name,
