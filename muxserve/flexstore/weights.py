@@ -97,7 +97,7 @@ def load_shared(entry: ModelEntry, folder: Path, device: torch.device, segment_n
         bind_parameters(model, segment.tensor, tensors, dtype)
         with torch.no_grad():
             if entry.load_format == "random":
-                _fill_random(model, entry.seed, device)
+                fill_random(model, entry.seed, device)
             else:
                 model.load_weights(iter_weights(folder, dtype))
     except BaseException:
@@ -114,7 +114,7 @@ def attach_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, buff
     return finish_model(model, spec, device)
 
 
-def _fill_random(model: nn.Module, seed: int, device: torch.device) -> None:
+def fill_random(model: nn.Module, seed: int, device: torch.device) -> None:
     """Deterministic random weights: N(0, 0.02) matrices, unit norms, zero biases."""
     gen = torch.Generator(device=device).manual_seed(seed)
     norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}

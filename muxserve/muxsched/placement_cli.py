@@ -1,0 +1,216 @@
+"""``python -m muxserve.muxsched.placement``: models.yaml + cost table -> one model_config YAML per
+mesh (MuxServe), the same colocation without MPS (temporal multiplexing), one YAML per LLM on its
+own GPUs (spatial partitioning), and ``placement.json`` with the summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import msgspec
+import yaml
+
+from muxserve.config import ConfigError, MuxServeConfig, check_config
+from muxserve.muxsched.costs import CostModel, load_cost_table
+from muxserve.muxsched.models_file import InputError, load_models_file
+from muxserve.muxsched.placement import (GB, Estimator, Placement, PlacementSettings, describe_llms, optimize,
+                                         spatial_size)
+from muxserve.muxsched.workload import WorkloadError, load_workload
+
+logger = logging.getLogger("muxserve.placement")
+
+DEFAULT_AVG_PROMPT_LEN, DEFAULT_AVG_OUTPUT_LEN = 161, 338  # ShareGPT means quoted by the paper
+BASELINE_MPS = [100, 90]  # temporal and spatial runs: no MPS; a prefill and a decode never overlap
+
+
+def average_lengths(args, models) -> tuple[float, float, str]:
+    """Flags, else the workload file's real means, else models.yaml, else the paper's ShareGPT means."""
+    if args.avg_prompt_len and args.avg_output_len:
+        return args.avg_prompt_len, args.avg_output_len, "flags"
+    if args.workload_file:
+        workload = load_workload(args.workload_file)
+        if not workload.requests:
+            raise InputError(f"workload {args.workload_file} has no requests")
+        n = len(workload.requests)
+        prompt = sum(len(r.prompt_token_ids) for r in workload.requests) / n
+        output = sum(r.output_len for r in workload.requests) / n
+        return args.avg_prompt_len or prompt, args.avg_output_len or output, f"workload {args.workload_file}"
+    if models.avg_prompt_len and models.avg_output_len:
+        return (args.avg_prompt_len or models.avg_prompt_len, args.avg_output_len or models.avg_output_len,
+                f"model yaml {args.model_yaml}")
+    return (args.avg_prompt_len or DEFAULT_AVG_PROMPT_LEN, args.avg_output_len or DEFAULT_AVG_OUTPUT_LEN,
+            "ShareGPT defaults")
+
+
+def config_doc(est: Estimator, size: int, names: list[str], mps: dict[str, list[int]], workload_file: str | None,
+               write_kv_bytes: bool) -> dict:
+    """A model_config document for one mesh (checked with muxserve.config before it is written)."""
+    s = est.settings
+    e = est.estimate(size, names)
+    kv_per_gpu = e.kv_bytes_per_gpu
+    doc = {
+        "num_gpus": size,
+        "max_num_seqs": max(e.max_num_seqs.values()),
+        "overload_threshold": min(10, s.overload_sm // 10),
+        "gpu_memory_utilization": max(0.001, math.floor(kv_per_gpu / (s.gpu_memory_gb * GB) * 1000) / 1000),
+    }
+    if write_kv_bytes:
+        doc["kv_cache_bytes"] = int(kv_per_gpu)
+    doc["models"] = [{"name": n, "model": est.llms[n].model, "tensor_parallel_size": size, "pipeline_parallel_size": 1,
+                      "placement": [list(range(size))], "mps_percentage": mps[n], "model_dtype": s.model_dtype,
+                      "max_num_seqs": e.max_num_seqs[n]} for n in names]
+    doc["workloads"] = {"workload_file": workload_file}
+    try:
+        check_config(msgspec.convert(doc, MuxServeConfig), "placement output")
+    except (msgspec.ValidationError, ConfigError) as err:
+        raise RuntimeError(f"placement produced an invalid model config: {err}") from None
+    return doc
+
+
+def write_outputs(out: Path, prefix: str, est: Estimator, placement: Placement, workload_file: str | None,
+                  write_kv_bytes: bool) -> dict:
+    written: dict[str, list[str]] = {"muxserve": [], "temporal": [], "spatial": []}
+
+    def dump(kind: str, name: str, doc: dict) -> str:
+        path = out / kind / f"{prefix}_{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
+        written[kind].append(str(path.relative_to(out)))
+        return str(path.relative_to(out))
+
+    meshes = []
+    for i, mesh in enumerate(placement.meshes):
+        if not mesh.llms:
+            continue
+        mux = {n: [est.candidates[n][mesh.size].prefill_sm, est.candidates[n][mesh.size].decode_sm] for n in mesh.llms}
+        tag = f"mesh{i}_n{mesh.size}"
+        config = dump("muxserve", tag, config_doc(est, mesh.size, mesh.llms, mux, workload_file, write_kv_bytes))
+        dump("temporal", tag, config_doc(est, mesh.size, mesh.llms, dict.fromkeys(mesh.llms, BASELINE_MPS),
+                                         workload_file, write_kv_bytes))
+        meshes.append({"mesh": i, "node": mesh.node, "devices": list(mesh.devices), "num_gpus": mesh.size,
+                       "config": config, "expected_tpt": round(mesh.served, 4),
+                       "kv_gb_per_gpu": round(mesh.estimate.kv_bytes_per_gpu / GB, 3), "llms": mesh.llms})
+    spatial = []
+    for name in est.llms:
+        size = spatial_size(est, name)
+        config = dump("spatial", f"{name}_n{size}", config_doc(est, size, [name], {name: BASELINE_MPS},
+                                                              workload_file, write_kv_bytes))
+        spatial.append({"llm": name, "num_gpus": size, "config": config,
+                        "expected_tpt": round(est.estimate(size, [name]).served, 4)})
+    total_rate = sum(m.rate for m in est.llms.values())
+    return {
+        "method": placement.method,
+        "mesh_group": [list(split) for split in placement.group],
+        "expected_tpt": round(placement.served, 4),
+        "total_rate": total_rate,
+        "served_fraction": round(placement.served / total_rate, 4) if total_rate else 1.0,
+        "meshes": meshes,
+        "llms": summary_rows(est, placement),
+        "spatial": spatial,
+        "spatial_num_gpus": sum(s["num_gpus"] for s in spatial),
+        "files": written,
+    }
+
+
+def summary_rows(est: Estimator, placement: Placement) -> list[dict]:
+    """One row per placed LLM: where it runs, its rate, estimate, SM shares and batch sizes."""
+    rows = []
+    for i, mesh in enumerate(placement.meshes):
+        for name in mesh.llms:
+            llm, cand, e = est.llms[name], est.candidates[name][mesh.size], mesh.estimate
+            rows.append({"mesh": i, "node": mesh.node, "devices": list(mesh.devices), "llm": name, "model": llm.model,
+                         "rate": llm.rate, "expected_tpt": round(e.throughputs[name], 4),
+                         "mps_percentage": [cand.prefill_sm, cand.decode_sm], "batch_size": e.batch_sizes[name],
+                         "max_num_seqs": e.max_num_seqs[name],
+                         "weights_gb": round(llm.weight_bytes(est.settings.model_dtype) / GB, 3)})
+    return rows
+
+
+def table_text(rows: list[dict]) -> str:
+    head = "| mesh | node | GPUs | LLM | model | rate | est. req/s | SM % [prefill, decode] | batch | max seqs |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['mesh']} | {r['node']} | {r['devices']} | {r['llm']} | {r['model']} | {r['rate']:g} | "
+                     f"{r['expected_tpt']:.3f} | {r['mps_percentage']} | {r['batch_size']} | {r['max_num_seqs']} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m muxserve.muxsched.placement", description=__doc__)
+    p.add_argument("--model-yaml", required=True, help="models.yaml: cluster and LLMs with rates")
+    p.add_argument("--cost-file", required=True, help="cost table of python -m muxserve.muxsched.profile")
+    p.add_argument("--output-dir", required=True, help="folder for the YAMLs and placement.json")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that has files")
+    p.add_argument("--workload-file", default=None,
+                   help="workload JSON: average lengths come from it, and the YAMLs point to it")
+    p.add_argument("--avg-prompt-len", type=float, default=None)
+    p.add_argument("--avg-output-len", type=float, default=None)
+    p.add_argument("--method", choices=("greedy", "ilp"), default="greedy",
+                   help="greedy (Algorithm 1) or the exact integer program (needs pulp; small clusters)")
+    p.add_argument("--compare-ilp", action="store_true", help="also solve exactly and report the greedy's gap")
+    p.add_argument("--no-local-search", action="store_true", help="the greedy alone (Algorithm 1), as in the original")
+    d = PlacementSettings()
+    g = p.add_argument_group("hardware and cost model")
+    g.add_argument("--gpu-memory-gb", type=float, default=d.gpu_memory_gb, help="memory of one GPU")
+    g.add_argument("--memory-fraction", type=float, default=d.memory_fraction)
+    g.add_argument("--reserve-gb", type=float, default=d.reserve_gb, help="per LLM and GPU: activations, processes")
+    g.add_argument("--overload-sm", type=int, default=d.overload_sm,
+                   help="decode SM %% of a mesh may add up to 100 + this (CPU tables with only 100 %%: use e.g. 200)")
+    g.add_argument("--max-decode-sm", type=int, default=d.max_decode_sm)
+    g.add_argument("--prefill-sm", type=int, default=None, help="default: 80 up to 10B parameters, 90 up to 20B, else 100")
+    g.add_argument("--model-dtype", choices=("fp16", "bf16", "fp32"), default=d.model_dtype)
+    g.add_argument("--decode-overhead-ms", type=float, default=0.0, help="scheduling cost per sequence and decode step")
+    g.add_argument("--write-kv-bytes", action="store_true", help="also write kv_cache_bytes (the pool size; CPU runs)")
+    return p.parse_args(argv)
+
+
+def run(args) -> dict:
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise InputError(f"output folder {out} is not empty; pass --overwrite to write into it")
+    models = load_models_file(args.model_yaml)
+    prompt_len, output_len, source = average_lengths(args, models)
+    costs = CostModel(load_cost_table(args.cost_file), prompt_len, output_len, args.decode_overhead_ms / 1000)
+    settings = PlacementSettings(args.gpu_memory_gb, args.memory_fraction, args.reserve_gb, args.overload_sm,
+                                 args.max_decode_sm, args.prefill_sm, args.model_dtype)
+    est = Estimator(describe_llms(models.models, costs, args.model_dtype), costs, settings)
+    greedy = optimize(est, models.nnodes, models.ngpus_per_node, refine=not args.no_local_search)
+    exact = None
+    if args.method == "ilp" or args.compare_ilp:
+        from muxserve.muxsched.placement_ilp import ilp_place
+
+        exact = ilp_place(est, models.nnodes, models.ngpus_per_node)
+    chosen = exact if args.method == "ilp" and exact is not None else greedy
+    summary = write_outputs(out, Path(args.model_yaml).stem, est, chosen, args.workload_file, args.write_kv_bytes)
+    summary.update({"model_yaml": args.model_yaml, "cost_file": args.cost_file, "avg_prompt_len": round(prompt_len, 3),
+                    "avg_output_len": round(output_len, 3), "avg_lengths_from": source,
+                    "greedy_tpt": round(greedy.served, 4)})
+    if exact is not None:
+        summary["ilp_tpt"] = round(exact.served, 4)
+        summary["greedy_gap"] = round(1 - greedy.served / exact.served, 6) if exact.served > 0 else 0.0
+    (out / "placement.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = parse_args(argv)
+        summary = run(args)
+    except (InputError, WorkloadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table_text(summary["llms"]))
+    line = (f"mesh group {summary['mesh_group']}: {summary['expected_tpt']:.3f} of {summary['total_rate']:g} req/s "
+            f"served ({summary['method']}); average lengths {summary['avg_prompt_len']:g}/{summary['avg_output_len']:g} "
+            f"from {summary['avg_lengths_from']}")
+    if "ilp_tpt" in summary:
+        line += f"; exact optimum {summary['ilp_tpt']:.3f} (greedy gap {summary['greedy_gap']:.2%})"
+    print(line)
+    print(f"wrote {len(summary['files']['muxserve'])} MuxServe, {len(summary['files']['temporal'])} temporal and "
+          f"{len(summary['files']['spatial'])} spatial configs and placement.json to {args.output_dir}")
+    return 0
