@@ -71,7 +71,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -121,7 +122,9 @@ class LLMEngine:
         backend = select_backend(config.attention_backend, self.device)
         attention = make_attention(backend, self.pool.view(self.layout), self.spec.num_heads,
                                    self.spec.num_kv_heads, self.spec.head_dim)
-        self.runner = ModelRunner(self.model, self.layout, attention, self.device)
+        self.backend = backend
+        self.runner = ModelRunner(self.model, self.layout, attention, self.device, max_num_seqs=config.max_num_seqs,
+                                  max_model_len=self.max_model_len, cuda_graphs=not config.enforce_eager)
         batched = config.max_num_batched_tokens or max(2048, self.max_model_len)
         self.scheduler = Scheduler(self.allocator, self.model_name, config.max_num_seqs, batched)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids) | _generation_eos(self.folder)
@@ -170,7 +173,10 @@ class LLMEngine:
         if step is None:
             return []
         tokens = self.runner.step(step.seqs, step.is_prefill)
-        return self.scheduler.finish_step(step, tokens)
+        finished = self.scheduler.finish_step(step, tokens)
+        if finished:
+            self.runner.release([s.seq_id for s in finished])
+        return finished
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()

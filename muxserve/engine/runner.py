@@ -5,66 +5,139 @@ from __future__ import annotations
 import torch
 
 from muxserve.engine.attention import AttentionMetadata
+from muxserve.engine.attention.page_table import PageTables
 from muxserve.engine.kv_cache import KVLayout
 from muxserve.engine.sampler import sample
 from muxserve.engine.sequence import Sequence
 
 
-class ModelRunner:
-    """Owns the device tensors of one model: its weights and its view of the KV pool."""
+def _key(seq) -> str:
+    key = getattr(seq, "seq_id", None)
+    # Without an id, the page list object itself names the request (the table keeps it alive).
+    return key if key is not None else f"@{id(seq.pages)}"
 
-    def __init__(self, model: torch.nn.Module, layout: KVLayout, attention, device: torch.device):
+
+def _last_token(seq) -> int:
+    out = getattr(seq, "output_token_ids", None)  # Sequence: skip building prompt + output
+    return out[-1] if out else seq.token_ids[-1]
+
+
+class ModelRunner:
+    """Owns the device tensors of one model: its weights and its view of the KV pool.
+
+    Page tables live on the device (``PageTables``) and grow by the pages each step adds. With
+    ``cuda_graphs`` (CUDA and a backend that supports it), decode steps of up to
+    ``max_num_seqs`` sequences replay captured graphs padded to a few batch sizes.
+    """
+
+    def __init__(self, model: torch.nn.Module, layout: KVLayout, attention, device: torch.device, *,
+                 max_num_seqs: int = 256, max_model_len: int | None = None, cuda_graphs: bool = False):
         self.model = model
         self.layout = layout
         self.attention = attention
-        self.device = device
+        self.device = torch.device(device)
+        if getattr(attention, "name", "") == "triton" and hasattr(model, "fused_ops"):
+            model.fused_ops = True  # Triton RMSNorm, residual add and SiLU*mul in the decoder layers
+        max_tokens = max_model_len or getattr(getattr(model, "spec", None), "max_position_embeddings", 4096)
+        self.tables = PageTables.for_limits(layout, self.device, max_num_seqs, max_tokens)
+        self._needs_block_tables = getattr(attention, "needs_block_tables", True)
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda" and getattr(attention, "supports_cuda_graphs", False):
+            from muxserve.engine.cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, attention, self.tables, self.device, max_num_seqs)
+
+    def release(self, seq_ids) -> None:
+        """Drop the page tables of finished or aborted sequences."""
+        self.tables.release(seq_ids)
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """Run one step over ``seqs`` (their pages already allocated) and return one token each."""
+        params = [s.params for s in seqs]
+        if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs)):
+            host, _ = self._host_inputs(seqs, False)
+            logits = self.graphs.run(host)
+            return sample(logits, params, [s.generator for s in seqs])
         input_ids, positions, meta, last_index = self._prepare(seqs, is_prefill)
         hidden = self.model(input_ids, positions, self.attention, meta)  # (N, hidden)
         logits = self.model.compute_logits(hidden[last_index])  # (B, vocab)
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        return sample(logits, params, [s.generator for s in seqs])
+
+    def _host_inputs(self, seqs, is_prefill: bool):
+        """Update the page tables; pack the step's integers into one host tensor.
+
+        Returns (host, query_lens). Rows of ``host`` (int64): for decode a (4, B) block
+        [token ids, positions, slots, seq_lens]; for prefill the flat concatenation
+        [tokens (N), positions (N), token slots (N), seq_lens (B), slots (B), cu (B+1), last (B)].
+        """
+        T = self.layout.page_tokens
+        seq_lens = [s.num_tokens for s in seqs]
+        num_blocks = [-(-n // T) for n in seq_lens]
+        slots = self.tables.update([_key(s) for s in seqs], [s.pages for s in seqs], num_blocks)
+        lens = torch.tensor(seq_lens, dtype=torch.int64)
+        slot_t = torch.tensor(slots, dtype=torch.int64)
+        if not is_prefill:
+            tokens = torch.tensor([_last_token(s) for s in seqs], dtype=torch.int64)
+            return torch.stack([tokens, lens - 1, slot_t, lens]), None
+        tokens: list[int] = []
+        for s in seqs:
+            tokens.extend(s.token_ids)
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+        torch.cumsum(lens, 0, out=cu[1:])
+        positions = torch.arange(len(tokens), dtype=torch.int64) - torch.repeat_interleave(cu[:-1], lens)
+        token_slots = torch.repeat_interleave(slot_t, lens)
+        host = torch.cat([torch.tensor(tokens, dtype=torch.int64), positions, token_slots, lens, slot_t, cu, cu[1:] - 1])
+        return host, seq_lens
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _prepare(self, seqs: list[Sequence], is_prefill: bool):
         layout = self.layout
-        T, L, H = layout.page_tokens, layout.num_layers, layout.num_kv_heads
-        tokens: list[int] = []
-        positions: list[int] = []
-        query_lens: list[int] = []
-        seq_lens = [s.num_tokens for s in seqs]
-        for s in seqs:
-            if is_prefill:
-                tokens.extend(s.token_ids)
-                positions.extend(range(s.num_tokens))
-                query_lens.append(s.num_tokens)
-            else:
-                tokens.append(s.token_ids[-1])
-                positions.append(s.num_tokens - 1)
-                query_lens.append(1)
-        num_blocks = [layout.num_blocks(n) for n in seq_lens]
-        for s, nb in zip(seqs, num_blocks):
-            if len(s.pages) < nb * layout.pages_per_block:
-                raise RuntimeError(f"sequence {s.seq_id} holds {len(s.pages)} pages, needs {nb * layout.pages_per_block}")
-        tables = torch.zeros(len(seqs), max(num_blocks), L, H, dtype=torch.int64)  # (B, MB, L, H)
-        for i, (s, nb) in enumerate(zip(seqs, num_blocks)):
-            tables[i, :nb] = torch.tensor(s.pages[: nb * L * H], dtype=torch.int64).view(nb, L, H)
-        pos = torch.tensor(positions, dtype=torch.int64)
-        seq_index = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(query_lens))
-        write_pages = tables[seq_index, pos // T].permute(1, 0, 2)  # (L, N, H)
-        cu = torch.zeros(len(seqs) + 1, dtype=torch.int64)
-        cu[1:] = torch.tensor(query_lens).cumsum(0)
-        dev = self.device
+        T = layout.page_tokens
+        B = len(seqs)
+        host, _ = self._host_inputs(seqs, is_prefill)
+        dev = self._to_device(host)
+        seq_lens_list = [s.num_tokens for s in seqs]
+        if is_prefill:
+            N = (host.numel() - 4 * B - 1) // 3
+            input_ids, positions, token_slots = dev[:N], dev[N:2 * N], dev[2 * N:3 * N]
+            seq_lens, slot_ids = dev[3 * N:3 * N + B], dev[3 * N + B:3 * N + 2 * B]
+            cu = dev[3 * N + 2 * B:3 * N + 3 * B + 1]
+            last_index = dev[3 * N + 3 * B + 1:]
+            query_lens = seq_lens_list
+            host_positions = host[N:2 * N]
+        else:
+            input_ids, positions, slot_ids, seq_lens = dev[0], dev[1], dev[2], dev[3]
+            token_slots = slot_ids
+            cu = torch.arange(B + 1, dtype=torch.int64, device=self.device)
+            last_index = cu[:-1]
+            query_lens = [1] * B
+            host_positions = host[1]
+        block_tables = write_pages = write_offsets = None
+        if self._needs_block_tables:
+            slots = host[2].tolist() if not is_prefill else host[3 * N + B:3 * N + 2 * B].tolist()
+            block_tables = self.tables.gather(slots, max(layout.num_blocks(n) for n in seq_lens_list))  # (B, MB, L, H)
+            seq_index = torch.repeat_interleave(torch.arange(B), torch.tensor(query_lens)).to(self.device)
+            blocks = (host_positions // T).to(self.device)
+            write_pages = block_tables[seq_index, blocks].permute(1, 0, 2).contiguous()  # (L, N, H)
+            write_offsets = positions % T
         meta = AttentionMetadata(
             is_prefill=is_prefill,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
-            seq_lens_list=seq_lens,
-            cu_query_lens=cu.to(dev),
-            block_tables=tables.to(dev),
-            write_pages=write_pages.contiguous().to(dev),
-            write_offsets=(pos % T).to(dev),
+            seq_lens=seq_lens,
+            seq_lens_list=seq_lens_list,
+            cu_query_lens=cu,
+            block_tables=block_tables,
+            write_pages=write_pages,
+            write_offsets=write_offsets,
             page_tokens=T,
+            slot_tables=self.tables.table,
+            slot_ids=slot_ids,
+            token_slots=token_slots,
+            positions=positions,
+            max_query_len=max(query_lens, default=0),
         )
-        last_index = (cu[1:] - 1).to(dev)
-        return torch.tensor(tokens, dtype=torch.int64, device=dev), pos.to(dev), meta, last_index
+        return input_ids, positions, meta, last_index

@@ -34,6 +34,7 @@ class _StepSeq:
     pages: list[int]
     params: SamplingParams
     generator: torch.Generator | None = None
+    seq_id: str | None = None  # keys the runner's device page table of this request
 
 
 @dataclass
@@ -70,10 +71,15 @@ class Runtime:
         for req_id in job.release:
             self.pages.pop(req_id, None)
             self.params.pop(req_id, None)
+        if job.release:
+            self.runner.release(job.release)
         seqs = []
         for s in job.seqs:
             pages = self.pages.setdefault(s.req_id, [])
-            del pages[s.page_offset:]
+            if s.page_offset < len(pages):
+                # A rewritten table (recompute after preemption): a new list object tells the
+                # runner to rebuild this request's device page table instead of extending it.
+                pages = self.pages[s.req_id] = pages[: s.page_offset]
             pages.extend(s.new_pages)
             params = self.params.get(s.req_id)
             if params is None or params.seed != s.seed or params.temperature != s.temperature:
@@ -81,7 +87,7 @@ class Runtime:
                                         seed=s.seed)
                 self.params[s.req_id] = params
             seqs.append(_StepSeq(s.token_ids, s.num_tokens, pages, params,
-                                 step_generator(s.seed, s.num_output_tokens)))
+                                 step_generator(s.seed, s.num_output_tokens), s.req_id))
         tokens = self.runner.step(seqs, job.phase == "prefill")
         if self.attached.device.type == "cuda":
             torch.cuda.synchronize(self.attached.device)

@@ -45,8 +45,11 @@ class Attention(nn.Module):
         v = v.view(-1, s.num_kv_heads, s.head_dim)
         if s.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        out = attn.forward(self.layer, q, k, v, meta)  # (N, Hq, D)
+        if getattr(attn, "fuses_rotary", False):  # rotary runs inside the backend's page-write kernel
+            out = attn.forward_rotary(self.layer, q, k, v, positions, rotary, meta)  # (N, Hq, D)
+        else:
+            q, k = rotary(positions, q, k)
+            out = attn.forward(self.layer, q, k, v, meta)  # (N, Hq, D)
         return self.o_proj(out.reshape(-1, s.q_size))
 
 
@@ -75,11 +78,16 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Token ids of a flat batch (N,) -> hidden states (N, hidden); logits only where asked."""
+    """Token ids of a flat batch (N,) -> hidden states (N, hidden); logits only where asked.
+
+    ``fused_ops`` (set by the runner with the Triton backend, CUDA only) runs RMSNorm with the
+    residual add and SiLU*mul as Triton kernels; the arithmetic and its roundings are the same.
+    """
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
+        self.fused_ops = False
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
@@ -91,9 +99,26 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if self.fused_ops:
+            return self._forward_fused(x, positions, attn, meta)
         for layer in self.layers:
             x = layer(x, positions, self.rotary, attn, meta)
         return self.norm(x)
+
+    def _forward_fused(self, x, positions, attn, meta) -> torch.Tensor:
+        from muxserve.engine.attention.triton_kernels import rmsnorm, silu_mul
+
+        layers = self.layers
+        norms = [layer.input_layernorm for layer in layers[1:]] + [self.norm]
+        residual = x
+        h = rmsnorm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
+        for layer, next_norm in zip(layers, norms):
+            a = layer.self_attn(h, positions, self.rotary, attn, meta)
+            post = layer.post_attention_layernorm
+            h, residual = rmsnorm(a, post.weight, post.eps, residual)  # residual += a; h = norm(residual)
+            m = layer.mlp.down_proj(silu_mul(layer.mlp.gate_up_proj(h)))
+            h, residual = rmsnorm(m, next_norm.weight, next_norm.eps, residual)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -1,0 +1,391 @@
+#!/usr/bin/env python
+"""One-GPU engine benchmark next to the hardware's limits, with transformers as same-run baseline.
+
+For each random-weight model shape (real shapes, bf16), in one process:
+
+1. ceilings measured in this run: device-to-device copy bandwidth (bytes read + written) and a
+   bf16 8192^3 matrix product;
+2. transformers (sdpa): decode step latency per (batch, context), prefill time, and (``--e2e``)
+   offline generation of the first ``--hf-e2e-requests`` requests as one batch;
+3. muxserve (triton backend, CUDA graphs): decode step latency per (batch, context) measured as
+   wall time of ``ModelRunner.step`` (host preparation, graph replay and sampling included),
+   eager latency at a few points, prefill throughput, and (``--e2e``) offline throughput on
+   ``--e2e-requests`` ShareGPT-like requests submitted at once.
+
+Decode floor = (weight bytes read per step + KV bytes of every cached token) / copy bandwidth;
+the input embedding is not counted (a step reads B rows of it). Prefill efficiency = model FLOPs
+(2 x linear weights x tokens + causal attention) / time, next to the measured matmul peak.
+Both models hold the same weights (ours copied from the transformers model).
+
+Example: python benchmark/engine/bench_gpu.py --shape llama-3-8b --e2e --output-json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_offline import SHAPES, environment, hf_generate, make_requests  # noqa: E402
+
+from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from muxserve.engine.model_config import ModelSpec  # noqa: E402
+from muxserve.engine.models import build_model  # noqa: E402
+from muxserve.engine.models.rotary import RotaryEmbedding  # noqa: E402
+from muxserve.engine.sampling_params import SamplingParams  # noqa: E402
+from muxserve.engine.sequence import Sequence, SequenceStatus  # noqa: E402
+
+GiB = 1024**3
+DEV = "cuda"  # --device cpu: a slow dry run of the whole script (tiny shape), for checking it
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cuda_time(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Median seconds of ``fn`` timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if DEV != "cuda":
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    n = 2 * GiB if DEV == "cuda" else 2**26
+    m = 8192 if DEV == "cuda" else 512
+    a = torch.randint(0, 255, (n,), dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    t = cuda_time(lambda: b.copy_(a))
+    del a, b
+    x = torch.randn(m, m, dtype=torch.bfloat16, device=DEV)
+    y = torch.randn(m, m, dtype=torch.bfloat16, device=DEV)
+    tm = cuda_time(lambda: x @ y)
+    del x, y
+    free()
+    return {"copy_bandwidth_GBps": round(2 * n / t / 1e9, 1), "bf16_matmul_TFLOPs": round(2 * m**3 / tm / 1e12, 1)}
+
+
+def free() -> None:
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build_hf(shape: str, seed: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    family, fields = SHAPES[shape]
+    config = (LlamaConfig if family == "llama" else Qwen2Config)(**fields)
+    torch.manual_seed(seed)
+    with torch.device(DEV):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(std=0.02)
+            elif name.endswith(".bias"):
+                p.zero_()
+    folder = Path(tempfile.mkdtemp(prefix=f"muxserve-bench-{shape}-"))
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)  # config only: our engine reads shapes from it
+    return model.eval(), folder
+
+
+def ours_from_hf(hf, folder: Path):
+    spec = ModelSpec.from_folder(folder)
+    with torch.device("meta"):
+        model = build_model(spec)
+    model = model.to_empty(device=DEV).to(torch.bfloat16)
+    model.rotary = RotaryEmbedding(spec.rope, spec.head_dim, spec.max_position_embeddings).to(DEV)
+    model.load_weights((n, p.data) for n, p in hf.named_parameters())
+    return model.eval(), spec
+
+
+def weight_bytes(model, spec) -> int:
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("embed_tokens") and not spec.tie_word_embeddings:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def linear_params(spec) -> int:
+    h, q, kv, i = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
+    return spec.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * i)
+
+
+def prefill_flops(spec, lens: list[int]) -> float:
+    tokens = sum(lens)
+    attn = spec.num_layers * spec.num_heads * spec.head_dim * 2 * sum(n * n for n in lens)  # QK^T + PV, causal half
+    return 2 * linear_params(spec) * tokens + attn + 2 * len(lens) * spec.hidden_size * spec.vocab_size
+
+
+# -- transformers --------------------------------------------------------------------------------
+@torch.inference_mode()
+def hf_decode_latency(hf, batch: int, ctx: int, vocab: int, steps: int = 6) -> float | None:
+    try:
+        past = _random_cache(hf, batch, ctx)
+        nxt = torch.randint(256, vocab, (batch, 1), device=DEV)
+        times = []
+        for i in range(steps + 1):
+            sync()
+            t0 = time.perf_counter()
+            out = hf(input_ids=nxt, past_key_values=past, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            nxt.tolist()
+            if i:
+                times.append(time.perf_counter() - t0)
+            past = out.past_key_values
+        del past, out
+        return statistics.median(times)
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        free()
+
+
+def _random_cache(hf, batch: int, ctx: int):
+    """A DynamicCache holding ``ctx`` random tokens per sequence (what a prefill would leave)."""
+    from transformers import DynamicCache
+
+    cfg = hf.config
+    heads = cfg.num_key_value_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache = DynamicCache(config=cfg)
+    for layer in range(cfg.num_hidden_layers):
+        k = torch.randn(batch, heads, ctx, dim, dtype=torch.bfloat16, device=DEV)
+        cache.update(k, torch.randn_like(k), layer)
+    return cache
+
+
+@torch.inference_mode()
+def hf_prefill_time(hf, lens: list[int], vocab: int) -> float:
+    ids = torch.randint(256, vocab, (len(lens), lens[0]), device=DEV)  # equal lengths: no padding
+    return cuda_time(lambda: hf(input_ids=ids, use_cache=False, logits_to_keep=1), warmup=1, reps=3)
+
+
+# -- muxserve ------------------------------------------------------------------------------------
+class Ours:
+    def __init__(self, model, folder: Path, kv_gb: float, max_num_seqs: int):
+        config = EngineConfig(model=str(folder), dtype="bfloat16", device=DEV, kv_cache_bytes=int(kv_gb * GiB),
+                              max_num_seqs=max_num_seqs, max_model_len=4096)
+        self.engine = LLMEngine(config, model=model)
+        self.runner = self.engine.runner
+        self.engine.pool.view(self.engine.layout).normal_()  # random KV: never time on zeros
+        self._ids = 0
+
+    def make_seqs(self, lens: list[int], extra: int, vocab: int) -> list[Sequence]:
+        e = self.engine
+        seqs = []
+        for n in lens:
+            self._ids += 1
+            sid = f"bench{self._ids}"
+            params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
+            seq = Sequence(sid, torch.randint(256, vocab, (n,)).tolist(), params, frozenset(), None)
+            seq.pages = e.allocator.allocate(e.model_name, [(sid, n + extra)]).new_pages[sid]
+            seq.status = SequenceStatus.RUNNING
+            seqs.append(seq)
+        return seqs
+
+    def free(self, seqs):
+        ids = [s.seq_id for s in seqs]
+        self.engine.allocator.free(self.engine.model_name, ids)
+        self.runner.release(ids)
+
+    def decode_latency(self, batch: int, ctx: int, vocab: int, steps: int = 10, eager: bool = False) -> float:
+        seqs = self.make_seqs([ctx] * batch, steps + 8, vocab)
+        graphs = self.runner.graphs
+        if eager:
+            self.runner.graphs = None
+        try:
+            times = []
+            for i in range(steps + 2):
+                sync()
+                t0 = time.perf_counter()
+                tokens = self.runner.step(seqs, False)
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+                for s, t in zip(seqs, tokens):
+                    s.output_token_ids.append(t)
+            return statistics.median(times)
+        finally:
+            self.runner.graphs = graphs
+            self.free(seqs)
+
+    def prefill_time(self, lens: list[int], vocab: int) -> float:
+        seqs = self.make_seqs(lens, 0, vocab)
+        try:
+            return cuda_time(lambda: self.runner.step(seqs, True), warmup=1, reps=3)
+        finally:
+            self.free(seqs)
+
+    def e2e(self, requests) -> float:
+        e = self.engine
+        sync()
+        t0 = time.perf_counter()
+        seqs = [e.add_request(r.prompt, SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True))
+                for r in requests]
+        while e.has_unfinished():
+            e.step()
+        sync()
+        elapsed = time.perf_counter() - t0
+        if any(len(s.output_token_ids) != r.output_len for s, r in zip(seqs, requests)):
+            raise RuntimeError("wrong number of output tokens")
+        return elapsed
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--prefill", type=str, nargs="+", default=["1x2048", "8x256"],
+                   help="prefill batches as COUNTxLEN (default: %(default)s)")
+    p.add_argument("--eager-points", type=str, nargs="*", default=["1x512", "32x512"],
+                   help="decode BATCHxCTX points also timed without CUDA graphs")
+    p.add_argument("--e2e", action="store_true", help="also run offline throughput on ShareGPT-like requests")
+    p.add_argument("--e2e-requests", type=int, default=256)
+    p.add_argument("--hf-e2e-requests", type=int, default=32,
+                   help="transformers runs the first N requests as one batch (its batch size)")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--kv-cache-gb", type=float, default=36.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: dry run for checking the script")
+    p.add_argument("--output-json", type=Path)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    global DEV
+    DEV = args.device
+    result = {"benchmark": "engine_gpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": shlex.join(["python"] + sys.argv), "environment": environment(DEV),
+              "shape": args.shape, "dtype": "bfloat16"}
+
+    def save():
+        if args.output_json:
+            args.output_json.parent.mkdir(parents=True, exist_ok=True)
+            args.output_json.write_text(json.dumps(result, indent=2) + "\n")
+
+    result["ceilings"] = ceil = ceilings()
+    log(f"ceilings {ceil}")
+    save()
+    hf, folder = build_hf(args.shape, args.seed)
+    vocab = hf.config.vocab_size
+    points = [(b, c) for c in args.contexts for b in args.batches]
+    prefills = [tuple(int(x) for x in p.split("x")) for p in args.prefill]
+    ns = argparse.Namespace(num_prompts=args.e2e_requests, input_len=0, output_len=0, sharegpt_lengths=True,
+                            seed=args.seed)
+    hf_res: dict = {"decode_s": {}, "prefill_s": {}}
+    result["transformers"] = hf_res
+    if not args.skip_hf:
+        for b, c in points:
+            hf_res["decode_s"][f"{b}x{c}"] = t = hf_decode_latency(hf, b, c, vocab)
+            log(f"hf decode b={b} ctx={c}: {t}")
+            save()
+        for cnt, n in prefills:
+            hf_res["prefill_s"][f"{cnt}x{n}"] = hf_prefill_time(hf, [n] * cnt, vocab)
+        log(f"hf prefill {hf_res['prefill_s']}")
+        save()
+    model, spec = ours_from_hf(hf, folder)
+    requests = make_requests(ns, spec) if args.e2e else []
+    if args.e2e and not args.skip_hf:
+        batch = requests[: args.hf_e2e_requests]
+        pad = hf.config.eos_token_id if isinstance(hf.config.eos_token_id, int) else 0
+        hf_generate(hf, batch[:2], DEV, pad)  # warm up
+        sync()
+        t0 = time.perf_counter()
+        hf_generate(hf, batch, DEV, pad)
+        sync()
+        el = time.perf_counter() - t0
+        out_tok = sum(r.output_len for r in batch)
+        hf_res["e2e"] = {"requests": len(batch), "batch_size": len(batch), "elapsed_s": round(el, 3),
+                         "output_tokens": out_tok, "output_tokens_per_s": round(out_tok / el, 1)}
+        log(f"hf e2e {hf_res['e2e']}")
+        save()
+    del hf
+    free()
+
+    wbytes = weight_bytes(model, spec)
+    kv_per_token = spec.num_layers * spec.num_kv_heads * spec.head_dim * 2 * 2
+    ours = Ours(model, folder, args.kv_cache_gb, max(256, max(args.batches)))
+    res: dict = {"decode_s": {}, "decode_eager_s": {}, "floor_s": {}, "prefill_s": {}, "weight_bytes": wbytes,
+                 "kv_bytes_per_token": kv_per_token}
+    result["muxserve"] = res
+    bw = ceil["copy_bandwidth_GBps"] * 1e9
+    for b, c in points:
+        key = f"{b}x{c}"
+        res["decode_s"][key] = t = ours.decode_latency(b, c, vocab)
+        res["floor_s"][key] = floor = (wbytes + b * c * kv_per_token) / bw
+        log(f"ours decode b={b} ctx={c}: {t * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms, x{t / floor:.2f}")
+        save()
+    for p in args.eager_points:
+        b, c = (int(x) for x in p.split("x"))
+        res["decode_eager_s"][p] = t = ours.decode_latency(b, c, vocab, eager=True)
+        log(f"ours eager decode {p}: {t * 1e3:.2f} ms")
+    res["graph_sizes_captured"] = ours.runner.graphs.captured if ours.runner.graphs else []
+    for cnt, n in prefills:
+        key = f"{cnt}x{n}"
+        t = ours.prefill_time([n] * cnt, vocab)
+        flops = prefill_flops(spec, [n] * cnt)
+        res["prefill_s"][key] = t
+        res.setdefault("prefill_TFLOPs", {})[key] = round(flops / t / 1e12, 1)
+        res.setdefault("prefill_tokens_per_s", {})[key] = round(cnt * n / t, 1)
+        log(f"ours prefill {key}: {t * 1e3:.1f} ms, {flops / t / 1e12:.0f} TFLOP/s")
+        save()
+    if args.e2e:
+        if ours.runner.graphs is not None:
+            ours.runner.graphs.capture_all()  # capture outside the timed run, as a server does at start
+        ours.e2e(requests[:4])  # warm up
+        el = ours.e2e(requests)
+        out_tok = sum(r.output_len for r in requests)
+        res["e2e"] = {"requests": len(requests), "max_num_seqs": ours.engine.config.max_num_seqs,
+                      "elapsed_s": round(el, 3), "output_tokens": out_tok, "output_tokens_per_s": round(out_tok / el, 1),
+                      "mean_prompt_len": round(sum(len(r.prompt) for r in requests) / len(requests), 1),
+                      "mean_output_len": round(out_tok / len(requests), 1),
+                      "preemptions": ours.engine.scheduler.num_preemptions}
+        log(f"ours e2e {res['e2e']}")
+        sub = requests[: args.hf_e2e_requests]
+        el = ours.e2e(sub)
+        out_tok = sum(r.output_len for r in sub)
+        res["e2e_same_as_hf"] = {"requests": len(sub), "elapsed_s": round(el, 3),
+                                 "output_tokens_per_s": round(out_tok / el, 1)}
+        log(f"ours e2e on the transformers subset {res['e2e_same_as_hf']}")
+        save()
+    save()
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
