@@ -21,13 +21,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", required=True, help="ZeroMQ address the scheduler sends jobs on")
     p.add_argument("--results", required=True, help="ZeroMQ address results go to")
     p.add_argument("--attention-backend", default="auto", help="attention backend (default: auto)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="largest batch this runtime runs (default: 256)")
+    p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s runtime %(message)s")
     exit_with_parent()
     torch.set_num_threads(args.threads)
-    config = RuntimeConfig(args.llm, args.phase, args.flexstore, args.jobs, args.results, args.attention_backend)
+    config = RuntimeConfig(args.llm, args.phase, args.flexstore, args.jobs, args.results, args.attention_backend,
+                           args.max_num_seqs, args.enforce_eager)
     Runtime(config).serve()
     return 0
 

@@ -45,6 +45,8 @@ class RuntimeConfig:
     jobs_address: str  # PULL: the scheduler binds, we connect
     results_address: str  # PUSH: the scheduler binds, we connect
     attention_backend: str = "auto"
+    max_num_seqs: int = 256  # the largest decode batch (sizes the page table and CUDA graphs)
+    enforce_eager: bool = False  # no CUDA graphs
 
     @property
     def name(self) -> str:
@@ -65,7 +67,10 @@ class Runtime:
         backend = select_backend(self.config.attention_backend, a.device)
         attention = make_attention(backend, a.pool.view(a.layout), a.spec.num_heads, a.spec.num_kv_heads,
                                    a.spec.head_dim)
-        self.runner = ModelRunner(a.model, a.layout, attention, a.device)
+        # Decode steps replay CUDA graphs (on GPU with the Triton backend); prefill runs eagerly.
+        graphs = self.config.phase == "decode" and not self.config.enforce_eager
+        self.runner = ModelRunner(a.model, a.layout, attention, a.device, max_num_seqs=self.config.max_num_seqs,
+                                  max_model_len=a.spec.max_position_embeddings, cuda_graphs=graphs)
 
     def run_job(self, job: M.Job) -> list[int]:
         for req_id in job.release:
