@@ -23,5 +23,10 @@ setup(
         "msgspec",
         "pyzmq",
         "tqdm",
+        "fastapi",
+        "uvicorn",
+        "prometheus-client",
+        "aiohttp",
     ],
+    entry_points={"console_scripts": ["muxserve=muxserve.serve:main"]},
 )

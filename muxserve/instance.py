@@ -136,7 +136,8 @@ class Instance:
                     pct = m.decode_percentage
                 args = ["-m", "muxserve.flexserver", "--llm", m.name, "--phase", phase.value,
                         "--flexstore", o.flexstore_address, "--jobs", f"ipc://{self.run_dir}/{i}-{phase.value}",
-                        "--results", f"ipc://{self.run_dir}/results"]
+                        "--results", f"ipc://{self.run_dir}/results",
+                        "--max-num-seqs", str(m.max_num_seqs or o.max_num_seqs or self.config.max_num_seqs)]
                 self.processes.start(f"{m.name}/{phase.value}", args, mps_env(o.mps_dir, pct))
 
     def _wait_ready(self) -> None:
@@ -203,12 +204,20 @@ class Instance:
         self.scheduler.add(req)
         return req
 
-    def poll(self, timeout_s: float) -> list[Request]:
-        """Schedule, then wait up to ``timeout_s`` for results; returns requests that finished."""
+    def abort(self, req_id: str) -> bool:
+        """Drop an unfinished request (see ``MuxScheduler.abort``); False if there is none with that id."""
+        return self.scheduler.abort(req_id)
+
+    def poll(self, timeout_s: float, wake_fd: int | None = None) -> list[Request]:
+        """Schedule, then wait up to ``timeout_s`` for results; returns requests that finished.
+
+        ``wake_fd`` (optional, readable file descriptor) ends the wait early when it becomes
+        readable; the caller drains it. The HTTP server uses it to hand over new requests at once.
+        """
         self._check_alive()
         self.scheduler.schedule()
         finished = []
-        if self._results.poll(max(0, int(timeout_s * 1000))):
+        if self._wait_results(max(0, int(timeout_s * 1000)), wake_fd):
             while True:
                 msg = M.decode_from_runtime(self._results.recv())
                 if isinstance(msg, M.Failure):
@@ -219,6 +228,14 @@ class Instance:
                     break
             self.scheduler.schedule()
         return finished
+
+    def _wait_results(self, timeout_ms: int, wake_fd: int | None) -> bool:
+        if wake_fd is None:
+            return bool(self._results.poll(timeout_ms))
+        poller = zmq.Poller()
+        poller.register(self._results, zmq.POLLIN)
+        poller.register(wake_fd, zmq.POLLIN)
+        return self._results in dict(poller.poll(timeout_ms))
 
     def calibrate(self) -> dict[str, BaseLatency]:
         """Measure each LLM alone at batch 1: prefill at a few prompt lengths, then decode steps.

@@ -20,14 +20,16 @@ import msgspec
 from tqdm import tqdm
 
 from muxserve.config import ConfigError, MuxServeConfig, load_config
-from muxserve.engine.kv_cache import KVLayout
-from muxserve.engine.llm_engine import parse_dtype
-from muxserve.engine.model_config import ModelSpec
-from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.sampling_params import SamplingParams
-from muxserve.instance import Instance, InstanceOptions
+from muxserve.instance import Instance
+from muxserve.instance_cli import (
+    add_instance_arguments,
+    check_instance_args,
+    instance_options,
+    planned_max_tokens,
+    resolve_device,
+)
 from muxserve.muxsched.launcher import ChildDied
-from muxserve.muxsched.policy import POLICIES, get_policy
 from muxserve.muxsched.stats import format_stats, summarize_run
 from muxserve.muxsched.workload import Workload, WorkloadError, load_workload
 
@@ -46,68 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.distributed port of rank 0 (default: 29500)")
     g.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=None,
                    help="GPUs of this mesh; must equal num_gpus of the config on GPU (default: num_gpus)")
-    g = p.add_argument_group("addresses")
     g.add_argument("--server-port", type=int, default=50060,
                    help="base port of the runtimes' torch.distributed groups (default: 50060)")
-    g.add_argument("--flexstore-port", type=int, default=50051, help="FlexStore's TCP port on 127.0.0.1 (default: 50051)")
     g = p.add_argument_group("run")
     g.add_argument("--workload-file", help="workload JSON to replay (default: workloads.workload_file of the config)")
     g.add_argument("--split-by-model", help="serve only this LLM of the config and its requests (spatial partitioning)")
-    g.add_argument("--mps-dir", help="MPS directory given to scripts/start_mps.sh; runtimes then run under MPS "
-                                     "with their mps_percentage (without it they time-share the GPU)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where models run (default: cuda if available, else cpu)")
     g.add_argument("--stats-file", help="write per-request records (with output token ids) and the summary as JSON")
-    g.add_argument("--log-dir", default="log/vllm_proc",
-                   help="folder for the logs of FlexStore and each runtime (default: log/vllm_proc)")
     g.add_argument("--no-slo", action="store_true", help="skip measuring each LLM alone (no SLO attainment figures)")
-    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    g = p.add_argument_group("scheduler")
-    g.add_argument("--schedule-approach", choices=list(POLICIES), default="adbs",
-                   help="adbs (MuxServe), fcfs (temporal multiplexing), roundrobin, fix, fix-adbs (default: adbs)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="prompt tokens in one prefill job at most (default: 2048)")
-    g.add_argument("--block-size", type=int, default=None,
-                   help="tokens per KV page for the LLM with the widest K/V; sets the page size "
-                        "(default: 16 KiB pages, e.g. 32 tokens of 128-dim bf16)")
-    g.add_argument("--max-num-seqs", type=int, default=None,
-                   help="sequences per LLM at most; overrides the config's instance-wide max_num_seqs")
+    add_instance_arguments(p)
     return p
-
-
-def page_bytes_for(config: MuxServeConfig, block_size: int | None) -> int:
-    """16 KiB by default; with --block-size, the page that holds that many tokens of the widest LLM."""
-    specs = {m.name: (ModelSpec.from_folder(resolve_model(m.model)), parse_dtype(m.torch_dtype_name))
-             for m in config.models}
-    if block_size is None:
-        page = 16 * 1024
-    else:
-        if block_size < 1:
-            raise ConfigError(f"--block-size must be >= 1, got {block_size}")
-        widest = max(spec.head_dim * dtype.itemsize for spec, dtype in specs.values())
-        page = block_size * 2 * widest
-    for name, (spec, dtype) in specs.items():
-        try:
-            KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, page)
-        except ValueError as e:
-            raise ConfigError(f"LLM {name!r}: {e}") from None
-    return page
-
-
-def planned_max_tokens(config: MuxServeConfig, page_bytes: int, device: str) -> dict[str, int] | None:
-    """Tokens one request of each LLM can hold with the whole pool, known before start on CPU."""
-    if config.kv_cache_bytes is None and device != "cpu":
-        return None  # sized from the GPU's memory by FlexStore at start
-    from muxserve.flexstore.config import DEFAULT_CPU_KV_BYTES
-
-    pages = (config.kv_cache_bytes or DEFAULT_CPU_KV_BYTES) // page_bytes
-    out = {}
-    for m in config.models:
-        spec = ModelSpec.from_folder(resolve_model(m.model))
-        layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, parse_dtype(m.torch_dtype_name),
-                          page_bytes)
-        out[m.name] = pages // layout.pages_per_block * layout.page_tokens
-    return out
 
 
 def check_requests_fit(workload: Workload, max_tokens: dict[str, int], source: str) -> None:
@@ -123,17 +72,7 @@ def check_args(args, config: MuxServeConfig, device: str) -> None:
     if device == "cuda" and args.nproc_per_node is not None and args.nproc_per_node != config.num_gpus:
         raise ConfigError(f"--nproc_per_node {args.nproc_per_node} differs from num_gpus {config.num_gpus} "
                           f"in {args.model_config}")
-    for m in config.models:
-        if m.tensor_parallel_size * m.pipeline_parallel_size > 1:
-            raise ConfigError(f"{args.model_config}: LLM {m.name!r} asks for tensor_parallel_size "
-                              f"{m.tensor_parallel_size} x pipeline_parallel_size {m.pipeline_parallel_size}; "
-                              "meshes of one device only are supported by this version")
-    if args.mps_dir and device != "cuda":
-        raise ConfigError("--mps-dir needs a CUDA device (MPS partitions GPU SMs)")
-    if args.max_num_batched_tokens < 1:
-        raise ConfigError(f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}")
-    if args.max_num_seqs is not None and args.max_num_seqs < 1:
-        raise ConfigError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    check_instance_args(args, config, device, args.model_config)
 
 
 def select(config: MuxServeConfig, workload: Workload, split_by_model: str | None, source: str):
@@ -185,19 +124,9 @@ def run(args) -> int:
         raise ConfigError(f"no workload: give --workload-file or workloads.workload_file in {args.model_config}")
     workload = load_workload(workload_path)
     config, workload = select(config, workload, args.split_by_model, workload_path)
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     check_args(args, config, device)
-    options = InstanceOptions(
-        policy=get_policy(args.schedule_approach), device=device,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        page_bytes=page_bytes_for(config, args.block_size), mps_dir=args.mps_dir,
-        flexstore_address=f"tcp://127.0.0.1:{args.flexstore_port}", log_dir=Path(args.log_dir),
-        rates=workload.rates(), avg_seq_len=average_seq_len(workload),
-    )
+    options = instance_options(args, config, device, rates=workload.rates(), avg_seq_len=average_seq_len(workload))
     planned = planned_max_tokens(config, options.page_bytes, device)
     if planned is not None:
         check_requests_fit(workload, planned, workload_path)

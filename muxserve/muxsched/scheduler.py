@@ -65,11 +65,21 @@ class _Inflight:
     units: list[int]
 
 
+TokenCallback = Callable[[Request, int], None]
+
+
 class MuxScheduler:
+    """ADBS and its baselines over the LLMs of one instance.
+
+    ``on_token(request, token)``, when set, is called for every token a result brings, after the
+    request took it (``finish_reason`` and ``end`` are set when it was the last one): the HTTP
+    server streams from it. Aborted requests get no more calls.
+    """
+
     def __init__(self, llms: list[LLMInfo], allocator, links: dict[tuple[str, Phase], RuntimeLink],
                  policy: SchedulePolicy, max_num_batched_tokens: int, overload_threshold: int,
                  quota: QuotaManager | None = None, clock: Callable[[], float] | None = None,
-                 adapt_interval: float = 8.0):
+                 adapt_interval: float = 8.0, on_token: TokenCallback | None = None):
         if policy.quota is not QuotaMode.NONE and quota is None:
             raise ValueError(f"schedule approach {policy.name!r} needs a QuotaManager")
         self.llms = {info.name: _LLMState(info) for info in llms}
@@ -90,6 +100,8 @@ class MuxScheduler:
         self.busy: set[tuple[str, Phase]] = set()
         self.num_preemptions = 0
         self.finished: list[Request] = []
+        self.on_token = on_token
+        self._aborting: set[str] = set()  # aborted while inside an in-flight job
 
     # -- requests in and out ----------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -115,8 +127,13 @@ class MuxScheduler:
             raise RuntimeError(f"runtime {result.runtime} returned {len(result.tokens)} tokens "
                                f"for {len(job.requests)} requests")
         now = self.clock()
-        done = []
+        done, aborted = [], []
         for req, token in zip(job.requests, result.tokens):
+            if req.req_id in self._aborting:  # its token is dropped
+                self._aborting.discard(req.req_id)
+                req.finish_reason, req.end = "abort", now
+                aborted.append(req)
+                continue
             req.output_token_ids.append(token)
             if req.prefill_end is None:
                 req.prefill_end = now
@@ -126,14 +143,48 @@ class MuxScheduler:
                 done.append(req)
             else:
                 state.running.append(req)
-        if done:
-            self.allocator.free(job.llm, [r.req_id for r in done])
-            for phase in Phase:
-                state.release[phase].extend(r.req_id for r in done)
-            for s in self.llms.values():  # pages came back: every LLM may try again
-                s.wait_for_cache = False
-            self.finished.extend(done)
+            if self.on_token is not None:
+                self.on_token(req, token)
+        self._release(state, done + aborted)
+        self.finished.extend(done)
         return done
+
+    def abort(self, req_id: str) -> bool:
+        """Drop an unfinished request wherever it is; False when no unfinished request has ``req_id``.
+
+        Waiting: it leaves its queue (it holds no pages). Running between steps: its pages go back
+        to the allocator now and both runtimes drop it with their next job. Inside an in-flight
+        job: the same happens when that job's result comes back (its token is discarded). Its
+        ``finish_reason`` becomes ``abort``; it never appears in ``finished``.
+        """
+        now = self.clock()
+        for state in self.llms.values():
+            for req in state.waiting:
+                if req.req_id == req_id:
+                    state.waiting.remove(req)
+                    req.finish_reason, req.end = "abort", now
+                    return True
+            for req in state.running:
+                if req.req_id == req_id:
+                    state.running.remove(req)
+                    req.finish_reason, req.end = "abort", now
+                    self._release(state, [req])
+                    return True
+        for job in self.inflight.values():
+            if any(r.req_id == req_id for r in job.requests):
+                self._aborting.add(req_id)
+                return True
+        return False
+
+    def _release(self, state: _LLMState, requests: list[Request]) -> None:
+        """Requests that left for good: free their pages; runtimes drop them with their next job."""
+        if not requests:
+            return
+        self.allocator.free(state.info.name, [r.req_id for r in requests])
+        for phase in Phase:
+            state.release[phase].extend(r.req_id for r in requests)
+        for s in self.llms.values():  # pages came back: every LLM may try again
+            s.wait_for_cache = False
 
     # -- the scheduling step ----------------------------------------------------------------
     def schedule(self) -> int:

@@ -1,0 +1,116 @@
+"""Command-line pieces shared by the launcher (``muxserve.launch``) and the server (``muxserve.serve``).
+
+Both start one :class:`~muxserve.instance.Instance` from a model_config YAML and the same flags:
+where FlexStore listens, MPS, device, logs, the schedule approach and its limits, the page size.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from muxserve.config import ConfigError, MuxServeConfig
+from muxserve.engine.kv_cache import KVLayout
+from muxserve.engine.llm_engine import parse_dtype
+from muxserve.engine.model_config import ModelSpec
+from muxserve.engine.model_hub import resolve_model
+from muxserve.instance import InstanceOptions
+from muxserve.muxsched.policy import POLICIES, get_policy
+
+
+def add_instance_arguments(parser: argparse.ArgumentParser, default_log_dir: str = "log/vllm_proc") -> None:
+    """The flags that shape an instance, in three groups: addresses, run, scheduler."""
+    g = parser.add_argument_group("instance")
+    g.add_argument("--flexstore-port", type=int, default=50051,
+                   help="FlexStore's TCP port on 127.0.0.1 (default: 50051)")
+    g.add_argument("--mps-dir", help="MPS directory given to scripts/start_mps.sh; runtimes then run under MPS "
+                                     "with their mps_percentage (without it they time-share the GPU)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where models run (default: cuda if available, else cpu)")
+    g.add_argument("--log-dir", default=default_log_dir,
+                   help=f"folder for the logs of FlexStore and each runtime (default: {default_log_dir})")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g = parser.add_argument_group("scheduler")
+    g.add_argument("--schedule-approach", choices=list(POLICIES), default="adbs",
+                   help="adbs (MuxServe), fcfs (temporal multiplexing), roundrobin, fix, fix-adbs (default: adbs)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="prompt tokens in one prefill job at most (default: 2048)")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV page for the LLM with the widest K/V; sets the page size "
+                        "(default: 16 KiB pages, e.g. 32 tokens of 128-dim bf16)")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences per LLM at most; overrides the config's instance-wide max_num_seqs")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_instance_args(args: argparse.Namespace, config: MuxServeConfig, device: str, source: str) -> None:
+    """Refuse, before anything starts, what this version cannot run (ConfigError naming the value)."""
+    for m in config.models:
+        if m.tensor_parallel_size * m.pipeline_parallel_size > 1:
+            raise ConfigError(f"{source}: LLM {m.name!r} asks for tensor_parallel_size "
+                              f"{m.tensor_parallel_size} x pipeline_parallel_size {m.pipeline_parallel_size}; "
+                              "meshes of one device only are supported by this version")
+    if args.mps_dir and device != "cuda":
+        raise ConfigError("--mps-dir needs a CUDA device (MPS partitions GPU SMs)")
+    if args.max_num_batched_tokens < 1:
+        raise ConfigError(f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}")
+    if args.max_num_seqs is not None and args.max_num_seqs < 1:
+        raise ConfigError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    if not 1 <= args.flexstore_port <= 65535:
+        raise ConfigError(f"--flexstore-port must be a TCP port (1-65535), got {args.flexstore_port}")
+
+
+def page_bytes_for(config: MuxServeConfig, block_size: int | None) -> int:
+    """16 KiB by default; with --block-size, the page that holds that many tokens of the widest LLM."""
+    specs = {m.name: (ModelSpec.from_folder(resolve_model(m.model)), parse_dtype(m.torch_dtype_name))
+             for m in config.models}
+    if block_size is None:
+        page = 16 * 1024
+    else:
+        if block_size < 1:
+            raise ConfigError(f"--block-size must be >= 1, got {block_size}")
+        widest = max(spec.head_dim * dtype.itemsize for spec, dtype in specs.values())
+        page = block_size * 2 * widest
+    for name, (spec, dtype) in specs.items():
+        try:
+            KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, page)
+        except ValueError as e:
+            raise ConfigError(f"LLM {name!r}: {e}") from None
+    return page
+
+
+def planned_max_tokens(config: MuxServeConfig, page_bytes: int, device: str) -> dict[str, int] | None:
+    """Tokens one request of each LLM can hold with the whole pool, known before start on CPU."""
+    if config.kv_cache_bytes is None and device != "cpu":
+        return None  # sized from the GPU's memory by FlexStore at start
+    from muxserve.flexstore.config import DEFAULT_CPU_KV_BYTES
+
+    pages = (config.kv_cache_bytes or DEFAULT_CPU_KV_BYTES) // page_bytes
+    out = {}
+    for m in config.models:
+        spec = ModelSpec.from_folder(resolve_model(m.model))
+        layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, parse_dtype(m.torch_dtype_name),
+                          page_bytes)
+        out[m.name] = pages // layout.pages_per_block * layout.page_tokens
+    return out
+
+
+def instance_options(args: argparse.Namespace, config: MuxServeConfig, device: str,
+                     rates: dict[str, float] | None = None, avg_seq_len: int | None = None) -> InstanceOptions:
+    """InstanceOptions from the shared flags; ``rates``/``avg_seq_len`` size the initial ADBS quotas."""
+    extra = {} if avg_seq_len is None else {"avg_seq_len": avg_seq_len}
+    return InstanceOptions(
+        policy=get_policy(args.schedule_approach), device=device,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        page_bytes=page_bytes_for(config, args.block_size), mps_dir=args.mps_dir,
+        flexstore_address=f"tcp://127.0.0.1:{args.flexstore_port}", log_dir=Path(args.log_dir),
+        rates=dict(rates or {}), **extra,
+    )

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP frontend of one MuxServe instance (see ``muxserve.serve``)."""

@@ -1,0 +1,325 @@
+"""The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions,
+/health, /version and /metrics.
+
+Handlers run on the event loop and talk to the engine thread only through the EngineDriver.
+A generation yields one delta per generated token (streams flush each as its own SSE chunk,
+which is what TTFT/ITL benchmarks measure); a client that goes away aborts its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import anyio
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import StreamingResponse
+
+import muxserve
+from muxserve.server import prompts
+from muxserve.server.detokenizer import IncrementalDetokenizer
+from muxserve.server.driver import EngineDriver, ErrorEvent, RequestHandle, ServedModel
+from muxserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from muxserve.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _GenerationRequest
+
+_json = msgspec.json.Encoder()
+
+
+@dataclass
+class ServerState:
+    """What the handlers share; touched on the event loop only."""
+
+    models: dict[str, ServedModel]
+    driver: EngineDriver
+    metrics: ServerMetrics
+    draining: bool = False  # SIGTERM: new requests get 503 while the running ones finish
+    active: int = 0  # generations in progress
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down")
+        if not self.driver.alive:
+            raise ApiError(503, "the engine is not running")
+
+
+@dataclass
+class Delta:
+    text: str
+    token_id: int
+    finish_reason: str | None
+    stop_reason: str | None = None
+
+
+@dataclass
+class Generation:
+    """One request on its way through the engine."""
+
+    model: ServedModel
+    prompt_token_ids: list[int]
+    handle: RequestHandle
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+
+    def usage(self) -> dict[str, int]:
+        n, m = len(self.prompt_token_ids), len(self.token_ids)
+        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(_json.encode(obj), status_code=status, media_type="application/json")
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + _json.encode(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+# -- running a generation ------------------------------------------------------------------------
+def start_generation(state: ServerState, body: _GenerationRequest, model: ServedModel, prompt_ids: list[int],
+                     max_tokens: int | None, prompt_field: str) -> Generation:
+    params = prompts.sampling_params(body, model, len(prompt_ids), max_tokens, prompt_field)
+    stop = prompts.stop_strings(body)
+    detok = IncrementalDetokenizer(model.tokenizer, prompt_ids, stop)
+    return Generation(model, prompt_ids, RequestHandle(model.name, prompt_ids, params), detok)
+
+
+async def run(state: ServerState, gen: Generation) -> AsyncIterator[Delta]:
+    """Submit, then yield one Delta per token until the request ends. Leaving early aborts it."""
+    state.active += 1
+    state.driver.submit(gen.handle)
+    try:
+        while True:
+            event = await gen.handle.events.get()
+            if isinstance(event, ErrorEvent):
+                gen.handle.closed = True
+                raise ApiError(event.status, event.message, event.param)
+            gen.token_ids.append(event.token)
+            text = gen.detokenizer.add(event.token)
+            if gen.detokenizer.stopped:
+                gen.finish_reason, gen.stop_reason = "stop", gen.detokenizer.matched
+                state.driver.abort(gen.handle, "stop")  # the engine may still be generating it
+            elif event.finish_reason is not None:
+                gen.finish_reason = event.finish_reason
+                gen.handle.closed = True
+                text += gen.detokenizer.flush()
+            gen.text += text
+            yield Delta(text, event.token, gen.finish_reason, gen.stop_reason)
+            if gen.finish_reason is not None:
+                return
+    finally:
+        state.active -= 1
+        state.driver.abort(gen.handle)  # no-op when it finished
+
+
+async def collect(state: ServerState, gen: Generation, request: Request) -> None:
+    """Run to the end; a client that disconnects meanwhile aborts the request."""
+
+    async def consume() -> None:
+        async with contextlib.aclosing(run(state, gen)) as deltas:
+            async for _ in deltas:
+                pass
+
+    task = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():  # the client went away (or this handler was cancelled): abort
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ApiError(499, "the client disconnected")
+    task.result()  # an ApiError from the engine goes to the client
+
+
+async def _until_disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class SSEResponse(StreamingResponse):
+    """Streams while listening for the client going away, then closes the body iterator at once
+    (so the generation is aborted now, not when the iterator is garbage-collected)."""
+
+    def __init__(self, content: AsyncIterator[bytes]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+# -- the app -------------------------------------------------------------------------------------
+def create_app(state: ServerState, lifespan=None) -> FastAPI:
+    """The API over ``state``; ``lifespan`` (an async context manager factory) runs around serving."""
+    app = FastAPI(title="MuxServe", version=muxserve.__version__, docs_url=None, redoc_url=None,
+                  lifespan=lifespan)
+    app.state.mux = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> Response:
+        return json_response(exc.body(), exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> Response:
+        return json_response(validation_error(exc).body(), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        return json_response(ApiError(exc.status_code, str(exc.detail)).body(), exc.status_code)
+
+    @app.get("/health")
+    async def health() -> Response:
+        state.check_accepting()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> Response:
+        return json_response({"version": muxserve.__version__})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        data = [{"id": m.name, "object": "model", "created": state.created, "owned_by": "muxserve",
+                 "root": m.root, "parent": None, "max_model_len": m.max_model_len, "permission": []}
+                for m in state.models.values()]
+        return json_response({"object": "list", "data": data})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        await state.driver.refresh_metrics()
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        state.check_accepting()
+        model = prompts.find_model(state.models, body.model)
+        prompt_ids = prompts.completion_prompt(body, model)
+        gen = start_generation(state, body, model, prompt_ids, body.max_tokens, "prompt")
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            return SSEResponse(completion_stream(state, gen, body, rid, created))
+        await collect(state, gen, request)
+        choice = {"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason,
+                  "stop_reason": gen.stop_reason}
+        if body.return_token_ids:
+            choice.update(prompt_token_ids=gen.prompt_token_ids, token_ids=gen.token_ids)
+        return json_response({"id": rid, "object": "text_completion", "created": created, "model": model.name,
+                              "choices": [choice], "usage": gen.usage()})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        state.check_accepting()
+        model = prompts.find_model(state.models, body.model)
+        prompt_ids = prompts.chat_prompt(body, model)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        gen = start_generation(state, body, model, prompt_ids, max_tokens, "messages")
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            return SSEResponse(chat_stream(state, gen, body, rid, created))
+        await collect(state, gen, request)
+        choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}, "logprobs": None,
+                  "finish_reason": gen.finish_reason, "stop_reason": gen.stop_reason}
+        if body.return_token_ids:
+            choice.update(token_ids=gen.token_ids)
+        out = {"id": rid, "object": "chat.completion", "created": created, "model": model.name,
+               "choices": [choice], "usage": gen.usage()}
+        if body.return_token_ids:
+            out["prompt_token_ids"] = gen.prompt_token_ids
+        return json_response(out)
+
+    return app
+
+
+async def completion_stream(state: ServerState, gen: Generation, body: CompletionRequest, rid: str,
+                            created: int) -> AsyncIterator[bytes]:
+    head = {"id": rid, "object": "text_completion", "created": created, "model": gen.model.name}
+    usage_field = {"usage": None} if body.include_usage else {}
+    try:
+        async with contextlib.aclosing(run(state, gen)) as deltas:
+            first = True
+            async for d in deltas:
+                choice = {"index": 0, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason,
+                          "stop_reason": d.stop_reason}
+                if body.return_token_ids:
+                    choice["token_ids"] = [d.token_id]
+                    if first:
+                        choice["prompt_token_ids"] = gen.prompt_token_ids
+                first = False
+                yield sse({**head, "choices": [choice], **usage_field})
+    except ApiError as exc:
+        yield sse(exc.body())
+    else:
+        if body.include_usage:
+            yield sse({**head, "choices": [], "usage": gen.usage()})
+    yield SSE_DONE
+
+
+async def chat_stream(state: ServerState, gen: Generation, body: ChatCompletionRequest, rid: str,
+                      created: int) -> AsyncIterator[bytes]:
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": gen.model.name}
+    usage_field = {"usage": None} if body.include_usage else {}
+    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    if body.return_token_ids:
+        first["prompt_token_ids"] = gen.prompt_token_ids
+    yield sse({**head, "choices": [first], **usage_field})
+    try:
+        async with contextlib.aclosing(run(state, gen)) as deltas:
+            async for d in deltas:
+                choice = {"index": 0, "delta": {"content": d.text}, "logprobs": None,
+                          "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}
+                if body.return_token_ids:
+                    choice["token_ids"] = [d.token_id]
+                yield sse({**head, "choices": [choice], **usage_field})
+    except ApiError as exc:
+        yield sse(exc.body())
+    else:
+        if body.include_usage:
+            yield sse({**head, "choices": [], "usage": gen.usage()})
+    yield SSE_DONE
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    """The first problem of a body that does not parse, as a 400 naming the field and its value."""
+    errors = exc.errors()
+    if not errors:
+        return ApiError(400, "invalid request body")
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
+    param = loc[0] if loc else None
+    if err.get("type") == "missing":
+        return ApiError(400, f"field {param!r} is required", param)
+    if param is None:
+        return ApiError(400, f"invalid request body: {err['msg']}")
+    return ApiError(400, f"invalid value for {param}: {err.get('input')!r} ({err['msg']})", param)

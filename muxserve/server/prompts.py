@@ -1,0 +1,151 @@
+"""From an API request to what the engine runs: prompt token ids and SamplingParams, checked.
+
+Every problem is an ``ApiError`` (400 or 404) whose message names the field and the value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from muxserve.engine.sampling_params import SamplingParams
+from muxserve.server.driver import ServedModel
+from muxserve.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _GenerationRequest
+
+_PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+
+
+def find_model(models: dict[str, ServedModel], name: str) -> ServedModel:
+    try:
+        return models[name]
+    except KeyError:
+        raise ApiError(404, f"The model `{name}` does not exist.", "model") from None
+
+
+def completion_prompt(body: CompletionRequest, model: ServedModel) -> list[int]:
+    prompt: Any = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise ApiError(400, f"prompt: one prompt per request is supported, got a batch of {len(prompt)}",
+                           "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(400, "prompt must not be empty", "prompt")
+        ids = list(_tokenizer(model, "prompt").encode(prompt, add_special_tokens=True))
+    else:
+        ids = list(prompt)
+    if not ids:
+        raise ApiError(400, "prompt must not be empty", "prompt")
+    bad = [t for t in ids if not 0 <= t < model.vocab_size]
+    if bad:
+        raise ApiError(400, f"prompt token ids {bad[:5]} are outside the vocabulary of `{model.name}` "
+                            f"[0, {model.vocab_size})", "prompt")
+    return ids
+
+
+def chat_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
+    tokenizer = _tokenizer(model, "messages")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, f"model `{model.name}` has no chat template; use /v1/completions", "messages")
+    if not body.messages:
+        raise ApiError(400, "messages must not be empty", "messages")
+    conversation = []
+    for i, message in enumerate(body.messages):
+        if not isinstance(message.get("role"), str):
+            raise ApiError(400, f"messages[{i}].role must be a string, got {message.get('role')!r}",
+                           f"messages[{i}].role")
+        conversation.append({**message, "content": _text_of(message.get("content"), i)})
+    try:
+        encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=body.add_generation_prompt,
+                                                tokenize=True)
+    except Exception as exc:  # noqa: BLE001 - a template error is the request's fault (jinja raises many kinds)
+        raise ApiError(400, f"messages could not be rendered with the chat template of `{model.name}`: {exc}",
+                       "messages") from None
+    if hasattr(encoded, "keys") and "input_ids" in encoded:  # transformers 5: a BatchEncoding
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+def sampling_params(body: _GenerationRequest, model: ServedModel, prompt_len: int,
+                    max_tokens: int | None, prompt_field: str) -> SamplingParams:
+    """Check the sampling fields and the lengths; ``max_tokens`` None: what the context leaves."""
+    _refuse_unsupported(body)
+    if prompt_len >= model.max_model_len:
+        raise ApiError(400, f"This model's maximum context length is {model.max_model_len} tokens. However, your "
+                            f"prompt has {prompt_len} tokens; reduce the length of the {prompt_field}.",
+                       prompt_field)
+    room = min(model.max_model_len, model.max_tokens) - prompt_len
+    if max_tokens is None:
+        if room < 1:
+            raise ApiError(400, f"the prompt of {prompt_len} tokens leaves no room in the KV pool, which holds at "
+                                f"most {model.max_tokens} tokens of `{model.name}`", prompt_field)
+        max_tokens = room
+    elif isinstance(max_tokens, int) and max_tokens >= 1:
+        if prompt_len + max_tokens > model.max_model_len:
+            raise ApiError(400, f"This model's maximum context length is {model.max_model_len} tokens. However, "
+                                f"you requested {prompt_len + max_tokens} tokens ({prompt_len} in the "
+                                f"{prompt_field}, {max_tokens} in the completion).", "max_tokens")
+        if prompt_len + max_tokens > model.max_tokens:
+            raise ApiError(400, f"the request needs {prompt_len + max_tokens} tokens of KV cache but the pool holds "
+                                f"at most {model.max_tokens} tokens of `{model.name}`; lower max_tokens",
+                           "max_tokens")
+    values = {"max_tokens": max_tokens, "temperature": 1.0 if body.temperature is None else body.temperature,
+              "top_p": 1.0 if body.top_p is None else body.top_p, "top_k": -1 if body.top_k is None else body.top_k,
+              "seed": body.seed}
+    if values["top_k"] == 0:  # OpenAI-style clients send 0 for "off"
+        values["top_k"] = -1
+    try:
+        return SamplingParams(**values, ignore_eos=body.ignore_eos)
+    except ValueError as exc:  # SamplingParams names the field first
+        field = str(exc).split()[0]
+        raise ApiError(400, str(exc), field if field in _PARAM_FIELDS else None) from None
+
+
+def stop_strings(body: _GenerationRequest) -> list[str]:
+    stop = body.stop
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    if any(not s for s in stop):
+        raise ApiError(400, f"stop strings must not be empty, got {stop!r}", "stop")
+    return stop
+
+
+def _refuse_unsupported(body: _GenerationRequest) -> None:
+    if body.n != 1:
+        raise ApiError(400, f"n must be 1 (one choice per request), got {body.n}", "n")
+    if body.best_of not in (None, 1):
+        raise ApiError(400, f"best_of must be 1 or absent, got {body.best_of}", "best_of")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(body, name)
+        if value not in (None, 0, 0.0):
+            raise ApiError(400, f"{name} is not supported (must be 0), got {value}", name)
+    logprobs = getattr(body, "logprobs", None)
+    if logprobs not in (None, False):
+        raise ApiError(400, f"logprobs is not supported, got {logprobs!r}", "logprobs")
+    if getattr(body, "echo", False):
+        raise ApiError(400, "echo is not supported, got true", "echo")
+    if getattr(body, "suffix", None) is not None:
+        raise ApiError(400, "suffix is not supported", "suffix")
+
+
+def _tokenizer(model: ServedModel, field: str):
+    if model.tokenizer is None:
+        raise ApiError(400, f"model `{model.name}` has no tokenizer (its folder {model.folder} has none); "
+                            "send the prompt as a list of token ids to /v1/completions", field)
+    return model.tokenizer
+
+
+def _text_of(content: Any, i: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content[{j}]: only text parts are supported, got {part!r}",
+                               f"messages[{i}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, got {content!r}",
+                   f"messages[{i}].content")
