@@ -1,0 +1,93 @@
+"""Small helpers shared by the end-to-end benchmark scripts (run, analyze, MPS sweep, ChatLMSYS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+SYSTEMS = ("muxserve", "temporal", "spatial")
+SYSTEM_LABELS = {"muxserve": "MuxServe", "temporal": "Temporal multiplexing", "spatial": "Spatial partitioning"}
+
+
+class BenchError(RuntimeError):
+    """A benchmark step that cannot go on; the message says which and why."""
+
+
+def write_json(path: str | Path, doc: Any, indent: int | None = 1) -> None:
+    """Write JSON atomically (a crash leaves the old file or none, never half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=indent) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def fmt_num(x: float) -> str:
+    """0.7 -> '0.7', 1.0 -> '1', 0.25 -> '0.25' (for folder names)."""
+    return f"{x:g}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def gpu_memory_gib() -> float | None:
+    """Total memory of GPU 0 from nvidia-smi (no CUDA context in this process: MPS starts and stops
+    around it), or None."""
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    try:
+        return float(smi.stdout.strip().splitlines()[0]) / 1024 if smi.returncode == 0 else None
+    except (ValueError, IndexError):
+        return None
+
+
+def device_info(device: str) -> dict[str, Any]:
+    """What ran the benchmark: GPU name, driver and memory (nvidia-smi), CPU, library versions."""
+    info: dict[str, Any] = {"device": device, "python": platform.python_version(), "host_cpu": platform.processor()
+                            or platform.machine(), "cpu_count": os.cpu_count(), "muxserve_commit": git_commit()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if device == "cuda":
+            info["cuda"] = torch.version.cuda  # no CUDA call: this process must hold no context (MPS)
+    except ImportError:
+        pass
+    for mod in ("triton", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    if device == "cuda":
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            if smi.returncode == 0:
+                info["nvidia_smi"] = smi.stdout.strip().splitlines()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info

@@ -1,0 +1,251 @@
+"""The markdown report of analyze.py: setup, tables, target checks, figures, commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from e2e_common import SYSTEM_LABELS, SYSTEMS, read_json
+
+SHOWN_SCALES = (1, 2, 3, 5, 8, 10, 15, 20)
+TARGET_TPT, TARGET_SUSTAINED = 1.5, 2.0  # the issue's targets vs spatial partitioning (alpha >= 1.3)
+
+
+def _f(x, digits=2, unit="") -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}{unit}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
+def _ms(x) -> str:
+    if x is None:
+        return "-"
+    return f"{1000 * x:.1f} ms" if x < 0.1 else f"{1000 * x:.0f} ms" if x < 10 else f"{x:.1f} s"
+
+
+def _point_cells(row: dict) -> list[str]:
+    if "alpha" in row:
+        return [f"{row['alpha']:g}", f"{row['rate_scale']:g}"]
+    return [row["tag"]]
+
+
+def _point_head(rows: list[dict]) -> list[str]:
+    return ["alpha", "scale"] if rows and "alpha" in rows[0] else ["workload"]
+
+
+def _point_label(row: dict) -> str:
+    return " ".join(_point_cells(row))
+
+
+def _table(head: list[str], body: list[list[str]], left: int = 1) -> list[str]:
+    """A markdown table; the first ``left`` columns left-aligned, the others right-aligned."""
+    align = ["---" if i < left else "---:" for i in range(len(head))]
+    return ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"] + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def _setup(summary: dict, runs_dir: Path) -> list[str]:
+    exp = summary.get("experiment", {})
+    dev = exp.get("device_info", {})
+    m = exp.get("machine", {})
+    lines = ["## Setup", ""]
+    gpu = "; ".join(dev.get("nvidia_smi", [])) or ", ".join(dev.get("gpus", [])) or dev.get("host_cpu", "?")
+    lines.append(f"- device: {dev.get('device', m.get('device', '?'))}: {gpu}; {dev.get('cpu_count', '?')} CPU cores")
+    lines.append(f"- versions: python {dev.get('python', '?')}, torch {dev.get('torch', '?')}"
+                 + (f" (CUDA {dev['cuda']})" if dev.get("cuda") else "")
+                 + (f", triton {dev['triton']}" if dev.get("triton") else "")
+                 + f", transformers {dev.get('transformers', '?')}; muxserve commit {dev.get('muxserve_commit', '?')}")
+    if m:
+        kv = f"{m['kv_cache_gb']:g} GiB per GPU" if m.get("kv_cache_gb") else (
+            f"GPU x {m['memory_fraction']:g} - weights - {m['reserve_gb']:g} GiB per LLM")
+        lines.append(f"- machine: {m['num_gpus']} x {m['device']} of {m['gpu_memory_gb']:g} GiB, {m['dtype']}; "
+                     f"KV cache: {kv} "
+                     f"(the same total for every system); max_num_seqs {m['max_num_seqs']}, overload_threshold "
+                     f"{m['overload_threshold']}")
+    if exp.get("kind") == "power-law":
+        lines.append(f"- workloads: power law alpha {exp['alphas']}, llm-0 at {exp['max_rate']:g} x rate scale "
+                     f"{exp['rate_scales']} req/s, {exp['duration_s']:g} s of {exp['distribution']} arrivals, "
+                     "ShareGPT lengths"
+                     + (f" (outputs capped at {exp['max_output_len']})" if exp.get("max_output_len") else "")
+                     + f", seed {exp['seed']}")
+    elif exp.get("kind") == "chatlmsys":
+        end = exp.get("end_day")
+        lines.append(f"- workloads: trace {exp.get('trace')} days [{exp.get('start_day')}, "
+                     f"{'end of trace' if end is None else end}), "
+                     f"condense {exp.get('condense')}, top {exp.get('max_llms')} LLMs")
+    if exp.get("max_drain_s"):
+        lines.append(f"- requests unfinished {exp['max_drain_s']:g} s after the last arrival were aborted (SLO misses)")
+    plans = sorted((runs_dir / "points").glob("*/plan.json"))
+    if plans:
+        plan = read_json(plans[0])
+        lines += ["", "| LLM | model | parameters | weights load | KV bytes/token |", "|---|---|---:|---|---:|"]
+        for llm in plan["llms"]:
+            lines.append(f"| {llm['name']} | {llm['model']} | {llm['params'] / 1e9:.2f} B | {llm['load_format']} | "
+                         f"{llm['kv_bytes_per_token']} |")
+        lines += ["", f"Colocation ({plan['colocation']}; first workload, {plans[0].parent.name}):"]
+        for g in plan["groups"]:
+            lines.append(f"- GPU {g['device']}: " + ", ".join(f"{n} SM {g['mps_percentage'][n]}" for n in g["llms"]))
+        split = plan["systems"].get("spatial", {}).get("notes", {}).get("split", {})
+        if split:
+            lines.append("- spatial partitioning: " + ", ".join(
+                f"{n} GPU {v['device']} {v['sm_percent']} % SMs {v['kv_gb']:.2f} GiB KV" for n, v in split.items()))
+    lines += ["", "Systems: **MuxServe** = the colocation above under MPS with its SM shares, `adbs`; **temporal "
+              "multiplexing** = the same colocation, `mps_percentage [100, 90]`, no MPS, `fcfs`; **spatial "
+              "partitioning** = one launch per LLM (`--split-by-model`): alone on a GPU `[100, 90]` no MPS, or a "
+              "static split of a shared GPU (fixed MPS share, fixed KV slice, `fix`: its prefill and decode never "
+              "overlap). Launches of one run start their replay together (start barrier).", ""]
+    return lines
+
+
+def _tables(summary: dict) -> list[str]:
+    rows, s_scale, target = summary["rows"], summary["slo_scale"], summary["target"]
+    head = _point_head(rows)
+    n = len(head)
+    lines = ["## Results", "", f"SLO base latency: {summary['slo_base']}. SLO attainment counts unfinished requests "
+             "as misses.", ""]
+    if summary.get("base_latency"):
+        lens = sorted({p[0] for b in summary["base_latency"].values() for p in b["prefill_points"]})
+        lines += _table(["LLM"] + [f"prefill {n_} tok" for n_ in lens] + ["decode step"],
+                        [[llm] + [_ms(dict(b["prefill_points"]).get(n_)) for n_ in lens] + [_ms(b["decode_step"])]
+                         for llm, b in summary["base_latency"].items()]) + [""]
+    lines += ["### Throughput and latency", ""]
+    lines += ["offered = sum of the LLMs' rates; arrived = requests / seconds of arrivals (Poisson noise); served = "
+              "finished requests / (last end - first arrival).", ""]
+    lines += _table(head + ["system", "offered req/s", "arrived req/s", "served req/s", "tok/s", "output tok/s",
+                            "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", f"SLO {s_scale}x", "finished"],
+                    [_point_cells(r) + [SYSTEM_LABELS[r["system"]], f"{r['offered_req_s']:.2f}",
+                                        _f(r.get("arrived_req_s")),
+                                        _f(r.get("throughput_req_s")), _f(r.get("throughput_tok_s"), 0),
+                                        _f(r.get("output_tok_s"), 0), _ms(r.get("ttft_p50")), _ms(r.get("ttft_p99")),
+                                        _ms(r.get("tpot_p50")), _ms(r.get("tpot_p99")), _pct(r["slo_at_scale"]),
+                                        f"{r['finished']}/{r['num_requests']}"] for r in rows], n + 1)
+    lines += ["", "### MuxServe vs the baselines: throughput", ""]
+    body = []
+    for by in _by_point(rows).values():
+        first = by[next(iter(by))]
+        mux = by.get("muxserve", {}).get("throughput_req_s")
+        body.append(_point_cells(first) + [f"{first['offered_req_s']:.2f}", _ratio(mux, by.get("spatial")),
+                                           _ratio(mux, by.get("temporal"))])
+    lines += _table(head + ["offered req/s", "MuxServe / spatial", "MuxServe / temporal"], body, n)
+    lines += ["", f"### Highest rate sustained at {target:.0%} SLO attainment (scale {s_scale})", "",
+              "Total offered req/s of the highest tested rate at which this and every lower tested rate reach the "
+              "target; in brackets where the line to the next tested rate crosses it. '>=': every tested rate passed; "
+              "'< lowest': none did.", ""]
+    body = []
+    for group, by in summary["sustained"].items():
+        mux = (by.get("muxserve") or {}).get("rate")
+        label = f"alpha {group:g}" if isinstance(group, (int, float)) else str(group)
+        body.append([label] + [_sustained(by.get(s)) for s in SYSTEMS]
+                    + [_rate_ratio(mux, (by.get(b) or {}).get("rate")) for b in ("spatial", "temporal")])
+    lines += _table(["group"] + [SYSTEM_LABELS[s] for s in SYSTEMS] + ["MuxServe / spatial", "MuxServe / temporal"],
+                    body)
+    lines += ["", "### SLO attainment vs SLO scale", ""]
+    lines += _table(head + ["system"] + [f"{s}x" for s in SHOWN_SCALES],
+                    [_point_cells(r) + [SYSTEM_LABELS[r["system"]]]
+                     + [_pct(r["slo_curve"].get(s)) for s in SHOWN_SCALES]
+                     for r in rows], n + 1)
+    lines += ["", "### Per LLM", ""]
+    body = [_point_cells(r) + [SYSTEM_LABELS[r["system"]], llm, _f(v["offered_req_s"]), _f(v["throughput_req_s"]),
+                               _ms(v["latency_p99"]), _ms(v["ttft_p99"]), _ms(v["tpot_p99"]), _pct(v["slo_at_scale"])]
+            for r in rows for llm, v in r["per_llm"].items()]
+    lines += _table(head + ["system", "LLM", "offered req/s", "served req/s", "p99 latency", "p99 TTFT", "p99 TPOT",
+                            f"SLO {s_scale}x"], body, n + 2)
+    return lines + [""]
+
+
+def _by_point(rows):
+    out: dict = {}
+    for r in rows:
+        out.setdefault((_point_label(r), r["tag"]), {})[r["system"]] = r
+    return out
+
+
+def _ratio(mux, base_row) -> str:
+    base = (base_row or {}).get("throughput_req_s")
+    return f"{mux / base:.2f}x" if mux and base else "-"
+
+
+def _rate_ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def _sustained(v) -> str:
+    if not v or v["rate"] is None:
+        return "-"
+    if v["none_pass"]:
+        return "< lowest"
+    text = f"{v['rate']:.2f}"
+    if v["all_pass"]:
+        return ">= " + text
+    return text + (f" ({v['interpolated']:.2f})" if v["interpolated"] is not None else "")
+
+
+def _targets(summary: dict) -> list[str]:
+    rows = summary["rows"]
+    lines = ["## Targets of the issue (one GPU, alpha >= 1.3)", ""]
+    checked = False
+    for (label, _tag), by in _by_point(rows).items():
+        r = next(iter(by.values()))
+        if r.get("alpha", 0) < 1.3 or "muxserve" not in by or "spatial" not in by:
+            continue
+        checked = True
+        mux, sp = by["muxserve"].get("throughput_req_s"), by["spatial"].get("throughput_req_s")
+        ratio = mux / sp if mux and sp else None
+        kept_up = all((x.get("throughput_req_s") or 0) >= 0.95 * x["offered_req_s"] for x in by.values())
+        verdict = "met" if ratio and ratio >= TARGET_TPT else "not met"
+        note = " (every system kept up with the offered load: throughput equals the offered rate)" if kept_up else ""
+        where = f"alpha {r['alpha']:g}, scale {r['rate_scale']:g}" if "alpha" in r else label
+        lines.append(f"- throughput >= {TARGET_TPT}x spatial at {where}: {_f(ratio)}x, {verdict}{note}")
+    for group, by in summary["sustained"].items():
+        if not isinstance(group, (int, float)) or group < 1.3 or "muxserve" not in by or "spatial" not in by:
+            continue
+        checked = True
+        a, b = by["muxserve"], by["spatial"]
+        if b["none_pass"] and not a["none_pass"]:
+            lines.append(f"- sustained rate >= {TARGET_SUSTAINED}x spatial at alpha {group:g}: spatial sustains none "
+                         f"of the tested rates, MuxServe {_sustained(a)} req/s: met (lower rates needed for the exact "
+                         "ratio)")
+            continue
+        ra, rb = a.get("interpolated") or a["rate"], b.get("interpolated") or b["rate"]
+        ratio = ra / rb if ra and rb else None
+        bound = " (a bound: every tested rate passed for one system)" if a["all_pass"] or b["all_pass"] else ""
+        lines.append(f"- sustained rate >= {TARGET_SUSTAINED}x spatial at alpha {group:g}: {_f(ratio)}x, "
+                     f"{'met' if ratio and ratio >= TARGET_SUSTAINED else 'not met'}{bound}")
+    if not checked:
+        lines.append("- no run at alpha >= 1.3 with both MuxServe and spatial partitioning")
+    return lines + [""]
+
+
+def _notes(summary: dict, runs_dir: Path) -> list[str]:
+    lines = ["## Notes", ""]
+    skews = []
+    for path in sorted((runs_dir / "points").glob("*/*.json")):
+        if path.stem in SYSTEMS:
+            doc = json.loads(path.read_text())
+            skews.append(doc.get("replay_start_skew_s", 0.0))
+            if doc.get("unfinished"):
+                lines.append(f"- {path.parent.name} {path.stem}: {len(doc['unfinished'])} of "
+                             f"{doc['num_requests_expected']} requests unfinished")
+    if skews:
+        lines.append(f"- largest start skew between the launches of one run: {1000 * max(skews):.1f} ms")
+    for err in sorted((runs_dir / "points").glob("*/*.error.txt")):
+        lines.append(f"- FAILED {err.parent.name} {err.name.split('.')[0]}: "
+                     f"{err.read_text().strip().splitlines()[0][:300]}")
+    lines.append("- throughput = finished requests / (last end - first arrival); tok/s counts prompt + output tokens; "
+                 "TTFT = first token - arrival; TPOT = (end - first token) / (output tokens - 1).")
+    return lines + [""]
+
+
+def write_report(path: Path, summary: dict, runs_dir: Path, title: str | None) -> None:
+    lines = [f"# {title or 'End-to-end: MuxServe vs temporal multiplexing vs spatial partitioning'}", ""]
+    lines += _setup(summary, runs_dir) + _tables(summary) + _targets(summary)
+    if summary.get("figures"):
+        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in summary["figures"]] + [""]
+    lines += _notes(summary, runs_dir)
+    commands = runs_dir / "commands.txt"
+    if commands.exists():
+        lines += ["## Commands", "", "```", commands.read_text().rstrip(), "```", ""]
+    path.write_text("\n".join(lines))

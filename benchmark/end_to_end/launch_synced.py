@@ -1,0 +1,161 @@
+"""``python -m muxserve.launch`` with a start barrier, for launches that run side by side.
+
+    python benchmark/end_to_end/launch_synced.py --barrier-dir D --barrier-count N --barrier-rank K \\
+        -- CONFIG --workload-file W --stats-file S ...        (every flag of muxserve.launch)
+
+The launches of one system run (spatial partitioning: one per LLM; several meshes: one per mesh)
+start together but get ready at different times. Each one here, in the folder D shared by all N:
+
+1. waits until every launch has started its processes (``started-K``);
+2. measures its LLMs alone (the SLO base latency) in rank order, one launch at a time, so that
+   no calibration runs next to another launch's work (``calibrated-K``);
+3. waits until all are calibrated, then replays its workload: the N replays start within a
+   few milliseconds, and each records its start (``start-K.json``, wall clock).
+
+A file ``abort`` in D (written by the runner when a launch fails) stops the waiting launches.
+
+``--max-drain-s S`` bounds an overloaded run: S seconds after the last arrival, every request
+still unfinished is aborted and recorded without an end time (it counts as served late: it
+misses every SLO, and the merged statistics list it as unfinished).
+
+Everything else is ``muxserve.launch`` unchanged: this wraps its ``Instance.calibrate`` and
+``replay``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[2]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+import muxserve.launch as launch  # noqa: E402
+
+POLL_S = 0.005
+
+
+class Barrier:
+    def __init__(self, folder: Path, count: int, rank: int, timeout_s: float):
+        if count < 1 or not 0 <= rank < count:
+            raise ValueError(f"barrier rank {rank} of {count} is out of range")
+        self.folder, self.count, self.rank, self.timeout_s = folder, count, rank, timeout_s
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.started = False
+        self.calibrated = False
+
+    def arrive(self, stage: str, payload: dict | None = None) -> None:
+        path = self.folder / f"{stage}-{self.rank}"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload or {}))
+        tmp.rename(path)
+
+    def wait(self, stage: str, ranks: range | None = None) -> None:
+        """Until ``stage-K`` exists for every K in ``ranks`` (default: all)."""
+        ranks = range(self.count) if ranks is None else ranks
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if all((self.folder / f"{stage}-{k}").exists() for k in ranks):
+                return
+            if (self.folder / "abort").exists():
+                raise RuntimeError(f"another launch of this run failed ({self.folder / 'abort'})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"launches {list(ranks)} not {stage} after {self.timeout_s:.0f} s ({self.folder})")
+            time.sleep(POLL_S)
+
+    def start_together(self) -> None:
+        if not self.started:
+            self.arrive("started")
+            self.wait("started")
+            self.started = True
+
+
+def replay_with_deadline(instance, workload, max_drain_s: float) -> list:
+    """The launcher's replay loop, ending ``max_drain_s`` after the last arrival (see the module docstring)."""
+    from muxserve.engine.sampling_params import SamplingParams
+
+    pending = deque(workload.requests)
+    last = workload.requests[-1].arrival if workload.requests else 0.0
+    requests = []
+    t0 = time.monotonic()
+    aborted = False
+    while pending or instance.scheduler.has_work():
+        now = time.monotonic() - t0
+        while pending and pending[0].arrival <= now:
+            r = pending.popleft()
+            params = SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
+            requests.append(instance.submit(r.llm, r.prompt_token_ids, params, t0 + r.arrival, r.idx))
+        if not aborted and not pending and now > last + max_drain_s:
+            left = [r for r in requests if r.end is None]
+            print(f"max drain time reached: aborting {len(left)} unfinished requests", file=sys.stderr, flush=True)
+            for r in left:
+                instance.abort(r.req_id)
+            aborted = True
+        wait = min(0.05, pending[0].arrival - now) if pending else 0.05
+        instance.poll(max(0.0, wait))
+    for r in requests:
+        if r.finish_reason == "abort":
+            r.end = None
+        for key in ("arrival", "submit", "prefill_end", "end"):
+            if getattr(r, key) is not None:
+                setattr(r, key, getattr(r, key) - t0)
+    return requests
+
+
+def install(barrier: Barrier, max_drain_s: float | None = None) -> None:
+    """Wrap the launcher's calibration and replay with the barrier."""
+    if not hasattr(launch, "replay") or not hasattr(launch, "Instance"):
+        raise RuntimeError("muxserve.launch has no replay()/Instance any more: update launch_synced.py")
+    base_instance, base_replay = launch.Instance, launch.replay
+
+    class SyncedInstance(base_instance):
+        def calibrate(self):
+            barrier.start_together()
+            barrier.wait("calibrated", range(barrier.rank))
+            try:
+                return super().calibrate()
+            finally:
+                barrier.arrive("calibrated")
+                barrier.calibrated = True
+
+    def replay(instance, workload):
+        barrier.start_together()
+        if not barrier.calibrated:  # --no-slo
+            barrier.arrive("calibrated")
+        barrier.wait("calibrated")
+        barrier.arrive("start", {"wall": time.time()})
+        if max_drain_s is None:
+            return base_replay(instance, workload)
+        return replay_with_deadline(instance, workload, max_drain_s)
+
+    launch.Instance = SyncedInstance
+    launch.replay = replay
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="launch_synced.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--barrier-dir", required=True, help="folder shared by the launches of one run")
+    p.add_argument("--barrier-count", type=int, required=True, help="how many launches run side by side")
+    p.add_argument("--barrier-rank", type=int, required=True, help="this launch's rank, 0..count-1")
+    p.add_argument("--barrier-timeout-s", type=float, default=1800.0,
+                   help="give up waiting for the others after this long (default: 1800)")
+    p.add_argument("--max-drain-s", type=float, default=None,
+                   help="abort what is unfinished this long after the last arrival (default: wait for all)")
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    if cut == len(argv):
+        p.error("put the launcher's arguments after '--'")
+    install(Barrier(Path(args.barrier_dir), args.barrier_count, args.barrier_rank, args.barrier_timeout_s),
+            args.max_drain_s)
+    return launch.main(argv[cut + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

