@@ -7,7 +7,10 @@ where FlexStore listens, MPS, device, logs, the schedule approach and its limits
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from pathlib import Path
+from typing import Callable
 
 from muxserve.config import ConfigError, MuxServeConfig
 from muxserve.engine.kv_cache import KVLayout
@@ -15,6 +18,7 @@ from muxserve.engine.llm_engine import parse_dtype
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
 from muxserve.instance import InstanceOptions
+from muxserve.muxsched.launcher import ChildDied
 from muxserve.muxsched.policy import POLICIES, get_policy
 
 
@@ -114,3 +118,27 @@ def instance_options(args: argparse.Namespace, config: MuxServeConfig, device: s
         flexstore_address=f"tcp://127.0.0.1:{args.flexstore_port}", log_dir=Path(args.log_dir),
         rates=dict(rates or {}), **extra,
     )
+
+
+def _sigterm(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_instance_command(body: Callable[[], int], usage_errors: tuple[type[BaseException], ...]) -> int:
+    """Run a command that drives an Instance and map its failures to exit codes.
+
+    2: bad input (``usage_errors``), 1: a process of the instance died or failed,
+    130: Ctrl-C or SIGTERM. In every case the instance has stopped what it started.
+    """
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return body()
+    except usage_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ChildDied, RuntimeError, TimeoutError) as e:
+        print(f"error: {e}; every process of the instance was stopped", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; every process of the instance was stopped", file=sys.stderr)
+        return 130

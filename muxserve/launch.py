@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import signal
 import sys
 import time
 from collections import deque
@@ -28,8 +27,8 @@ from muxserve.instance_cli import (
     instance_options,
     planned_max_tokens,
     resolve_device,
+    run_instance_command,
 )
-from muxserve.muxsched.launcher import ChildDied
 from muxserve.muxsched.stats import format_stats, summarize_run
 from muxserve.muxsched.workload import Workload, WorkloadError, load_workload
 
@@ -165,26 +164,11 @@ def write_stats(args, records, summary, bases) -> None:
     logger.info("statistics written to %s", path)
 
 
-def _sigterm(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        return run(args)
-    except (ConfigError, WorkloadError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ChildDied, RuntimeError, TimeoutError) as e:
-        print(f"error: {e}; every process of the instance was stopped", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; every process of the instance was stopped", file=sys.stderr)
-        return 130
+    return run_instance_command(lambda: run(args), (ConfigError, WorkloadError, FileNotFoundError))
 
 
 if __name__ == "__main__":

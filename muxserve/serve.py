@@ -24,8 +24,13 @@ from muxserve.config import ConfigError, MuxServeConfig, load_config
 from muxserve.engine.llm import TOKENIZER_FILES
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.instance import Instance
-from muxserve.instance_cli import add_instance_arguments, check_instance_args, instance_options, resolve_device
-from muxserve.muxsched.launcher import ChildDied
+from muxserve.instance_cli import (
+    add_instance_arguments,
+    check_instance_args,
+    instance_options,
+    resolve_device,
+    run_instance_command,
+)
 
 logger = logging.getLogger("muxserve.serve")
 
@@ -176,10 +181,6 @@ class _Server(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def _sigterm(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: ``muxserve serve CONFIG`` (``muxserve CONFIG`` works too)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -187,18 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _sigterm)  # while starting: stop what was started, then exit
-    try:
-        return serve(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ChildDied, RuntimeError, TimeoutError) as e:
-        print(f"error: {e}; every process of the instance was stopped", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; every process of the instance was stopped", file=sys.stderr)
-        return 130
+    # Until uvicorn installs its own handlers, SIGTERM stops what was started and exits.
+    return run_instance_command(lambda: serve(args), (ConfigError, FileNotFoundError))
 
 
 if __name__ == "__main__":
