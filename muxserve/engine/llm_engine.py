@@ -17,6 +17,7 @@ from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.models import build_model
 from muxserve.engine.models.rotary import RotaryEmbedding
+from muxserve.engine.parallel import TensorParallel, shard_spec
 from muxserve.engine.runner import ModelRunner
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.engine.scheduler import Scheduler
@@ -49,10 +50,14 @@ def parse_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def load_model(folder, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Build the model on ``device`` and fill it from the checkpoint in ``folder``."""
+def load_model(folder, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+               parallel: TensorParallel | None = None) -> torch.nn.Module:
+    """Build the model on ``device`` and fill it from the checkpoint in ``folder``.
+
+    With ``parallel`` of world size > 1: this rank's shard, sliced from the whole checkpoint.
+    """
     with torch.device("meta"):
-        model = build_model(spec)
+        model = build_model(spec, parallel)
     model = model.to_empty(device=device).to(dtype)
     # Rotary tables are computed, not loaded: build them on the device in float32.
     model.rotary = RotaryEmbedding(spec.rope, spec.head_dim, spec.max_position_embeddings).to(device)
@@ -72,13 +77,18 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (always eager when tensor parallel)
+    # Ranks of a tensor-parallel group; > 1 needs LLMEngine(parallel=...) or an initialized default
+    # torch.distributed group of this size. kv_cache_bytes is then each rank's own pool.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < self.page_bytes:
             raise ValueError(f"kv_cache_bytes ({self.kv_cache_bytes}) is smaller than one page ({self.page_bytes})")
 
@@ -89,13 +99,19 @@ class LLMEngine:
     MODEL_NAME = "model"
 
     def __init__(self, config: EngineConfig, *, model: torch.nn.Module | None = None, pool: KVPool | None = None,
-                 allocator=None, model_name: str | None = None):
+                 allocator=None, model_name: str | None = None, parallel: TensorParallel | None = None):
         """Load ``config.model`` and make a private pool, or run on injected parts.
 
         ``model`` (already on ``config.device`` in ``config.dtype``), ``pool`` and ``allocator`` (a
         ``PageAllocator`` or anything with its methods, e.g. ``FlexStoreClient``, on which
         ``model_name`` is registered) let the engine run on weights, a KV pool and page ids
         owned by FlexStore; ``config.model`` then only names the folder of the config files.
+
+        ``parallel`` (with ``config.tensor_parallel_size`` > 1) is this process's rank in the
+        tensor-parallel group; without it the initialized default ``torch.distributed`` group is
+        used. Every rank runs one engine over the same requests: it loads its shard of the
+        weights, keeps its own kv heads' pages in its own pool (same page ids on every rank, as
+        the ranks schedule alike) and takes rank 0's sampled tokens.
         """
         if allocator is not None and pool is None:
             raise ValueError("an injected allocator needs the pool whose pages it hands out (pool=...)")
@@ -105,11 +121,24 @@ class LLMEngine:
         self.device = parse_device(config.device)
         self.folder = resolve_model(config.model)
         self.spec = ModelSpec.from_folder(self.folder)
+        tp = config.tensor_parallel_size
+        self.shard = shard_spec(self.spec, tp)  # rejects a tp that splits kv heads, before any loading
+        if tp == 1:
+            if parallel is not None and parallel.world_size != 1:
+                raise ValueError(f"parallel has world size {parallel.world_size} but tensor_parallel_size is 1")
+            parallel = TensorParallel()
+        elif parallel is None:
+            parallel = TensorParallel.from_group()
+        if parallel.world_size != tp:
+            raise ValueError(f"tensor_parallel_size {tp} != the process group's size {parallel.world_size}")
+        self.parallel = parallel
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)
-        self.model = model if model is not None else load_model(self.folder, self.spec, self.dtype, self.device)
+        self.model = model if model is not None else load_model(self.folder, self.spec, self.dtype, self.device,
+                                                                parallel)
         page_bytes = pool.page_bytes if pool is not None else config.page_bytes
-        self.layout = KVLayout(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim,
+        # Per rank: only this rank's kv heads.
+        self.layout = KVLayout(self.shard.num_layers, self.shard.num_kv_heads, self.shard.head_dim,
                                self.dtype, page_bytes)
         self.pool = pool if pool is not None else KVPool.allocate(self._kv_bytes(), self.device, page_bytes)
         if allocator is None:
@@ -120,11 +149,13 @@ class LLMEngine:
                              f"(it has {sorted(allocator.models)})")
         self.allocator = allocator
         backend = select_backend(config.attention_backend, self.device)
-        attention = make_attention(backend, self.pool.view(self.layout), self.spec.num_heads,
-                                   self.spec.num_kv_heads, self.spec.head_dim)
+        attention = make_attention(backend, self.pool.view(self.layout), self.shard.num_heads,
+                                   self.shard.num_kv_heads, self.shard.head_dim)
         self.backend = backend
+        # CUDA graphs are not captured under tensor parallelism (collectives inside a capture are untested).
         self.runner = ModelRunner(self.model, self.layout, attention, self.device, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=self.max_model_len, cuda_graphs=not config.enforce_eager)
+                                  max_model_len=self.max_model_len,
+                                  cuda_graphs=not config.enforce_eager and tp == 1, parallel=parallel)
         batched = config.max_num_batched_tokens or max(2048, self.max_model_len)
         self.scheduler = Scheduler(self.allocator, self.model_name, config.max_num_seqs, batched)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids) | _generation_eos(self.folder)

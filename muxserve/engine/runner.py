@@ -7,6 +7,7 @@ import torch
 from muxserve.engine.attention import AttentionMetadata
 from muxserve.engine.attention.page_table import PageTables
 from muxserve.engine.kv_cache import KVLayout
+from muxserve.engine.parallel import SINGLE, TensorParallel
 from muxserve.engine.sampler import sample
 from muxserve.engine.sequence import Sequence
 
@@ -28,11 +29,16 @@ class ModelRunner:
     Page tables live on the device (``PageTables``) and grow by the pages each step adds. With
     ``cuda_graphs`` (CUDA and a backend that supports it), decode steps of up to
     ``max_num_seqs`` sequences replay captured graphs padded to a few batch sizes.
+
+    Under tensor parallelism (``parallel``) every rank steps the same batch; rank 0's sampled
+    tokens are broadcast so the ranks never diverge.
     """
 
     def __init__(self, model: torch.nn.Module, layout: KVLayout, attention, device: torch.device, *,
-                 max_num_seqs: int = 256, max_model_len: int | None = None, cuda_graphs: bool = False):
+                 max_num_seqs: int = 256, max_model_len: int | None = None, cuda_graphs: bool = False,
+                 parallel: TensorParallel | None = None):
         self.model = model
+        self.parallel = parallel or SINGLE
         self.layout = layout
         self.attention = attention
         self.device = torch.device(device)
@@ -62,7 +68,8 @@ class ModelRunner:
         input_ids, positions, meta, last_index = self._prepare(seqs, is_prefill)
         hidden = self.model(input_ids, positions, self.attention, meta)  # (N, hidden)
         logits = self.model.compute_logits(hidden[last_index])  # (B, vocab)
-        return sample(logits, params, [s.generator for s in seqs])
+        tokens = sample(logits, params, [s.generator for s in seqs])
+        return self.parallel.broadcast_tokens(tokens) if self.parallel.enabled else tokens
 
     def _host_inputs(self, seqs, is_prefill: bool):
         """Update the page tables; pack the step's integers into one host tensor.

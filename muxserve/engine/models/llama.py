@@ -1,4 +1,9 @@
-"""One decoder for the Llama family: Llama 2/3, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm)."""
+"""One decoder for the Llama family: Llama 2/3, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
+
+With a ``TensorParallel`` of world size > 1 the model is one rank's shard (see
+``muxserve.engine.parallel``): q/k/v and gate/up hold the rank's rows, o_proj and down_proj its
+columns and are followed by an all-reduce; ``spec`` stays the whole model's.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from torch import nn
 from muxserve.engine.attention import AttentionMetadata
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.models.rotary import RotaryEmbedding
+from muxserve.engine.parallel import SINGLE, TensorParallel, shard_spec
 
 
 class RMSNorm(nn.Module):
@@ -26,13 +32,26 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class RowParallelLinear(nn.Linear):
+    """``nn.Linear`` over this rank's input columns, summed over the group (plain Linear at tp 1)."""
+
+    def __init__(self, in_features: int, out_features: int, parallel: TensorParallel):
+        super().__init__(in_features, out_features, bias=False)  # a bias would be added tp times
+        self.parallel = parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parallel.all_reduce(super().forward(x))
+
+
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int):
+    """``spec`` is the rank's shard: its own q heads and kv heads."""
+
+    def __init__(self, spec: ModelSpec, layer: int, parallel: TensorParallel = SINGLE):
         super().__init__()
         self.layer = layer
         self.spec = spec
         self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.attention_bias)
-        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(spec.q_size, spec.hidden_size, parallel)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
@@ -54,10 +73,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, parallel: TensorParallel = SINGLE):
         super().__init__()
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, parallel)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -65,12 +84,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int):
+    def __init__(self, spec: ModelSpec, layer: int, parallel: TensorParallel = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, layer)
+        self.self_attn = Attention(spec, layer, parallel)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, parallel)
 
     def forward(self, x, positions, rotary, attn, meta):
         x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn, meta)
@@ -84,12 +103,14 @@ class LlamaForCausalLM(nn.Module):
     residual add and SiLU*mul as Triton kernels; the arithmetic and its roundings are the same.
     """
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, parallel: TensorParallel | None = None):
         super().__init__()
-        self.spec = spec
+        self.spec = spec  # the whole model
+        self.parallel = parallel or SINGLE
+        self.shard = shard_spec(spec, self.parallel.world_size)  # this rank's heads and MLP rows
         self.fused_ops = False
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(self.shard, i, self.parallel) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         if spec.tie_word_embeddings:
             self.lm_head = None
@@ -125,10 +146,15 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up as they arrive."""
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up as they arrive.
+
+        Under tensor parallelism each whole checkpoint tensor is sliced for this rank: rows of
+        q/k/v/gate/up (weights and biases), input columns of o_proj/down_proj.
+        """
         params = dict(self.named_parameters())
         loaded: set[tuple[str, int | None]] = set()
-        s = self.spec
+        s = self.shard
+        tp, rank = self.parallel.world_size, self.parallel.rank
         fused = {  # HF suffix -> (our suffix, row offset, rows)
             "q_proj": ("qkv_proj", 0, s.q_size),
             "k_proj": ("qkv_proj", s.q_size, s.kv_size),
@@ -150,6 +176,15 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {s.architecture}")
             param = params[target]
             dest = param.data if rows is None else param.data.narrow(0, *rows)
+            split_dim = 0 if rows is not None else (1 if parts[-2:-1] in (["o_proj"], ["down_proj"]) else None)
+            if tp > 1 and split_dim is not None:  # the whole tensor's shape, then this rank's slice
+                whole = list(dest.shape)
+                whole[split_dim] *= tp
+                if list(tensor.shape) != whole:
+                    raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(whole)}")
+                size = dest.shape[split_dim]
+                tensor = tensor.narrow(split_dim, rank * size, size)
             if dest.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
             dest.copy_(tensor)
