@@ -42,6 +42,9 @@ def _tiny_config(arch: str):
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
         return LlamaConfig(**common, hidden_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
                            rope_parameters=rope)
+    if arch == "llama-attn-bias":  # q/k/v and o_proj biases
+        return LlamaConfig(**common, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           attention_bias=True)
     if arch == "mistral":
         return MistralConfig(**common, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                              sliding_window=None)
@@ -52,7 +55,7 @@ def _tiny_config(arch: str):
     raise KeyError(arch)
 
 
-TINY_ARCHS = ("llama-gqa-hd64", "llama-hd128-tied", "llama3-rope", "mistral", "qwen2", "qwen3")
+TINY_ARCHS = ("llama-gqa-hd64", "llama-hd128-tied", "llama3-rope", "llama-attn-bias", "mistral", "qwen2", "qwen3")
 
 
 def build_tiny_model(arch: str, folder: Path, seed: int = 0, max_shard_size: str | None = None) -> Path:

@@ -44,6 +44,7 @@ class ModelSpec:
     rope: RopeSpec = field(default_factory=RopeSpec)
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: q/k/v projections carry a bias
+    o_proj_bias: bool = False  # Llama / Qwen3 with attention_bias: o_proj carries one too
     qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k before rotary
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -99,6 +100,7 @@ class ModelSpec:
             rope=_rope_spec(cfg, source),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bias,
+            o_proj_bias=variant in ("llama", "qwen3") and bool(cfg.get("attention_bias", False)),
             qk_norm=variant == "qwen3",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,

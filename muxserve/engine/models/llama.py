@@ -35,12 +35,16 @@ class RMSNorm(nn.Module):
 class RowParallelLinear(nn.Linear):
     """``nn.Linear`` over this rank's input columns, summed over the group (plain Linear at tp 1)."""
 
-    def __init__(self, in_features: int, out_features: int, parallel: TensorParallel):
-        super().__init__(in_features, out_features, bias=False)  # a bias would be added tp times
+    def __init__(self, in_features: int, out_features: int, parallel: TensorParallel, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
         self.parallel = parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.all_reduce(super().forward(x))
+        if self.parallel.world_size == 1:
+            return super().forward(x)
+        # The (replicated) bias is added once, after the partial sums are reduced.
+        out = self.parallel.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
 
 
 class Attention(nn.Module):
@@ -51,7 +55,7 @@ class Attention(nn.Module):
         self.layer = layer
         self.spec = spec
         self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.attention_bias)
-        self.o_proj = RowParallelLinear(spec.q_size, spec.hidden_size, parallel)
+        self.o_proj = RowParallelLinear(spec.q_size, spec.hidden_size, parallel, bias=spec.o_proj_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
@@ -176,7 +180,8 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {s.architecture}")
             param = params[target]
             dest = param.data if rows is None else param.data.narrow(0, *rows)
-            split_dim = 0 if rows is not None else (1 if parts[-2:-1] in (["o_proj"], ["down_proj"]) else None)
+            row_parallel = parts[-2:] in (["o_proj", "weight"], ["down_proj", "weight"])  # o_proj.bias is whole
+            split_dim = 0 if rows is not None else (1 if row_parallel else None)
             if tp > 1 and split_dim is not None:  # the whole tensor's shape, then this rank's slice
                 whole = list(dest.shape)
                 whole[split_dim] *= tp
