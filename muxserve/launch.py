@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-by-model", help="serve only this LLM of the config and its requests (spatial partitioning)")
     g.add_argument("--stats-file", help="write per-request records (with output token ids) and the summary as JSON")
     g.add_argument("--no-slo", action="store_true", help="skip measuring each LLM alone (no SLO attainment figures)")
+    g.add_argument("--max-drain-s", type=float, default=None,
+                   help="abort requests still unfinished this many seconds after the last arrival; they count "
+                        "as unfinished (default: wait for every request)")
     add_instance_arguments(p)
     return p
 
@@ -94,10 +97,16 @@ def average_seq_len(workload: Workload) -> int:
     return max(1, round(sum(len(r.prompt_token_ids) + r.output_len for r in reqs) / len(reqs)))
 
 
-def replay(instance: Instance, workload: Workload) -> list:
-    """Submit each request at its arrival time; return the finished requests."""
+def replay(instance: Instance, workload: Workload, max_drain_s: float | None = None) -> list:
+    """Submit each request at its arrival time; return every request, times relative to the start.
+
+    With ``max_drain_s``, requests still unfinished that long after the last arrival are aborted
+    (their ``end`` stays None: they count as unfinished); this bounds an overloaded run.
+    """
     pending = deque(workload.requests)
+    last_arrival = workload.requests[-1].arrival if workload.requests else 0.0
     requests = []
+    aborted = False
     t0 = time.monotonic()
     with tqdm(total=len(pending), desc="requests", unit="req", file=sys.stderr) as bar:
         while pending or instance.scheduler.has_work():
@@ -106,13 +115,20 @@ def replay(instance: Instance, workload: Workload) -> list:
                 r = pending.popleft()
                 params = SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
                 requests.append(instance.submit(r.llm, r.prompt_token_ids, params, t0 + r.arrival, r.idx))
+            if max_drain_s is not None and not aborted and not pending and now > last_arrival + max_drain_s:
+                left = [r for r in requests if r.end is None]
+                logger.warning("%.0f s after the last arrival: aborting %d unfinished requests", max_drain_s, len(left))
+                for r in left:
+                    instance.abort(r.req_id)
+                aborted = True
             wait = min(0.05, pending[0].arrival - now) if pending else 0.05
             bar.update(len(instance.poll(max(0.0, wait))))
     for r in requests:  # report times relative to the start of replay
-        r.arrival -= t0
-        r.submit -= t0
-        r.prefill_end -= t0
-        r.end -= t0
+        if r.finish_reason == "abort":
+            r.end = None
+        for key in ("arrival", "submit", "prefill_end", "end"):
+            if getattr(r, key) is not None:
+                setattr(r, key, getattr(r, key) - t0)
     return requests
 
 
@@ -136,7 +152,7 @@ def run(args) -> int:
         bases = None if args.no_slo else instance.calibrate()
         logger.info("replaying %d requests of %s with %s", len(workload.requests), workload_path,
                     args.schedule_approach)
-        requests = replay(instance, workload)
+        requests = replay(instance, workload, args.max_drain_s)
         preemptions = instance.scheduler.num_preemptions
     finally:
         instance.stop()
@@ -168,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.max_drain_s is not None and args.max_drain_s < 0:
+        parser.error(f"--max-drain-s must be >= 0, got {args.max_drain_s}")
     return run_instance_command(lambda: run(args), (ConfigError, WorkloadError, FileNotFoundError))
 
 

@@ -28,7 +28,6 @@ import argparse
 import json
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -75,38 +74,6 @@ class Barrier:
             self.started = True
 
 
-def replay_with_deadline(instance, workload, max_drain_s: float) -> list:
-    """The launcher's replay loop, ending ``max_drain_s`` after the last arrival (see the module docstring)."""
-    from muxserve.engine.sampling_params import SamplingParams
-
-    pending = deque(workload.requests)
-    last = workload.requests[-1].arrival if workload.requests else 0.0
-    requests = []
-    t0 = time.monotonic()
-    aborted = False
-    while pending or instance.scheduler.has_work():
-        now = time.monotonic() - t0
-        while pending and pending[0].arrival <= now:
-            r = pending.popleft()
-            params = SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
-            requests.append(instance.submit(r.llm, r.prompt_token_ids, params, t0 + r.arrival, r.idx))
-        if not aborted and not pending and now > last + max_drain_s:
-            left = [r for r in requests if r.end is None]
-            print(f"max drain time reached: aborting {len(left)} unfinished requests", file=sys.stderr, flush=True)
-            for r in left:
-                instance.abort(r.req_id)
-            aborted = True
-        wait = min(0.05, pending[0].arrival - now) if pending else 0.05
-        instance.poll(max(0.0, wait))
-    for r in requests:
-        if r.finish_reason == "abort":
-            r.end = None
-        for key in ("arrival", "submit", "prefill_end", "end"):
-            if getattr(r, key) is not None:
-                setattr(r, key, getattr(r, key) - t0)
-    return requests
-
-
 def install(barrier: Barrier, max_drain_s: float | None = None) -> None:
     """Wrap the launcher's calibration and replay with the barrier."""
     if not hasattr(launch, "replay") or not hasattr(launch, "Instance"):
@@ -123,15 +90,13 @@ def install(barrier: Barrier, max_drain_s: float | None = None) -> None:
                 barrier.arrive("calibrated")
                 barrier.calibrated = True
 
-    def replay(instance, workload):
+    def replay(instance, workload, launcher_max_drain_s=None):
         barrier.start_together()
         if not barrier.calibrated:  # --no-slo
             barrier.arrive("calibrated")
         barrier.wait("calibrated")
         barrier.arrive("start", {"wall": time.time()})
-        if max_drain_s is None:
-            return base_replay(instance, workload)
-        return replay_with_deadline(instance, workload, max_drain_s)
+        return base_replay(instance, workload, launcher_max_drain_s if max_drain_s is None else max_drain_s)
 
     launch.Instance = SyncedInstance
     launch.replay = replay

@@ -80,9 +80,10 @@ class _FakeInstance:
         import time
 
         now = time.monotonic()
-        for r in self.requests:
-            if r.llm == "fast" and r.end is None:
-                r.prefill_end, r.end, r.finish_reason = now, now, "length"
+        done = [r for r in self.requests if r.llm == "fast" and r.end is None]
+        for r in done:
+            r.prefill_end, r.end, r.finish_reason = now, now, "length"
+        return done
 
     def abort(self, req_id):
         import time
@@ -93,14 +94,13 @@ class _FakeInstance:
 
 
 def test_replay_with_deadline_aborts_what_is_left_and_keeps_it_unfinished():
+    from muxserve.launch import replay
     from muxserve.muxsched.workload import Workload, WorkloadRequest
-
-    import launch_synced
 
     workload = Workload({}, [WorkloadRequest(0, "fast", 0.0, [1], 2), WorkloadRequest(1, "slow", 0.01, [1], 2),
                              WorkloadRequest(2, "fast", 0.02, [1], 2)])
     instance = _FakeInstance()
-    got = launch_synced.replay_with_deadline(instance, workload, max_drain_s=0.05)
+    got = replay(instance, workload, max_drain_s=0.05)
     assert [(r.llm, r.finish_reason, r.end is None) for r in got] == [
         ("fast", "length", False), ("slow", "abort", True), ("fast", "length", False)]
     assert got[1].submit == pytest.approx(0.01, abs=0.03) and got[0].end < 0.1  # relative to the replay's start

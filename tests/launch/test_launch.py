@@ -149,3 +149,26 @@ def test_request_larger_than_the_pool_is_refused(setup, tmp_path):
     proc, _ = run_launch(setup.config(kv_cache_bytes=4 * 16384), setup.workload, tmp_path, "--no-slo")
     assert proc.returncode == 2
     assert "need more KV cache than the pool holds for their LLM" in proc.stderr
+
+
+def test_max_drain_aborts_what_is_left_and_reports_it_unfinished(setup, tmp_path):
+    # Every request at once with long outputs; 0.2 s after the last arrival the rest is aborted.
+    from muxserve.muxsched.workload import WorkloadRequest, write_workload
+
+    burst = tmp_path / "burst.json"
+    write_workload(burst, {}, [WorkloadRequest(r.idx, r.llm, 0.0, r.prompt_token_ids, 200) for r in setup.requests])
+    proc, stats = run_launch(setup.config(), burst, tmp_path, "--no-slo", "--max-drain-s", "0.2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unfinished requests" in proc.stderr
+    overall = stats["summary"]["overall"]
+    assert overall["num_requests"] == len(setup.requests)
+    assert 0 <= overall["num_finished"] < len(setup.requests)
+    unfinished = [r for r in stats["requests"] if r["end"] is None]
+    assert len(unfinished) == len(setup.requests) - overall["num_finished"]
+    assert all(len(r["output_token_ids"]) < 200 for r in unfinished)
+
+
+def test_negative_max_drain_is_refused(setup, tmp_path):
+    proc, _ = run_launch(setup.config(), setup.workload, tmp_path, "--max-drain-s", "-1")
+    assert proc.returncode == 2
+    assert "--max-drain-s must be >= 0, got -1.0" in proc.stderr
