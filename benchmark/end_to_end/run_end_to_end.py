@@ -32,21 +32,12 @@ from e2e_plan import Machine, PlanOptions, describe_llms, model_ref
 from muxserve.muxsched.datasets import SHAREGPT_FILE, LengthFilter, load_sharegpt
 from muxserve.muxsched.models_file import InputError, LLMEntry, ModelsFile, load_models_file
 from muxserve.muxsched.workload import WorkloadError
-from muxserve.muxsched.workload_utils import (GenerateOptions, Tokenizers, generate, power_law_rates, save_models_file,
-                                              save_workload)
+from muxserve.muxsched.workload_utils import (GenerateOptions, Tokenizers, generate, parse_llm_count, power_law_rates,
+                                              save_models_file, save_workload)
 
 DEFAULT_LLMS = ["examples/shapes/llama-3.2-1b", "examples/shapes/smollm2-1.7b", "examples/shapes/llama-3.2-3b",
                 "examples/shapes/llama-3-8b"]
 DEFAULT_OUT = "benchmark/results/end_to_end/runs"
-
-
-def llm_count(text: str) -> tuple[str, int]:
-    model, sep, count = text.rpartition("=")
-    if not sep:
-        return text, 1
-    if not model or not count.isdigit() or int(count) < 1:
-        raise argparse.ArgumentTypeError(f"expected MODEL or MODEL=COUNT, got {text!r}")
-    return model, int(count)
 
 
 def add_machine_args(p: argparse.ArgumentParser) -> None:
@@ -135,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="run_end_to_end.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("LLMs and rates")
-    g.add_argument("--llms", type=llm_count, nargs="+", default=[(m, 1) for m in DEFAULT_LLMS], metavar="MODEL[=COUNT]",
+    g.add_argument("--llms", type=parse_llm_count, nargs="+", default=[(m, 1) for m in DEFAULT_LLMS], metavar="MODEL[=COUNT]",
                    help="models in popularity order (llm-0 most popular): folders (config.json only -> random "
                         "weights), short names or random:FOLDER (default: the 1B, 1.7B, 3B and 8B shapes of "
                         "examples/shapes)")

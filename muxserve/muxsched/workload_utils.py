@@ -295,7 +295,7 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def _llm_counts(text: str) -> tuple[str, int]:
+def parse_llm_count(text: str) -> tuple[str, int]:
     model, sep, count = text.rpartition("=")
     if not sep:
         return text, 1
@@ -354,7 +354,7 @@ def parser(mode: str) -> argparse.ArgumentParser:
         p.add_argument("--alpha", type=float, required=True, help="exponent of the popularity power law")
         p.add_argument("--max-rate", type=float, default=40.0, help="rate (req/s) of the most popular LLM, llm-0")
         p.add_argument("--rate-scale", type=float, default=1.0, help="multiplies --max-rate (the paper: 0.5-1.25)")
-        p.add_argument("--llms", type=_llm_counts, nargs="+", required=True, metavar="MODEL[=COUNT]",
+        p.add_argument("--llms", type=parse_llm_count, nargs="+", required=True, metavar="MODEL[=COUNT]",
                        help="models in popularity order, e.g. smollm2-135m=2 /models/llama-8b=1")
         p.add_argument("--models-yaml-out", required=True, help="models.yaml to write")
         p.add_argument("--nnodes", type=int, default=1)
