@@ -263,43 +263,51 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
 async def completion_stream(state: ServerState, gen: Generation, body: CompletionRequest, rid: str,
                             created: int) -> AsyncIterator[bytes]:
     head = {"id": rid, "object": "text_completion", "created": created, "model": gen.model.name}
-    usage_field = {"usage": None} if body.include_usage else {}
-    try:
-        async with contextlib.aclosing(run(state, gen)) as deltas:
-            first = True
-            async for d in deltas:
-                choice = {"index": 0, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason,
-                          "stop_reason": d.stop_reason}
-                if body.return_token_ids:
-                    choice["token_ids"] = [d.token_id]
-                    if first:
-                        choice["prompt_token_ids"] = gen.prompt_token_ids
-                first = False
-                yield sse({**head, "choices": [choice], **usage_field})
-    except ApiError as exc:
-        yield sse(exc.body())
-    else:
-        if body.include_usage:
-            yield sse({**head, "choices": [], "usage": gen.usage()})
-    yield SSE_DONE
+
+    def choice(d, first: bool) -> dict:
+        out = {"index": 0, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason,
+               "stop_reason": d.stop_reason}
+        if body.return_token_ids:
+            out["token_ids"] = [d.token_id]
+            if first:
+                out["prompt_token_ids"] = gen.prompt_token_ids
+        return out
+
+    async with contextlib.aclosing(_token_chunks(state, gen, body, head, choice)) as chunks:
+        async for chunk in chunks:  # closed at once when the client goes away
+            yield chunk
 
 
 async def chat_stream(state: ServerState, gen: Generation, body: ChatCompletionRequest, rid: str,
                       created: int) -> AsyncIterator[bytes]:
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": gen.model.name}
-    usage_field = {"usage": None} if body.include_usage else {}
     first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
     if body.return_token_ids:
         first["prompt_token_ids"] = gen.prompt_token_ids
-    yield sse({**head, "choices": [first], **usage_field})
+    yield sse({**head, "choices": [first], **({"usage": None} if body.include_usage else {})})
+
+    def choice(d, _first: bool) -> dict:
+        out = {"index": 0, "delta": {"content": d.text}, "logprobs": None, "finish_reason": d.finish_reason,
+               "stop_reason": d.stop_reason}
+        if body.return_token_ids:
+            out["token_ids"] = [d.token_id]
+        return out
+
+    async with contextlib.aclosing(_token_chunks(state, gen, body, head, choice)) as chunks:
+        async for chunk in chunks:  # closed at once when the client goes away
+            yield chunk
+
+
+async def _token_chunks(state: ServerState, gen: Generation, body, head: dict, choice) -> AsyncIterator[bytes]:
+    """One SSE chunk per token (``choice(delta, is_first)`` shapes it), an error chunk if the
+    generation fails, the usage chunk when asked for, then ``[DONE]``."""
+    usage_field = {"usage": None} if body.include_usage else {}
     try:
         async with contextlib.aclosing(run(state, gen)) as deltas:
+            first = True
             async for d in deltas:
-                choice = {"index": 0, "delta": {"content": d.text}, "logprobs": None,
-                          "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}
-                if body.return_token_ids:
-                    choice["token_ids"] = [d.token_id]
-                yield sse({**head, "choices": [choice], **usage_field})
+                yield sse({**head, "choices": [choice(d, first)], **usage_field})
+                first = False
     except ApiError as exc:
         yield sse(exc.body())
     else:
