@@ -54,16 +54,36 @@ class InstanceOptions:
     rates: dict[str, float] = field(default_factory=dict)  # requests/s per LLM, for the quotas
     avg_seq_len: int = 416  # the original's default when the workload has no length stats
     ready_timeout_s: float = 600.0
+    # torch.distributed rendezvous of tensor-parallel runtimes: the k-th group (an LLM's prefill
+    # or decode ranks) listens on dist_base_port + k (the original's --server-port)
+    dist_host: str = "127.0.0.1"
+    dist_base_port: int = 50060
 
 
 class _Link:
-    """PUSH socket that carries one runtime's jobs."""
+    """The PUSH sockets that carry one (LLM, phase) runtime's jobs: one per tensor-parallel rank,
+    each rank getting every job."""
 
-    def __init__(self, socket: zmq.Socket):
-        self.socket = socket
+    def __init__(self, sockets: list[zmq.Socket]):
+        self.sockets = sockets
 
     def send(self, job: M.Job) -> None:
-        self.socket.send(M.encode(job))
+        data = M.encode(job)
+        for socket in self.sockets:
+            socket.send(data)
+
+    def send_nowait(self, message) -> None:
+        data = M.encode(message)
+        for socket in self.sockets:
+            try:
+                socket.send(data, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+
+def _runtime_name(llm: str, phase: Phase, rank: int, tp: int) -> str:
+    """A runtime process's name (logs, readiness): ``llm/phase``, plus ``/rankN`` under tensor parallelism."""
+    return f"{llm}/{phase.value}" + (f"/rank{rank}" if tp > 1 else "")
 
 
 class Instance:
@@ -94,11 +114,14 @@ class Instance:
     def _start_flexstore(self) -> None:
         o = self.options
         device = "cuda:0" if o.device == "cuda" else "cpu"
-        models = tuple(StoreModel(m.name, m.model, m.torch_dtype_name, m.load_format) for m in self.config.models)
+        models = tuple(StoreModel(m.name, m.model, m.torch_dtype_name, m.load_format,
+                                  tensor_parallel_size=m.tensor_parallel_size, devices=tuple(m.devices))
+                       for m in self.config.models)
         store_config = FlexStoreConfig(models=models, address=o.flexstore_address, device=device,
                                        kv_cache_bytes=self.config.kv_cache_bytes,
                                        gpu_memory_utilization=self.config.gpu_memory_utilization,
-                                       page_bytes=o.page_bytes, shm_prefix=f"muxserve{os.getpid()}")
+                                       page_bytes=o.page_bytes, shm_prefix=f"muxserve{os.getpid()}",
+                                       num_devices=self.config.num_gpus)
         log = o.log_dir / "flexstore.log" if o.log_dir else None
         if o.log_dir:
             o.log_dir.mkdir(parents=True, exist_ok=True)
@@ -119,29 +142,46 @@ class Instance:
         links = {}
         for i, m in enumerate(self.config.models):
             for phase in Phase:
-                sock = self._ctx.socket(zmq.PUSH)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.bind(f"ipc://{self.run_dir}/{i}-{phase.value}")
-                self._sockets.append(sock)
-                links[(m.name, phase)] = _Link(sock)
+                sockets = []
+                for rank in range(m.tensor_parallel_size):
+                    sock = self._ctx.socket(zmq.PUSH)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.bind(self._jobs_address(i, phase, rank))
+                    self._sockets.append(sock)
+                    sockets.append(sock)
+                links[(m.name, phase)] = _Link(sockets)
         return results, links
+
+    def _jobs_address(self, index: int, phase: Phase, rank: int) -> str:
+        return f"ipc://{self.run_dir}/{index}-{phase.value}" + (f"-{rank}" if rank else "")
 
     def _start_runtimes(self, links) -> None:
         o = self.options
+        groups = 0  # tensor-parallel groups so far: each takes the next rendezvous port
         for i, m in enumerate(self.config.models):
             for phase in Phase:
                 if phase is Phase.PREFILL:
                     pct = max(10, m.prefill_percentage - o.policy.prefill_mps_reduction)
                 else:
                     pct = m.decode_percentage
-                args = ["-m", "muxserve.flexserver", "--llm", m.name, "--phase", phase.value,
-                        "--flexstore", o.flexstore_address, "--jobs", f"ipc://{self.run_dir}/{i}-{phase.value}",
-                        "--results", f"ipc://{self.run_dir}/results",
-                        "--max-num-seqs", str(m.max_num_seqs or o.max_num_seqs or self.config.max_num_seqs)]
-                self.processes.start(f"{m.name}/{phase.value}", args, mps_env(o.mps_dir, pct))
+                tp = m.tensor_parallel_size
+                dist = []
+                if tp > 1:
+                    dist = ["--tp-size", str(tp), "--dist-address", f"{o.dist_host}:{o.dist_base_port + groups}"]
+                    groups += 1
+                for rank in range(tp):
+                    args = ["-m", "muxserve.flexserver", "--llm", m.name, "--phase", phase.value,
+                            "--flexstore", o.flexstore_address, "--jobs", self._jobs_address(i, phase, rank),
+                            "--results", f"ipc://{self.run_dir}/results",
+                            "--max-num-seqs", str(m.max_num_seqs or o.max_num_seqs or self.config.max_num_seqs)]
+                    if tp > 1:
+                        args += [*dist, "--tp-rank", str(rank)]
+                    self.processes.start(_runtime_name(m.name, phase, rank, tp), args, mps_env(o.mps_dir, pct))
 
     def _wait_ready(self) -> None:
-        expected = {f"{m.name}/{p.value}" for m in self.config.models for p in Phase}
+        expected = {_runtime_name(m.name, p, r, m.tensor_parallel_size)
+                    for m in self.config.models for p in Phase for r in range(m.tensor_parallel_size)}
+        total = len(expected)
         deadline = time.monotonic() + self.options.ready_timeout_s
         while expected:
             self._check_alive()
@@ -153,7 +193,7 @@ class Instance:
                     raise RuntimeError(f"runtime {msg.runtime} failed at start: {msg.message}")
                 if isinstance(msg, M.Ready):
                     expected.discard(msg.runtime)
-        logger.info("all %d runtimes ready", 2 * len(self.config.models))
+        logger.info("all %d runtime processes ready", total)
 
     def _build_scheduler(self, links) -> MuxScheduler:
         o = self.options
@@ -272,11 +312,8 @@ class Instance:
     # -- stop -------------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop every process this instance started and release its sockets and files."""
-        for (_, _), link in getattr(self.scheduler, "links", {}).items():
-            try:
-                link.socket.send(M.encode(M.Shutdown()), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+        for link in getattr(self.scheduler, "links", {}).values():
+            link.send_nowait(M.Shutdown())
         self.processes.stop_all()
         if getattr(self, "_allocator", None) is not None:
             self._allocator.close()

@@ -17,6 +17,7 @@ from muxserve.engine.kv_cache import KVLayout
 from muxserve.engine.llm_engine import parse_dtype
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
+from muxserve.engine.parallel import check_tensor_parallel
 from muxserve.instance import InstanceOptions
 from muxserve.muxsched.launcher import ChildDied
 from muxserve.muxsched.policy import POLICIES, get_policy
@@ -58,10 +59,15 @@ def resolve_device(device: str) -> str:
 def check_instance_args(args: argparse.Namespace, config: MuxServeConfig, device: str, source: str) -> None:
     """Refuse, before anything starts, what this version cannot run (ConfigError naming the value)."""
     for m in config.models:
-        if m.tensor_parallel_size * m.pipeline_parallel_size > 1:
-            raise ConfigError(f"{source}: LLM {m.name!r} asks for tensor_parallel_size "
-                              f"{m.tensor_parallel_size} x pipeline_parallel_size {m.pipeline_parallel_size}; "
-                              "meshes of one device only are supported by this version")
+        if m.pipeline_parallel_size > 1:
+            raise ConfigError(f"{source}: LLM {m.name!r} asks for pipeline_parallel_size {m.pipeline_parallel_size}; "
+                              "pipeline parallelism is not supported: use tensor_parallel_size (a mesh of up to 8 "
+                              "GPUs of one node) instead")
+        if m.tensor_parallel_size > 1:
+            try:
+                check_tensor_parallel(ModelSpec.from_folder(resolve_model(m.model)), m.tensor_parallel_size)
+            except ValueError as e:
+                raise ConfigError(f"{source}: LLM {m.name!r}: {e}") from None
     if args.mps_dir and device != "cuda":
         raise ConfigError("--mps-dir needs a CUDA device (MPS partitions GPU SMs)")
     if args.max_num_batched_tokens < 1:
@@ -70,6 +76,11 @@ def check_instance_args(args: argparse.Namespace, config: MuxServeConfig, device
         raise ConfigError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
     if not 1 <= args.flexstore_port <= 65535:
         raise ConfigError(f"--flexstore-port must be a TCP port (1-65535), got {args.flexstore_port}")
+    groups = 2 * sum(m.tensor_parallel_size > 1 for m in config.models)
+    server_port = getattr(args, "server_port", 50060)
+    if groups and not 1 <= server_port <= 65535 - groups:
+        raise ConfigError(f"--server-port {server_port}: the {groups} tensor-parallel groups need ports "
+                          f"{server_port}..{server_port + groups - 1}")
 
 
 def page_bytes_for(config: MuxServeConfig, block_size: int | None) -> int:
@@ -101,8 +112,9 @@ def planned_max_tokens(config: MuxServeConfig, page_bytes: int, device: str) -> 
     out = {}
     for m in config.models:
         spec = ModelSpec.from_folder(resolve_model(m.model))
-        layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, parse_dtype(m.torch_dtype_name),
-                          page_bytes)
+        # A tensor-parallel rank holds num_kv_heads / tp heads; every rank's device has the same pool.
+        layout = KVLayout(spec.num_layers, spec.num_kv_heads // m.tensor_parallel_size, spec.head_dim,
+                          parse_dtype(m.torch_dtype_name), page_bytes)
         out[m.name] = pages // layout.pages_per_block * layout.page_tokens
     return out
 
@@ -116,7 +128,8 @@ def instance_options(args: argparse.Namespace, config: MuxServeConfig, device: s
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         page_bytes=page_bytes_for(config, args.block_size), mps_dir=args.mps_dir,
         flexstore_address=f"tcp://127.0.0.1:{args.flexstore_port}", log_dir=Path(args.log_dir),
-        rates=dict(rates or {}), **extra,
+        rates=dict(rates or {}), dist_host=getattr(args, "master_addr", "127.0.0.1"),
+        dist_base_port=getattr(args, "server_port", 50060), **extra,
     )
 
 

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds to let running requests finish before they are aborted (default: 120)")
     g.add_argument("--split-by-model", help="serve only this LLM of the config (spatial partitioning)")
     g.add_argument("--no-access-log", action="store_true", help="do not log each HTTP request")
+    g = p.add_argument_group("mesh")
+    g.add_argument("--server-port", type=int, default=50060,
+                   help="base port of the tensor-parallel runtimes' torch.distributed groups (default: 50060)")
     add_instance_arguments(p)
     return p
 

@@ -118,14 +118,34 @@ def init_tensor_parallel(world_size: int, rank: int, *, master_addr: str = "127.
 
     With NCCL the rank takes GPU ``rank % device_count``.
     """
-    import torch.distributed as dist
-
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if backend == "nccl" else torch.device("cpu")
     os.environ.setdefault("MASTER_ADDR", master_addr)
     os.environ.setdefault("MASTER_PORT", str(master_port))
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
-                            init_method=f"tcp://{master_addr}:{master_port}")
+    return join_group(world_size, rank, f"tcp://{master_addr}:{master_port}", device)
+
+
+def join_group(world_size: int, rank: int, init_method: str, device: torch.device,
+               timeout_s: float = 600.0) -> TensorParallel:
+    """Join the default process group as ``rank``: NCCL when ``device`` is a GPU (made current), else gloo."""
+    import datetime
+
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, rank=rank, world_size=world_size, init_method=init_method,
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return TensorParallel.from_group()
+
+
+def leave_group() -> None:
+    """Destroy the default process group, if any (a clean exit for NCCL)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -23,14 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention-backend", default="auto", help="attention backend (default: auto)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="largest batch this runtime runs (default: 256)")
     p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks of this LLM (default: 1)")
+    p.add_argument("--tp-rank", type=int, default=0, help="this process's tensor-parallel rank (default: 0)")
+    p.add_argument("--dist-address", metavar="HOST:PORT",
+                   help="rendezvous of the ranks' torch.distributed group (required with --tp-size > 1)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
+    if args.tp_size < 1 or not 0 <= args.tp_rank < args.tp_size:
+        p.error(f"--tp-rank {args.tp_rank} must be in [0, --tp-size {args.tp_size})")
+    if args.tp_size > 1 and not args.dist_address:
+        p.error("--tp-size > 1 needs --dist-address HOST:PORT")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s runtime %(message)s")
     exit_with_parent()
     torch.set_num_threads(args.threads)
     config = RuntimeConfig(args.llm, args.phase, args.flexstore, args.jobs, args.results, args.attention_backend,
-                           args.max_num_seqs, args.enforce_eager)
+                           args.max_num_seqs, args.enforce_eager, args.tp_size, args.tp_rank, args.dist_address)
     Runtime(config).serve()
     return 0
 

@@ -16,6 +16,7 @@ import torch
 import zmq
 
 from muxserve.engine.attention import make_attention, select_backend
+from muxserve.engine.parallel import TensorParallel, join_group, leave_group
 from muxserve.engine.runner import ModelRunner
 from muxserve.engine.sampler import step_generator
 from muxserve.engine.sampling_params import SamplingParams
@@ -47,10 +48,21 @@ class RuntimeConfig:
     attention_backend: str = "auto"
     max_num_seqs: int = 256  # the largest decode batch (sizes the page table and CUDA graphs)
     enforce_eager: bool = False  # no CUDA graphs
+    # Tensor parallelism: this process is rank ``tp_rank`` of ``tp_size``; the ranks of one
+    # (LLM, phase) form a torch.distributed group at ``dist_address`` (host:port of rank 0).
+    tp_size: int = 1
+    tp_rank: int = 0
+    dist_address: str | None = None
+
+    @property
+    def group(self) -> str:
+        """The (LLM, phase) this process serves; what the scheduler calls the runtime."""
+        return f"{self.llm}/{self.phase}"
 
     @property
     def name(self) -> str:
-        return f"{self.llm}/{self.phase}"
+        """This process: the group, plus the rank under tensor parallelism."""
+        return self.group if self.tp_size == 1 else f"{self.group}/rank{self.tp_rank}"
 
 
 @dataclass
@@ -60,17 +72,28 @@ class Runtime:
     params: dict[str, SamplingParams] = field(default_factory=dict)
 
     def attach(self) -> None:
-        client = FlexStoreClient(self.config.flexstore_address)
-        self.attached = client.attach(self.config.llm)
-        client.close()
+        c = self.config
+        client = FlexStoreClient(c.flexstore_address)
+        try:
+            init = None
+            if c.tp_size > 1:
+                def init(device: torch.device) -> TensorParallel:
+                    return join_group(c.tp_size, c.tp_rank, f"tcp://{c.dist_address}", device)
+            self.attached = client.attach(c.llm, c.tp_rank, init)
+        finally:
+            client.close()
         a = self.attached
-        backend = select_backend(self.config.attention_backend, a.device)
-        attention = make_attention(backend, a.pool.view(a.layout), a.spec.num_heads, a.spec.num_kv_heads,
-                                   a.spec.head_dim)
+        self.parallel = a.model.parallel
+        shard = a.model.shard  # this rank's heads
+        backend = select_backend(c.attention_backend, a.device)
+        attention = make_attention(backend, a.pool.view(a.layout), shard.num_heads, shard.num_kv_heads,
+                                   shard.head_dim)
         # Decode steps replay CUDA graphs (on GPU with the Triton backend); prefill runs eagerly.
-        graphs = self.config.phase == "decode" and not self.config.enforce_eager
-        self.runner = ModelRunner(a.model, a.layout, attention, a.device, max_num_seqs=self.config.max_num_seqs,
-                                  max_model_len=a.spec.max_position_embeddings, cuda_graphs=graphs)
+        # Under tensor parallelism steps run eagerly (no collective is captured in a graph).
+        graphs = c.phase == "decode" and not c.enforce_eager and c.tp_size == 1
+        self.runner = ModelRunner(a.model, a.layout, attention, a.device, max_num_seqs=c.max_num_seqs,
+                                  max_model_len=a.spec.max_position_embeddings, cuda_graphs=graphs,
+                                  parallel=self.parallel)
 
     def run_job(self, job: M.Job) -> list[int]:
         for req_id in job.release:
@@ -116,7 +139,9 @@ class Runtime:
                     break
                 start = time.perf_counter()
                 tokens = self.run_job(msg)
-                results.send(M.encode(M.JobResult(msg.job_id, name, tokens, time.perf_counter() - start)))
+                if self.config.tp_rank == 0:  # every rank has the same tokens (rank 0's, broadcast)
+                    results.send(M.encode(M.JobResult(msg.job_id, self.config.group, tokens,
+                                                      time.perf_counter() - start)))
         except Exception as exc:  # report, then die: the launcher stops everything
             logger.exception("%s failed", name)
             results.send(M.encode(M.Failure(name, f"{type(exc).__name__}: {exc}")))
@@ -124,3 +149,5 @@ class Runtime:
         finally:
             jobs.close(linger=0)
             results.close()
+            if self.config.tp_size > 1:
+                leave_group()

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import zmq
 
 from muxserve.engine.kv_cache import Allocation, KVLayout, KVPool
 from muxserve.engine.model_config import ModelSpec
+from muxserve.engine.parallel import SINGLE, TensorParallel
 from muxserve.flexstore import protocol as P
 from muxserve.flexstore.manager import FlexStoreError
 from muxserve.flexstore.segments import SharedSegment
@@ -173,13 +174,24 @@ class FlexStoreClient:
         return True
 
     # -- attaching --------------------------------------------------------------------------
-    def attach(self, model: str) -> AttachedModel:
-        """Map ``model``'s weights and the pool into this process (zero copy)."""
+    def attach(self, model: str, rank: int = 0,
+               init_parallel: Callable[[torch.device], TensorParallel] | None = None) -> AttachedModel:
+        """Map ``model``'s weights and its device's pool into this process (zero copy).
+
+        A tensor-parallel model's rank ``rank`` maps its own shard and the pool of its own device;
+        ``init_parallel(device)`` then joins the rank's process group (it runs once the device is
+        known, before the model is built) and returns this rank's ``TensorParallel``.
+        """
         from muxserve.engine.llm_engine import parse_device, parse_dtype
 
-        info: P.AttachInfo = self.call(P.Attach(model))
+        info: P.AttachInfo = self.call(P.Attach(model, rank))
         dtype = parse_dtype(info.model.dtype)
         device = parse_device(info.device)
+        tp = info.model.tensor_parallel_size
+        parallel = init_parallel(device) if init_parallel is not None else SINGLE
+        if parallel.world_size != tp or parallel.rank != rank:
+            raise ValueError(f"model {model!r} is stored for tensor_parallel_size {tp}; this process is rank "
+                             f"{parallel.rank} of {parallel.world_size} (asked for rank {rank})")
         weights = SharedSegment.attach(info.weights)
         try:
             pool_segment = SharedSegment.attach(info.pool)
@@ -188,7 +200,7 @@ class FlexStoreClient:
             raise
         lay = info.model.layout
         layout = KVLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, parse_dtype(lay.dtype), lay.page_bytes)
-        net = attach_model(info.spec, dtype, device, weights.tensor, info.tensors)
+        net = attach_model(info.spec, dtype, device, weights.tensor, info.tensors, parallel)
         pool = KVPool(pool_segment.tensor, lay.page_bytes)
         return AttachedModel(model, Path(info.model.folder), info.spec, dtype, device, layout, net, pool,
                              [weights, pool_segment])

@@ -24,6 +24,8 @@ class ModelEntry:
         load_format: ``auto`` reads the checkpoint; ``random`` fills the weights from ``seed``
             (the folder then needs only ``config.json``; for benchmarks of real shapes).
         seed: seed of the random weights.
+        tensor_parallel_size: ranks of the model; FlexStore stores each rank's shard once.
+        devices: the mesh position (device index) of each rank, e.g. ``(0, 1)``.
     """
 
     name: str
@@ -31,19 +33,33 @@ class ModelEntry:
     dtype: str = "float32"
     load_format: str = "auto"
     seed: int = 0
+    tensor_parallel_size: int = 1
+    devices: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "devices", tuple(self.devices))
         if not self.name or any(c.isspace() for c in self.name):
             raise ValueError(f"model name {self.name!r} must be non-empty and have no spaces")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format {self.load_format!r} of model {self.name!r}; choose from {LOAD_FORMATS}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size of model {self.name!r} must be >= 1, got {self.tensor_parallel_size}")
+        if len(self.devices) != self.tensor_parallel_size or len(set(self.devices)) != len(self.devices):
+            raise ValueError(f"model {self.name!r}: devices {list(self.devices)} must name "
+                             f"{self.tensor_parallel_size} distinct device(s), one per tensor-parallel rank")
 
 
 @dataclass(frozen=True)
 class FlexStoreConfig:
-    """Settings of one FlexStore process (one GPU, or the CPU).
+    """Settings of one FlexStore process: one mesh of ``num_devices`` GPUs (or CPU stand-ins).
 
-    ``kv_cache_bytes`` sizes the pool when given. Otherwise the pool takes 512 MiB on CPU and,
+    ``device`` is ``cpu`` or the mesh's first GPU (``cuda`` = ``cuda:0``); position ``i`` of the
+    mesh is ``cuda:<first + i>``. On CPU every position is the CPU, with a pool of its own, so a
+    tensor-parallel model behaves as on GPUs. Every position gets a pool of the same number of
+    pages and page ids are global (one allocator): a request of a tensor-parallel model holds the
+    same page ids on each of its ranks' devices, each storing that rank's kv heads.
+
+    ``kv_cache_bytes`` sizes each pool when given. Otherwise the pool takes 512 MiB on CPU and,
     as in the original, ``gpu_memory_utilization`` x the GPU's *total* memory on a GPU (rounded
     down to a multiple of 128 pages); the weights and every runtime's activations must fit in
     the rest.
@@ -56,11 +72,21 @@ class FlexStoreConfig:
     gpu_memory_utilization: float = 0.5
     page_bytes: int = DEFAULT_PAGE_BYTES
     shm_prefix: str = "muxserve"
+    num_devices: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
         if not self.models:
             raise ValueError("FlexStore needs at least one model")
+        if self.num_devices < 1:
+            raise ValueError(f"num_devices must be >= 1, got {self.num_devices}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device {self.device!r} must be cpu, cuda or cuda:N")
+        for m in self.models:
+            outside = [d for d in m.devices if d >= self.num_devices]
+            if outside:
+                raise ValueError(f"model {m.name!r} is placed on devices {outside} outside the mesh of "
+                                 f"{self.num_devices} device(s)")
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -75,6 +101,14 @@ class FlexStoreConfig:
             raise ValueError(f"kv_cache_bytes ({self.kv_cache_bytes}) is smaller than one page ({self.page_bytes})")
         if not _SHM_PREFIX.match(self.shm_prefix):
             raise ValueError(f"shm_prefix {self.shm_prefix!r} must be 1-64 letters, digits, '_', '.' or '-'")
+
+
+    def device_names(self) -> list[str]:
+        """The torch device of each mesh position."""
+        if self.device == "cpu":
+            return ["cpu"] * self.num_devices
+        first = int(self.device.partition(":")[2] or 0)
+        return [f"cuda:{first + i}" for i in range(self.num_devices)]
 
 
 def parse_model_arg(text: str, default_dtype: str = "float32") -> ModelEntry:

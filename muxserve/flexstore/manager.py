@@ -14,6 +14,7 @@ import torch
 
 from muxserve.engine.kv_cache import KVLayout, KVPool, PageAllocator
 from muxserve.engine.model_hub import resolve_model
+from muxserve.engine.parallel import TensorParallel
 from muxserve.flexstore import protocol as P
 from muxserve.flexstore.config import DEFAULT_CPU_KV_BYTES, FlexStoreConfig
 from muxserve.flexstore.segments import SharedSegment, release_torch_ipc_files
@@ -41,41 +42,63 @@ class _Allocator(PageAllocator):
 
 
 class FlexStoreManager:
-    """Loads every model once, allocates one pool, owns every page id; see ``handle``."""
+    """Loads every model once, allocates one pool per device of the mesh, owns every page id; see ``handle``."""
 
     def __init__(self, config: FlexStoreConfig):
         from muxserve.engine.llm_engine import parse_device
 
         self.config = config
-        self.device = parse_device(config.device)
+        self.devices = [parse_device(d) for d in config.device_names()]
+        self.device = self.devices[0]
         # Names are unique per instance: prefix, pid and a random token (two instances can share a host).
         self._tag = f"{config.shm_prefix}-{os.getpid()}-{secrets.token_hex(4)}"
         self._segments: list[SharedSegment] = []
-        self.weights: dict[str, StoredWeights] = {}
+        self.shards: dict[str, list[StoredWeights]] = {}  # per model, one entry per tensor-parallel rank
         self._preemptions: dict[str, int] = {}
         try:
+            self._check_devices()
             for i, entry in enumerate(config.models):
-                stored = load_shared(entry, resolve_model(entry.model), self.device, f"{self._tag}-w{i}")
-                self._segments.append(stored.segment)
-                self.weights[entry.name] = stored
-                logger.info("loaded %s from %s: %s, %s, %.1f MiB of weights", entry.name, stored.folder,
-                            stored.spec.architecture, stored.dtype, stored.segment.nbytes / 2**20)
+                folder = resolve_model(entry.model)
+                tp = entry.tensor_parallel_size
+                shards = self.shards[entry.name] = []
+                for rank, position in enumerate(entry.devices):
+                    # Only the shapes and slicing of rank ``rank``; FlexStore never runs a forward pass.
+                    parallel = TensorParallel(tp, rank)
+                    stored = load_shared(entry, folder, self.devices[position],
+                                         f"{self._tag}-w{i}" + (f"r{rank}" if tp > 1 else ""), parallel)
+                    self._segments.append(stored.segment)
+                    shards.append(stored)
+                stored = shards[0]
+                logger.info("loaded %s from %s: %s, %s, %.1f MiB of weights%s", entry.name, stored.folder,
+                            stored.spec.architecture, stored.dtype, stored.segment.nbytes / 2**20,
+                            f" per rank, tensor parallel over devices {list(entry.devices)}" if tp > 1 else "")
             pool_bytes = self._pool_bytes()
-            self.pool_segment = SharedSegment.create(pool_bytes, self.device, f"{self._tag}-pool", zero=True)
-            self._segments.append(self.pool_segment)
-            self.pool = KVPool(self.pool_segment.tensor, config.page_bytes)
+            self.pools: list[KVPool] = []
+            self.pool_segments: list[SharedSegment] = []
+            for position, device in enumerate(self.devices):
+                name = f"{self._tag}-pool" + (f"{position}" if position else "")
+                segment = SharedSegment.create(pool_bytes, device, name, zero=True)
+                self._segments.append(segment)
+                self.pool_segments.append(segment)
+                self.pools.append(KVPool(segment.tensor, config.page_bytes))
+            self.pool = self.pools[0]
             self.allocator = _Allocator(self.pool.num_pages)
             self.layouts: dict[str, KVLayout] = {}
-            for name, stored in self.weights.items():
+            for entry in config.models:
+                stored = self.shards[entry.name][0]
                 s = stored.spec
-                layout = KVLayout(s.num_layers, s.num_kv_heads, s.head_dim, stored.dtype, config.page_bytes)
-                self.layouts[name] = layout
-                self.allocator.register_model(name, layout)
-                self._preemptions[name] = 0
+                # One rank's kv heads: a token block costs layers x (kv heads / tp) page ids, the same
+                # ids on every rank's device.
+                layout = KVLayout(s.num_layers, s.num_kv_heads // entry.tensor_parallel_size, s.head_dim,
+                                  stored.dtype, config.page_bytes)
+                self.layouts[entry.name] = layout
+                self.allocator.register_model(entry.name, layout)
+                self._preemptions[entry.name] = 0
         except BaseException:
             self.close()
             raise
-        logger.info("KV pool on %s: %d pages of %d B (%.1f MiB)", self.device, self.pool.num_pages,
+        where = f"each of {len(self.devices)} devices ({self.device} ...)" if len(self.devices) > 1 else self.device
+        logger.info("KV pool on %s: %d pages of %d B (%.1f MiB)", where, self.pool.num_pages,
                     config.page_bytes, pool_bytes / 2**20)
         for name, layout in self.layouts.items():
             logger.info("  %s: %d layers x %d kv-heads x head_dim %d (%s): %d tokens per page, %d pages per "
@@ -83,20 +106,36 @@ class FlexStoreManager:
                         layout.num_kv_heads, layout.head_dim, layout.dtype, layout.page_tokens,
                         layout.pages_per_block, self.allocator.max_tokens(name))
 
+    @property
+    def weights(self) -> dict[str, StoredWeights]:
+        """Rank 0's weights of every model."""
+        return {name: shards[0] for name, shards in self.shards.items()}
+
+    def _check_devices(self) -> None:
+        if self.device.type != "cuda":
+            return
+        visible = torch.cuda.device_count()
+        needed = max(d.index for d in self.devices) + 1
+        if needed > visible:
+            raise ValueError(f"the mesh needs {len(self.devices)} GPU(s) ({', '.join(map(str, self.devices))}) but "
+                             f"{visible} are visible (CUDA_VISIBLE_DEVICES="
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+
     def _pool_bytes(self) -> int:
         cfg = self.config
         if cfg.kv_cache_bytes is not None:
             pages = cfg.kv_cache_bytes // cfg.page_bytes
         elif self.device.type == "cpu":
             pages = DEFAULT_CPU_KV_BYTES // cfg.page_bytes
-        else:
-            total = torch.cuda.get_device_properties(self.device).total_memory
+        else:  # every GPU of the mesh gets the same number of pages, sized by the smallest
+            total = min(torch.cuda.get_device_properties(d).total_memory for d in self.devices)
             pages = int(cfg.gpu_memory_utilization * total) // cfg.page_bytes // POOL_PAGE_MULTIPLE * POOL_PAGE_MULTIPLE
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if pages * cfg.page_bytes > free:
-                raise ValueError(f"gpu_memory_utilization {cfg.gpu_memory_utilization} asks for a KV pool of "
-                                 f"{pages * cfg.page_bytes / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB are free "
-                                 "after the weights; lower it")
+            for device in self.devices:
+                free, _ = torch.cuda.mem_get_info(device)
+                if pages * cfg.page_bytes > free:
+                    raise ValueError(f"gpu_memory_utilization {cfg.gpu_memory_utilization} asks for a KV pool of "
+                                     f"{pages * cfg.page_bytes / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB are "
+                                     f"free on {device} after the weights; lower it")
         if pages < 1:
             raise ValueError(f"KV pool of {cfg.kv_cache_bytes} bytes holds no page of {cfg.page_bytes} bytes")
         return pages * cfg.page_bytes
@@ -149,37 +188,45 @@ class FlexStoreManager:
             return self.stats()
         if isinstance(req, P.GetInfo):
             return P.Info(device=str(self.device), num_pages=self.pool.num_pages, page_bytes=self.pool.page_bytes,
-                          models=[self.model_info(n) for n in self.weights])
+                          models=[self.model_info(n) for n in self.shards], num_devices=len(self.devices))
         if isinstance(req, P.Attach):
-            return self.attach_info(self._known(req.model))
+            return self.attach_info(self._known(req.model), req.rank)
         if isinstance(req, P.Shutdown):
             return P.Ok()
         raise FlexStoreError("invalid", f"unsupported request {type(req).__name__}")
 
     def _known(self, model: str) -> str:
-        if model not in self.weights:
-            raise FlexStoreError("unknown_model", f"unknown model {model!r}; served: {sorted(self.weights)}")
+        if model not in self.shards:
+            raise FlexStoreError("unknown_model", f"unknown model {model!r}; served: {sorted(self.shards)}")
         return model
 
     # -- figures ----------------------------------------------------------------------------
     def model_info(self, name: str) -> P.ModelInfo:
-        stored, layout = self.weights[name], self.layouts[name]
+        shards, layout = self.shards[name], self.layouts[name]
+        stored = shards[0]
+        entry = stored.entry
         return P.ModelInfo(
             name=name, folder=str(stored.folder), dtype=str(stored.dtype).removeprefix("torch."),
             layout=P.LayoutInfo(layout.num_layers, layout.num_kv_heads, layout.head_dim,
                                 str(layout.dtype).removeprefix("torch."), layout.page_bytes, layout.page_tokens,
                                 layout.pages_per_block),
-            max_tokens=self.allocator.max_tokens(name), weight_bytes=stored.segment.nbytes)
+            max_tokens=self.allocator.max_tokens(name), weight_bytes=sum(s.segment.nbytes for s in shards),
+            tensor_parallel_size=entry.tensor_parallel_size, devices=entry.devices)
 
-    def attach_info(self, name: str) -> P.AttachInfo:
-        stored = self.weights[name]
-        return P.AttachInfo(model=self.model_info(name), spec=stored.spec, device=str(self.device),
+    def attach_info(self, name: str, rank: int = 0) -> P.AttachInfo:
+        shards = self.shards[name]
+        if not 0 <= rank < len(shards):
+            raise FlexStoreError("invalid", f"model {name!r} has {len(shards)} tensor-parallel rank(s); "
+                                            f"there is no rank {rank}")
+        stored = shards[rank]
+        position = stored.entry.devices[rank]
+        return P.AttachInfo(model=self.model_info(name), spec=stored.spec, device=str(self.devices[position]),
                             weights=stored.segment.share(), tensors=stored.tensors,
-                            pool=self.pool_segment.share(), num_pages=self.pool.num_pages)
+                            pool=self.pool_segments[position].share(), num_pages=self.pool.num_pages)
 
     def stats(self) -> P.Stats:
         models = []
-        for name in self.weights:
+        for name in self.shards:
             requests, pages = self.allocator.usage(name)
             models.append(P.ModelStats(name=name, requests=requests, pages=pages,
                                        preemptions=self._preemptions[name]))
@@ -192,12 +239,13 @@ class FlexStoreManager:
     def close(self) -> None:
         """Release every segment (unlink shm names, drop CUDA allocations). Idempotent."""
         segments, self._segments = self._segments, []
-        self.weights = {}
+        self.shards = {}
         self.pool = None  # type: ignore[assignment]
+        self.pools = []
         for segment in segments:
             try:
                 segment.release()
             except Exception:  # keep releasing the others
                 logger.exception("could not release segment %s", segment.descriptor.name or segment.descriptor.kind)
-        if self.device.type == "cuda":
+        if self.devices[0].type == "cuda":
             release_torch_ipc_files()

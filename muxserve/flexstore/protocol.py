@@ -28,9 +28,10 @@ class GetInfo(_Msg):
 
 
 class Attach(_Msg):
-    """Ask for the handles a runtime needs to map one model's weights and the pool."""
+    """Ask for the handles a runtime needs to map one model's weights (``rank``'s shard) and its device's pool."""
 
     model: str
+    rank: int = 0
 
 
 class Allocate(_Msg):
@@ -115,7 +116,9 @@ class ModelInfo(msgspec.Struct, array_like=True, frozen=True):
     dtype: str
     layout: LayoutInfo
     max_tokens: int  # tokens one request could hold with the whole pool
-    weight_bytes: int
+    weight_bytes: int  # of every rank together
+    tensor_parallel_size: int = 1
+    devices: tuple[int, ...] = (0,)  # mesh position of each rank
 
 
 class ModelStats(msgspec.Struct, array_like=True, frozen=True):
@@ -131,10 +134,11 @@ class Pong(_Msg):
 
 
 class Info(_Msg):
-    device: str
-    num_pages: int
+    device: str  # the mesh's first device
+    num_pages: int  # per device (every device of the mesh has a pool of this many pages)
     page_bytes: int
     models: list[ModelInfo]
+    num_devices: int = 1
 
 
 class AttachInfo(_Msg):

@@ -13,6 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.models import build_model
 from muxserve.engine.models.llama import RMSNorm
 from muxserve.engine.models.rotary import RotaryEmbedding
+from muxserve.engine.parallel import SINGLE, TensorParallel
 from muxserve.flexstore.config import ModelEntry
 from muxserve.flexstore.protocol import TensorSpec
 from muxserve.flexstore.segments import SharedSegment
@@ -42,10 +44,10 @@ class StoredWeights:
     tensors: list[TensorSpec]
 
 
-def meta_model(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
-    """The model with every parameter on the meta device (no memory), in ``dtype``."""
+def meta_model(spec: ModelSpec, dtype: torch.dtype, parallel: TensorParallel = SINGLE) -> nn.Module:
+    """The model (or one tensor-parallel rank's shard) with every parameter on the meta device, in ``dtype``."""
     with torch.device("meta"):
-        return build_model(spec).to(dtype)
+        return build_model(spec, parallel).to(dtype)
 
 
 def plan_layout(model: nn.Module) -> tuple[list[TensorSpec], int]:
@@ -84,20 +86,21 @@ def finish_model(model: nn.Module, spec: ModelSpec, device: torch.device) -> nn.
     return model.eval()
 
 
-def load_shared(entry: ModelEntry, folder: Path, device: torch.device, segment_name: str) -> StoredWeights:
-    """Load one model's weights into a new shared segment (FlexStore side)."""
+def load_shared(entry: ModelEntry, folder: Path, device: torch.device, segment_name: str,
+                parallel: TensorParallel = SINGLE) -> StoredWeights:
+    """Load one model's weights (``parallel``: one rank's shard) into a new shared segment (FlexStore side)."""
     from muxserve.engine.llm_engine import parse_dtype
 
     dtype = parse_dtype(entry.dtype)
     spec = ModelSpec.from_folder(folder)
-    model = meta_model(spec, dtype)
+    model = meta_model(spec, dtype, parallel)
     tensors, nbytes = plan_layout(model)
     segment = SharedSegment.create(nbytes, device, segment_name)
     try:
         bind_parameters(model, segment.tensor, tensors, dtype)
         with torch.no_grad():
             if entry.load_format == "random":
-                fill_random(model, entry.seed, device)
+                model.load_weights(random_checkpoint(spec, dtype, device, entry.seed))
             else:
                 model.load_weights(iter_weights(folder, dtype))
     except BaseException:
@@ -107,24 +110,52 @@ def load_shared(entry: ModelEntry, folder: Path, device: torch.device, segment_n
 
 
 def attach_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, buffer: torch.Tensor,
-                 tensors: list[TensorSpec]) -> nn.Module:
-    """Build the model on meta and bind it to a mapped weight segment (runtime side)."""
-    model = meta_model(spec, dtype)
+                 tensors: list[TensorSpec], parallel: TensorParallel = SINGLE) -> nn.Module:
+    """Build the model (``parallel``: this rank's shard) on meta and bind it to a mapped weight segment."""
+    model = meta_model(spec, dtype, parallel)
     bind_parameters(model, buffer, tensors, dtype)
     return finish_model(model, spec, device)
 
 
 def fill_random(model: nn.Module, seed: int, device: torch.device) -> None:
-    """Deterministic random weights: N(0, 0.02) matrices, unit norms, zero biases."""
+    """Deterministic random weights: N(0, 0.02) matrices, unit norms, zero biases.
+
+    A tensor-parallel shard gets exactly its slice of the whole model's random weights, so TP=n
+    computes what TP=1 computes (see ``random_checkpoint``).
+    """
+    dtype = next(model.parameters()).dtype
+    model.load_weights(random_checkpoint(model.spec, dtype, device, seed))
+
+
+def random_checkpoint(spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                      seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The whole model's random weights as Hugging Face-named tensors, one at a time.
+
+    Drawn parameter by parameter in the whole (unsharded) model's order from one generator on
+    ``device``; fused q/k/v and gate/up are drawn whole, then split into their checkpoint names.
+    """
+    whole = meta_model(spec, dtype)
+    norms = {name + ".weight" for name, m in whole.named_modules() if isinstance(m, RMSNorm)}
     gen = torch.Generator(device=device).manual_seed(seed)
-    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
-    for name, param in model.named_parameters():
-        if id(param) in norms:
-            param.fill_(1.0)
+    q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    split = {"qkv_proj": (("q_proj", "k_proj", "v_proj"), (q_size, kv_size, kv_size)),
+             "gate_up_proj": (("gate_proj", "up_proj"), (spec.intermediate_size, spec.intermediate_size))}
+    for name, param in whole.named_parameters():
+        tensor = torch.empty(param.shape, dtype=dtype, device=device)
+        if name in norms:
+            tensor.fill_(1.0)
         elif name.endswith(".bias"):
-            param.zero_()
+            tensor.zero_()
         else:
-            param.normal_(0.0, 0.02, generator=gen)
+            tensor.normal_(0.0, 0.02, generator=gen)
+        prefix, kind, leaf = name.rsplit(".", 2) if name.count(".") >= 2 else ("", "", name)
+        if kind in split:
+            names, sizes = split[kind]
+            for part_name, part in zip(names, tensor.split(sizes, dim=0)):
+                yield f"{prefix}.{part_name}.{leaf}", part
+        else:
+            yield name, tensor
+        del tensor
 
 
 def _align(n: int) -> int:

@@ -74,3 +74,18 @@ def test_model_entry_validation():
         ModelEntry("a b", "x")
     with pytest.raises(ValueError, match=r"^load_format 'npz' of model 'a'; choose from \('auto', 'random'\)$"):
         ModelEntry("a", "x", load_format="npz")
+
+
+def test_mesh_placement_validation():
+    with pytest.raises(ValueError, match=r"^model 'a': devices \[0\] must name 2 distinct device\(s\), one per "
+                                         r"tensor-parallel rank$"):
+        ModelEntry("a", "x", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match=r"^model 'a': devices \[1, 1\] must name 2 distinct"):
+        ModelEntry("a", "x", tensor_parallel_size=2, devices=(1, 1))
+    with pytest.raises(ValueError) as excinfo:
+        FlexStoreConfig(models=(ModelEntry("a", "x", tensor_parallel_size=2, devices=(1, 2)),), address=ADDRESS,
+                        num_devices=2)
+    assert str(excinfo.value) == "model 'a' is placed on devices [2] outside the mesh of 2 device(s)"
+    config = FlexStoreConfig(models=(ModelEntry("a", "x"),), address=ADDRESS, device="cuda:2", num_devices=3)
+    assert config.device_names() == ["cuda:2", "cuda:3", "cuda:4"]
+    assert FlexStoreConfig(models=(ModelEntry("a", "x"),), address=ADDRESS, num_devices=2).device_names() == ["cpu"] * 2

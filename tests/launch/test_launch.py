@@ -172,3 +172,44 @@ def test_negative_max_drain_is_refused(setup, tmp_path):
     proc, _ = run_launch(setup.config(), setup.workload, tmp_path, "--max-drain-s", "-1")
     assert proc.returncode == 2
     assert "--max-drain-s must be >= 0, got -1.0" in proc.stderr
+
+
+def test_tensor_parallel_llm_colocated_with_single_device_llms(setup, tmp_path):
+    # A mesh of two devices (CPU stand-ins, gloo): llm-1 and llm-2 run with tensor_parallel_size 2
+    # over both, each rank holding its kv heads in its own device's pool under the same page ids;
+    # llm-0 runs on device 0 alone. Greedy tokens equal the single-process offline engine's.
+    doc = yaml.safe_load(setup.config().read_text())
+    doc["num_gpus"] = 2
+    for m in doc["models"]:
+        if m["name"] != "llm-0":
+            m.update(tensor_parallel_size=2, placement=[[0, 1]])
+    config = tmp_path / "tp.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    from .helpers import free_port
+
+    proc, stats = run_launch(config, setup.workload, tmp_path, "--no-slo", "--server-port", str(free_port()))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_all_match(setup, stats)
+    logs = {p.name for p in (tmp_path / "logs").iterdir()}
+    assert {"llm-1_prefill_rank0.log", "llm-1_prefill_rank1.log", "llm-2_decode_rank1.log",
+            "llm-0_decode.log"} <= logs
+
+
+@pytest.mark.parametrize("update, message", [
+    (dict(pipeline_parallel_size=2, placement=[[0, 1]]),
+     "LLM 'llm-0' asks for pipeline_parallel_size 2; pipeline parallelism is not supported: use "
+     "tensor_parallel_size (a mesh of up to 8 GPUs of one node) instead"),
+    (dict(tensor_parallel_size=4, placement=[[0, 1, 2, 3]]),
+     "LLM 'llm-0': tensor_parallel_size 4 does not divide num_key_value_heads 2 of LlamaForCausalLM; "
+     "each rank must hold whole kv heads"),
+])
+def test_unsupported_parallelism_is_refused_before_start(setup, tmp_path, update, message):
+    doc = yaml.safe_load(setup.config().read_text())
+    doc["num_gpus"] = 4
+    doc["models"][0].update(update)
+    config = tmp_path / "par.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    proc, stats = run_launch(config, setup.workload, tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "logs").exists()
