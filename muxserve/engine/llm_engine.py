@@ -77,7 +77,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (always eager when tensor parallel)
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     # Ranks of a tensor-parallel group; > 1 needs LLMEngine(parallel=...) or an initialized default
     # torch.distributed group of this size. kv_cache_bytes is then each rank's own pool.
     tensor_parallel_size: int = 1
@@ -152,10 +152,11 @@ class LLMEngine:
         attention = make_attention(backend, self.pool.view(self.layout), self.shard.num_heads,
                                    self.shard.num_kv_heads, self.shard.head_dim)
         self.backend = backend
-        # CUDA graphs are not captured under tensor parallelism (collectives inside a capture are untested).
+        # Under tensor parallelism the decode graphs capture the NCCL all-reduces too (every rank
+        # captures the same batch sizes in the same order, as the ranks step alike).
         self.runner = ModelRunner(self.model, self.layout, attention, self.device, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len,
-                                  cuda_graphs=not config.enforce_eager and tp == 1, parallel=parallel)
+                                  cuda_graphs=not config.enforce_eager, parallel=parallel)
         batched = config.max_num_batched_tokens or max(2048, self.max_model_len)
         self.scheduler = Scheduler(self.allocator, self.model_name, config.max_num_seqs, batched)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids) | _generation_eos(self.folder)

@@ -88,9 +88,9 @@ class Runtime:
         backend = select_backend(c.attention_backend, a.device)
         attention = make_attention(backend, a.pool.view(a.layout), shard.num_heads, shard.num_kv_heads,
                                    shard.head_dim)
-        # Decode steps replay CUDA graphs (on GPU with the Triton backend); prefill runs eagerly.
-        # Under tensor parallelism steps run eagerly (no collective is captured in a graph).
-        graphs = c.phase == "decode" and not c.enforce_eager and c.tp_size == 1
+        # Decode steps replay CUDA graphs (on GPU with the Triton backend; under tensor parallelism
+        # with the all-reduces inside); prefill runs eagerly.
+        graphs = c.phase == "decode" and not c.enforce_eager
         self.runner = ModelRunner(a.model, a.layout, attention, a.device, max_num_seqs=c.max_num_seqs,
                                   max_model_len=a.spec.max_position_embeddings, cuda_graphs=graphs,
                                   parallel=self.parallel)
