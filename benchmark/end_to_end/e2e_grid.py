@@ -17,25 +17,31 @@ Layout of the output folder::
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import queue
 import shlex
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from e2e_common import REPO, SYSTEMS, BenchError, read_json, write_json
 from e2e_placement import groups_doc, placement_groups
 from e2e_plan import LLM, Machine, PlanOptions, default_groups, describe_llms, plan_systems
-from e2e_runs import MPSControl, compact, merge_parts, run_system
+from e2e_lanes import Lane, daemon_env, make_lanes
+from e2e_runs import Cancelled, MPSControl, compact, merge_parts, run_system
 
 from muxserve.muxsched.models_file import load_models_file
 from muxserve.muxsched.workload import load_workload
 
 logger = logging.getLogger("end_to_end")
-RUN_ORDER = ("temporal", "muxserve", "spatial")  # MPS off first, then on
+RUN_ORDER = ("temporal", "muxserve", "spatial")  # per point; with lanes, consecutive runs start side by side
 DEFAULT_OVERHEAD_S = 100.0  # start-up + calibration + drain of a run, until one was measured
 
 
@@ -61,11 +67,8 @@ class GridOptions:
     dry_run: bool = False
     mps_dir: Path = Path("/tmp/muxserve-e2e-mps")
     export_tgz: Path | None = None  # rewritten after every run: results survive a killed call
+    lanes: list[Lane] = field(default_factory=list)  # runs side by side (e2e_lanes); default: one, the whole machine
     started: float | None = None  # time.monotonic() the time budget counts from (default: run_grid's start)
-
-
-class OutOfTime(Exception):
-    pass
 
 
 def point_dir(out: Path, point: Point) -> Path:
@@ -95,25 +98,46 @@ def todo_systems(out: Path, point: Point, opts: GridOptions) -> list[str]:
     return todo
 
 
-def export_tgz(out: Path, path: Path) -> None:
+def export_tgz(out: Path, path: Path, skip: list[Path] | None = None) -> None:
     """``out`` as a .tgz without runtime logs and workloads (the side that prepared them has them),
-    written atomically."""
-    def keep(info: tarfile.TarInfo):
-        name = Path(info.name).name
-        if "/logs" in info.name or name.startswith("workload") or name.endswith(".idx.json"):
-            return None
-        return info
+    written atomically. ``skip``: folders of runs still going (left out). Files are read whole
+    before they are added, and a file that vanishes meanwhile is left out, so runs of other lanes
+    may write into ``out`` while this runs."""
+    skipped = {p.resolve() for p in (skip or [])}
+
+    def keep(rel: str, name: str) -> bool:
+        return not ("/logs" in f"/{rel}" or name.startswith("workload") or name.endswith(".idx.json")
+                    or (name.startswith(".") and ".tmp" in name))
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(out, arcname=out.name, filter=keep)
+        for folder, dirs, files in os.walk(out):
+            here = Path(folder)
+            dirs[:] = sorted(d for d in dirs if (here / d).resolve() not in skipped
+                             and keep(str((here / d).relative_to(out)), d))
+            rel_dir = here.relative_to(out)
+            info = tarfile.TarInfo(str(Path(out.name) / rel_dir) if str(rel_dir) != "." else out.name)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
+            tar.addfile(info)
+            for name in sorted(files):
+                rel = str((here / name).relative_to(out))
+                if not keep(rel, name):
+                    continue
+                try:
+                    data = (here / name).read_bytes()
+                    mtime = (here / name).stat().st_mtime
+                except OSError:  # gone meanwhile (a temporary file, a run's cleanup)
+                    continue
+                info = tarfile.TarInfo(f"{out.name}/{rel}")
+                info.size, info.mode, info.mtime = len(data), 0o644, int(mtime)
+                tar.addfile(info, io.BytesIO(data))
     tmp.replace(path)
 
 
-def plan_point(out: Path, point: Point, machine: Machine, opts: GridOptions):
+def plan_point(out: Path, point: Point, machine: Machine, opts: GridOptions, workload=None):
     pdir = point_dir(out, point)
-    workload = load_workload(pdir / "workload.json")
+    workload = workload if workload is not None else load_workload(pdir / "workload.json")
     models = load_models_file(pdir / "models.yaml")
     llms = describe_llms(models.models, workload, machine.dtype)
     placement_cmd = None
@@ -143,68 +167,180 @@ def describe_plan(point: Point, llms: list[LLM], plans) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Job:
+    point: Point
+    system: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.point.tag}/{self.system}"
+
+
+@dataclass
+class Prepared:
+    """A point's workload (loaded once) and, from its first dispatched run on, its plans."""
+    workload: object
+    duration: float
+    plans: dict | None = None
+    llms: list | None = None
+
+
 def run_grid(out: Path, points: list[Point], machine: Machine, opts: GridOptions) -> dict:
-    """Run every (point, system) without stats yet; returns {done, failed, pending, skipped}."""
+    """Run every (point, system) without stats yet, one run per free lane at a time (``opts.lanes``;
+    default: one lane with the whole machine); returns {done, failed, pending, skipped}.
+
+    The lanes' runs are started and collected here; each runs in a thread of its own (launches,
+    then merging its statistics). The export is rewritten here after every finished run, leaving out
+    the folders of the runs still going."""
     status: dict[str, list[str]] = {"done": [], "failed": [], "pending": [], "skipped": []}
     start = opts.started if opts.started is not None else time.monotonic()
+    lanes = opts.lanes or make_lanes(1, machine.num_gpus, None, machine.device, opts.mps_dir)
+    jobs: deque[Job] = deque()
+    for point in points:
+        todo = todo_systems(out, point, opts)
+        status["skipped"] += [f"{point.tag}/{s}" for s in opts.systems if s not in todo]
+        jobs.extend(Job(point, s) for s in todo)
+    if opts.dry_run:
+        for point in dict.fromkeys(j.point.tag for j in jobs):
+            p = next(pt for pt in points if pt.tag == point)
+            workload, llms, plans = plan_point(out, p, machine, opts)
+            print(describe_plan(p, llms, plans), flush=True)
+        status["pending"] += [j.name for j in jobs]
+        return status
+    if len(lanes) > 1:
+        print(f"{len(lanes)} lanes, one run each at a time: "
+              + "; ".join(f"{lane.label} ports {lane.port_base}+" for lane in lanes), flush=True)
+    mps = {lane.index: MPSControl(lane.mps_dir, enabled=machine.device == "cuda", env=daemon_env(lane))
+           for lane in lanes}
+    for control in mps.values():
+        control.stop_stale()
+    prepared: dict[str, Prepared] = {}
     overheads: list[float] = []
-    mps = MPSControl(opts.mps_dir, enabled=machine.device == "cuda")
+    free = list(lanes)
+    running: dict[int, tuple[Job, Lane, threading.Thread]] = {}
+    finished: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+    out_of_time = stopping = False
+    error: BaseException | None = None
     try:
-        for i, point in enumerate(points):
-            todo = todo_systems(out, point, opts)
-            status["skipped"] += [f"{point.tag}/{s}" for s in opts.systems if s not in todo]
-            if not todo:
-                continue
-            workload, llms, plans = plan_point(out, point, machine, opts)
-            print(describe_plan(point, llms, plans), flush=True)
-            if opts.dry_run:
-                status["pending"] += [f"{point.tag}/{s}" for s in todo]
-                continue
-            expected = {r.idx: (r.llm, r.output_len) for r in workload.requests}
-            duration = workload.requests[-1].arrival if workload.requests else 0.0
-            rates = {m.name: m.rate for m in llms}
-            for system in todo:
+        while jobs or running:
+            while free and jobs and not stopping:
+                job = jobs.popleft()
+                prep = prepared.get(job.point.tag)
+                if prep is None:
+                    workload = load_workload(point_dir(out, job.point) / "workload.json")
+                    prep = prepared[job.point.tag] = Prepared(
+                        workload, workload.requests[-1].arrival if workload.requests else 0.0)
                 overhead = max(overheads) if overheads else DEFAULT_OVERHEAD_S  # the worst so far: stay in time
                 spent = time.monotonic() - start
-                if opts.time_budget_s is not None and spent + duration + overhead > opts.time_budget_s:
-                    status["pending"] += [f"{point.tag}/{s}" for s in todo[todo.index(system):]]
-                    status["pending"] += [f"{p.tag}/{s}" for p in points[i + 1:] for s in todo_systems(out, p, opts)]
-                    raise OutOfTime
-                t0 = time.monotonic()
-                try:
-                    mps.ensure(plans[system].needs_mps)
-                    print(f"[{point.tag}] running {system} ({len(plans[system].launches)} launch(es))", flush=True)
-                    parts = run_system(plans[system], point_dir(out, point), machine, opts.mps_dir, opts.launch_args,
-                                       opts.run_timeout_s, opts.max_drain_s)
-                    meta = {"tag": point.tag, "labels": point.labels, "offered_rates": rates,
-                            "offered_total_rate": sum(rates.values()), "duration_s": duration,
-                            "machine": asdict(machine), "wall_s": round(time.monotonic() - t0, 3)}
-                    doc = merge_parts(plans[system], point_dir(out, point), parts, expected, meta)
-                    write_json(stats_path(out, point, system), doc)
-                    compact(point_dir(out, point) / "runs" / system)
-                    (point_dir(out, point) / f"{system}.error.txt").unlink(missing_ok=True)
-                    s = doc["summary"]["overall"]
-                    print(f"[{point.tag}] {system}: {s.get('num_finished', 0)}/{doc['num_requests_expected']} "
-                          f"finished, {s.get('throughput_req_s', 0):.2f} req/s, {doc['wall_s']:.0f} s wall",
-                          flush=True)
-                    status["done"].append(f"{point.tag}/{system}")
-                except BenchError as e:
-                    (point_dir(out, point) / f"{system}.error.txt").write_text(str(e) + "\n")
-                    logger.error("[%s] %s failed: %s", point.tag, system, e)
-                    status["failed"].append(f"{point.tag}/{system}")
-                    if opts.stop_on_error:
-                        raise
-                overheads.append(max(0.0, time.monotonic() - t0 - duration))
-                if opts.export_tgz is not None:
-                    export_tgz(out, opts.export_tgz)
-    except OutOfTime:
-        print(f"time budget of {opts.time_budget_s:g} s reached: {len(status['pending'])} runs left; "
-              "run the same command again to resume", flush=True)
+                if opts.time_budget_s is not None and spent + prep.duration + overhead > opts.time_budget_s:
+                    status["pending"].append(job.name)
+                    out_of_time = True
+                    continue
+                if prep.plans is None:  # once per point and call, before any of its runs starts
+                    _, prep.llms, prep.plans = plan_point(out, job.point, machine, opts, prep.workload)
+                    print(describe_plan(job.point, prep.llms, prep.plans), flush=True)
+                lane = free.pop(0)
+                thread = threading.Thread(target=_run_job, name=f"lane{lane.index}", daemon=True,
+                                          args=(out, job, lane, len(lanes), machine, opts, prep, mps[lane.index],
+                                                cancel, finished))
+                running[lane.index] = (job, lane, thread)
+                print(f"[{job.point.tag}] running {job.system} ({len(prep.plans[job.system].launches)} launch(es)) "
+                      f"on {lane.label}", flush=True)
+                thread.start()
+            if not running:
+                break
+            try:
+                lane_index, result, wall = finished.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            job, lane, thread = running.pop(lane_index)
+            thread.join()
+            free.append(lane)
+            free.sort(key=lambda x: x.index)
+            overheads.append(max(0.0, wall - prepared[job.point.tag].duration))
+            if isinstance(result, Cancelled):
+                status["pending"].append(job.name)
+            elif isinstance(result, BenchError):
+                logger.error("[%s] %s failed on %s: %s", job.point.tag, job.system, lane.label, result)
+                status["failed"].append(job.name)
+                if opts.stop_on_error and error is None:
+                    error, stopping = result, True
+            elif isinstance(result, BaseException):
+                error, stopping = result, True
+                cancel.set()
+            else:
+                s = result["summary"]["overall"]
+                print(f"[{job.point.tag}] {job.system}: {s.get('num_finished', 0)}/{result['num_requests_expected']} "
+                      f"finished, {s.get('throughput_req_s', 0):.2f} req/s, {result['wall_s']:.0f} s wall "
+                      f"({lane.label})", flush=True)
+                status["done"].append(job.name)
+            if opts.export_tgz is not None:
+                export_tgz(out, opts.export_tgz, skip=[point_dir(out, j.point) / "runs" / j.system
+                                                       for j, _, _ in running.values()])
+        if error is not None:
+            raise error
+        if out_of_time:
+            print(f"time budget of {opts.time_budget_s:g} s reached: {len(status['pending'])} runs left; "
+                  "run the same command again to resume", flush=True)
     finally:
-        mps.stop()
-        if opts.export_tgz is not None and not opts.dry_run:
+        cancel.set()  # nothing if every run finished; else (Ctrl-C, SIGTERM, an error) stop the lanes' launches
+        for job, lane, thread in running.values():
+            thread.join()
+        while not finished.empty():  # what the stopped lanes ended with
+            lane_index, result, _ = finished.get()
+            job = running[lane_index][0]
+            status["done" if isinstance(result, dict) else "pending"].append(job.name)
+        status["pending"] += [j.name for j in jobs if j.name not in status["pending"]]
+        for control in mps.values():
+            control.stop()
+        if opts.export_tgz is not None:
             export_tgz(out, opts.export_tgz)
     return status
+
+
+def _run_job(out: Path, job: Job, lane: Lane, num_lanes: int, machine: Machine, opts: GridOptions, prep: Prepared,
+             mps: MPSControl, cancel: threading.Event, finished: queue.Queue) -> None:
+    """One system run on one lane (in the lane's thread): MPS for the lane if the system needs it, the
+    launches, the merged statistics. Puts (lane index, document or exception, wall seconds) into ``finished``."""
+    t0 = time.monotonic()
+    pdir = point_dir(out, job.point)
+    plan = prep.plans[job.system]
+    result: object
+    try:
+        try:
+            mps.ensure(plan.needs_mps)
+            parts = run_system(plan, pdir, machine, lane, opts.launch_args, opts.run_timeout_s, opts.max_drain_s,
+                               cancel)
+        finally:
+            mps.stop()  # each run gets a fresh daemon; a run without MPS finds none of its lane's
+        rates = {m.name: m.rate for m in prep.llms}
+        expected = {r.idx: (r.llm, r.output_len) for r in prep.workload.requests}
+        meta = {"tag": job.point.tag, "labels": job.point.labels, "offered_rates": rates,
+                "offered_total_rate": sum(rates.values()), "duration_s": prep.duration,
+                "machine": asdict(machine), "wall_s": round(time.monotonic() - t0, 3), "lane": lane.doc(num_lanes)}
+        doc = merge_parts(plan, pdir, parts, expected, meta)
+        write_json(stats_path(out, job.point, job.system), doc)
+        compact(pdir / "runs" / job.system)
+        (pdir / f"{job.system}.error.txt").unlink(missing_ok=True)
+        result = doc
+    except Cancelled as e:
+        result = e
+    except BenchError as e:
+        write_text(pdir / f"{job.system}.error.txt", f"{e}\n(on {lane.label})\n")
+        result = e
+    except BaseException as e:  # a bug: the runner stops, after the other lanes' runs were stopped
+        logger.exception("[%s] %s on %s", job.point.tag, job.system, lane.label)
+        result = e
+    finished.put((lane.index, result, time.monotonic() - t0))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically (the export may read the folder at any moment)."""
+    tmp = path.with_name(f".{path.name}.tmp-{threading.get_ident()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 # -- optional profile step -------------------------------------------------------------------------

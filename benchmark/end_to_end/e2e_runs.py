@@ -5,23 +5,25 @@ through ``launch_synced.py`` (a start barrier: all replays begin within millisec
 fails, the others are stopped. Their stats files are merged into one
 (``runs/<system>.json``): every request record (output token ids dropped, their count kept),
 the base latencies of every LLM, the summary recomputed over all records, and one entry per
-launch (config, devices, MPS, schedule, its own summary, replay start).
+launch (config, devices, MPS, schedule, its own summary, replay start). A run's launches use its
+lane's GPUs, ports, MPS directory and CPUs (e2e_lanes.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
 
 from e2e_common import REPO, BenchError, read_json
+from e2e_lanes import Lane, launch_env, launch_ports
 from e2e_plan import SystemPlan
 
 from muxserve.muxsched.stats import BaseLatency, RequestRecord, summarize_run
@@ -32,18 +34,21 @@ RECORD_FIELDS = {f.name for f in fields(RequestRecord)}
 
 
 class MPSControl:
-    """Starts and stops the MPS daemon (scripts/start_mps.sh DIR) as runs need it; always stops it at the end."""
+    """Starts and stops the MPS daemon (scripts/start_mps.sh DIR) as runs need it; always stops it at the end.
+    ``env``: the scripts' environment (a lane's: its CUDA_VISIBLE_DEVICES; default: this process's)."""
 
-    def __init__(self, mps_dir: Path, enabled: bool):
+    def __init__(self, mps_dir: Path, enabled: bool, env: dict[str, str] | None = None):
         self.dir = mps_dir
         self.enabled = enabled  # False on CPU: nothing to start
+        self.env = env
         self.running = False
 
     def ensure(self, on: bool) -> None:
         if not self.enabled or on == self.running:
             return
         script = "start_mps.sh" if on else "stop_mps.sh"
-        done = subprocess.run(["bash", str(REPO / "scripts" / script), str(self.dir)], capture_output=True, text=True)
+        done = subprocess.run(["bash", str(REPO / "scripts" / script), str(self.dir)], capture_output=True, text=True,
+                              env=self.env)
         logger.info("%s: %s", script, (done.stdout + done.stderr).strip())
         if done.returncode != 0:
             raise BenchError(f"scripts/{script} {self.dir} failed (exit {done.returncode}): {done.stderr.strip()}")
@@ -57,34 +62,37 @@ class MPSControl:
         except BenchError as e:
             logger.error("%s", e)
 
+    def stop_stale(self) -> None:
+        """Stop a daemon left in this directory by an earlier, killed runner (nothing if none)."""
+        if self.enabled and (self.dir / "nvidia-mps" / "control").exists():
+            self.running = True
+            self.stop()
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def clean_env(machine_device: str, devices: list[int], mps: bool, num_gpus: int) -> dict[str, str]:
-    """The environment of one launch: no inherited MPS variables (the launcher sets them per
-    runtime when --mps-dir is given); on several GPUs, only the launch's GPUs visible."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CUDA_MPS_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    if machine_device == "cuda" and num_gpus > 1:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
-    return env
+class Cancelled(BenchError):
+    """The runner is stopping (Ctrl-C, SIGTERM or another lane's error): the run was stopped, not failed."""
 
 
 def launch_command(launch, point_dir: Path, run_dir: Path, rank: int, count: int, device: str,
-                   mps_dir: Path | None, extra: list[str], max_drain_s: float | None = None) -> list[str]:
+                   mps_dir: Path | None, extra: list[str], max_drain_s: float | None = None,
+                   ports: dict[str, int] | None = None, cpus: list[int] | None = None) -> list[str]:
+    """``ports``: FlexStore, --master-port, --server-port (e2e_lanes.launch_ports); ``cpus``: CPU affinity."""
     cmd = [sys.executable, str(HERE / "launch_synced.py"), "--barrier-dir", str(run_dir / "barrier"),
            "--barrier-count", str(count), "--barrier-rank", str(rank)]
     if max_drain_s is not None:
         cmd += ["--max-drain-s", f"{max_drain_s:g}"]
+    if cpus is not None:
+        cmd += ["--cpus", ",".join(map(str, cpus))]
+    ports = ports or {"flexstore": free_port()}
     cmd += ["--",
            str(point_dir / launch.config), "--workload-file", str(point_dir / launch.workload),
-           "--stats-file", str(run_dir / f"{launch.name}.stats.json"), "--flexstore-port", str(free_port()),
-           "--log-dir", str(run_dir / "logs" / launch.name), "--device", device,
-           "--schedule-approach", launch.schedule, *extra]
+           "--stats-file", str(run_dir / f"{launch.name}.stats.json"), "--flexstore-port", str(ports["flexstore"])]
+    if "master" in ports:
+        cmd += ["--master-port", str(ports["master"])]
+    if "server" in ports:
+        cmd += ["--server-port", str(ports["server"])]
+    cmd += ["--log-dir", str(run_dir / "logs" / launch.name), "--device", device,
+            "--schedule-approach", launch.schedule, *extra]
     if launch.mps:
         cmd += ["--mps-dir", str(mps_dir)]
     if launch.split_by_model:
@@ -112,9 +120,16 @@ def _stop(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
             p.wait()
 
 
-def run_system(plan: SystemPlan, point_dir: Path, machine, mps_dir: Path | None, extra: list[str],
-               timeout_s: float, max_drain_s: float | None = None) -> list[dict]:
-    """Run every launch of ``plan`` side by side; returns one dict per launch (its stats file and command)."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_system(plan: SystemPlan, point_dir: Path, machine, lane: Lane, extra: list[str], timeout_s: float,
+               max_drain_s: float | None = None, cancel: threading.Event | None = None) -> list[dict]:
+    """Run every launch of ``plan`` side by side on ``lane`` (its GPUs, ports, MPS directory, CPUs);
+    returns one dict per launch (its stats file and command). ``cancel`` set: stop them, raise Cancelled."""
     run_dir = point_dir / "runs" / plan.system
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -122,10 +137,10 @@ def run_system(plan: SystemPlan, point_dir: Path, machine, mps_dir: Path | None,
     procs, parts = [], []
     try:
         for rank, launch in enumerate(plan.launches):
-            cmd = launch_command(launch, point_dir, run_dir, rank, len(plan.launches), machine.device, mps_dir, extra,
-                                 max_drain_s)
+            cmd = launch_command(launch, point_dir, run_dir, rank, len(plan.launches), machine.device, lane.mps_dir,
+                                 extra, max_drain_s, launch_ports(lane, rank), lane.cpus)
             log = run_dir / f"{launch.name}.log"
-            env = clean_env(machine.device, launch.devices, launch.mps, machine.num_gpus)
+            env = launch_env(lane, launch.devices, launch.mps, machine.num_gpus, machine.device)
             with open(log, "w") as out:
                 out.write(" ".join(cmd) + "\n")
                 out.flush()
@@ -134,6 +149,11 @@ def run_system(plan: SystemPlan, point_dir: Path, machine, mps_dir: Path | None,
                           "command": cmd[cmd.index("--") + 1:]})
         deadline = time.monotonic() + timeout_s
         while any(p.poll() is None for p in procs):
+            if cancel is not None and cancel.is_set():
+                (run_dir / "barrier").mkdir(exist_ok=True)
+                (run_dir / "barrier" / "abort").write_text("the runner is stopping\n")
+                _stop(procs)
+                raise Cancelled(f"{plan.system}: stopped (the runner is stopping)")
             failed = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() not in (None, 0)]
             if failed:
                 i, code = failed[0]

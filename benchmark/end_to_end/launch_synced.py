@@ -12,6 +12,8 @@ start together but get ready at different times. Each one here, in the folder D 
 3. waits until all are calibrated, then replays its workload: the N replays start within a
    few milliseconds, and each records its start (``start-K.json``, wall clock).
 
+``--cpus LIST`` pins the launch and every process it starts to those CPUs (lanes of the runner).
+
 A file ``abort`` in D (written by the runner when a launch fails) stops the waiting launches.
 
 ``--max-drain-s S`` bounds an overloaded run: S seconds after the last arrival, every request
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -113,10 +116,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="give up waiting for the others after this long (default: 1800)")
     p.add_argument("--max-drain-s", type=float, default=None,
                    help="abort what is unfinished this long after the last arrival (default: wait for all)")
+    p.add_argument("--cpus", default=None,
+                   help="comma-separated CPUs this launch and its processes run on (default: inherited)")
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])
     if cut == len(argv):
         p.error("put the launcher's arguments after '--'")
+    if args.cpus:  # the launcher's processes inherit it
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     install(Barrier(Path(args.barrier_dir), args.barrier_count, args.barrier_rank, args.barrier_timeout_s),
             args.max_drain_s)
     return launch.main(argv[cut + 1:])

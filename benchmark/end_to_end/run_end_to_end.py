@@ -11,8 +11,10 @@ arrivals for --duration seconds), plans the colocation (with --cost-file or --pr
 placement optimizer; without, on one GPU: every LLM on it; on several: balanced by rate x size)
 and runs the three systems on the very same workload (see e2e_plan.py for what each one is).
 A run whose statistics exist is skipped, so the same command resumes; --time-budget-s stops
-before a run that would not end in time. MPS is started for the runs that need it and stopped
-before the others and on exit. See benchmark/end_to_end/README.md.
+before a run that would not end in time. --lanes K runs K runs at a time, each on its own GPUs
+(e2e_lanes.py). MPS is started for each run that needs it, for its lane's GPUs only, and stopped
+after it and on exit.
+See benchmark/end_to_end/README.md.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from e2e_common import REPO, SYSTEMS, BenchError, device_info, fmt_num, gpu_memory_gib, write_json
 from e2e_grid import GridOptions, Point, profile_models, record_command, run_grid
+from e2e_lanes import DEFAULT_PORT_BASE, LANE_PORTS, Lane, make_lanes, visible_gpus
 from e2e_plan import Machine, PlanOptions, describe_llms, model_ref
 
 from muxserve.muxsched.datasets import SHAREGPT_FILE, LengthFilter, load_sharegpt
@@ -87,7 +90,23 @@ def add_run_args(p: argparse.ArgumentParser, default_out: str) -> None:
     g = p.add_argument_group("run control")
     g.add_argument("--output-dir", default=default_out, help=f"everything is written here (default: {default_out})")
     g.add_argument("--mps-dir", default="/tmp/muxserve-e2e-mps",
-                   help="MPS pipe/log folder (default: /tmp/muxserve-e2e-mps)")
+                   help="MPS pipe/log folder (default: /tmp/muxserve-e2e-mps; with several lanes one subfolder "
+                        "laneK per lane)")
+    g = p.add_argument_group("lanes (runs side by side on one host; see e2e_lanes.py)")
+    g.add_argument("--lanes", default="1", type=_lanes_arg,
+                   help="runs at a time, each on its own --gpus-per-run GPUs, ports and MPS daemon; 'auto': as many "
+                        "as the visible GPUs hold (default: 1, the whole machine)")
+    g.add_argument("--gpus-per-run", type=int, default=None,
+                   help="GPUs of one lane (default: --num-gpus, the GPUs a run's plan uses)")
+    g.add_argument("--visible-gpus", default=None,
+                   help="GPUs the lanes split, comma-separated indices or UUIDs (default: CUDA_VISIBLE_DEVICES, else "
+                        "every GPU nvidia-smi lists)")
+    g.add_argument("--port-base", type=int, default=DEFAULT_PORT_BASE,
+                   help=f"lane K binds ports from PORT_BASE + {LANE_PORTS} x K on (FlexStore, --master-port, "
+                        f"--server-port of each launch; default: {DEFAULT_PORT_BASE})")
+    g.add_argument("--lane-cpus", choices=["auto", "split", "shared"], default="auto",
+                   help="split: each lane's launches run on their own share of this process's CPUs; shared: all on "
+                        "all (default auto: split on cuda with several lanes)")
     g.add_argument("--prepare-only", action="store_true",
                    help="write the workloads and models.yaml files and stop (on a machine with the dataset)")
     g.add_argument("--dry-run", action="store_true", help="also plan every run (configs, plan.json) but launch nothing")
@@ -165,6 +184,23 @@ def resolve_machine(args) -> Machine:
                    args.overload_threshold, args.max_num_seqs)
 
 
+def _lanes_arg(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(f"--lanes takes a count >= 1 or 'auto', got {value!r}")
+    return value
+
+
+def build_lanes(args, machine: Machine) -> list[Lane]:
+    per_run = args.gpus_per_run if args.gpus_per_run is not None else machine.num_gpus
+    if per_run < machine.num_gpus:
+        raise BenchError(f"--gpus-per-run {per_run} is less than the {machine.num_gpus} GPUs of a run (--num-gpus)")
+    visible = visible_gpus(args.visible_gpus, machine.device) if args.visible_gpus else None
+    split = args.lane_cpus == "split" or (args.lane_cpus == "auto" and machine.device == "cuda")
+    lanes_arg = args.lanes if args.lanes == "auto" else int(args.lanes)
+    return make_lanes(lanes_arg, per_run, visible, machine.device, Path(args.mps_dir).resolve(), args.port_base,
+                      split)
+
+
 def grid_options(args, machine: Machine, out: Path, cost_file: Path | None, duration: float) -> GridOptions:
     launch_args = ["--max-num-batched-tokens", str(args.max_num_batched_tokens), *args.launch_arg]
     timeout = args.run_timeout_s or duration + (args.max_drain_s or 0) + 900
@@ -175,7 +211,7 @@ def grid_options(args, machine: Machine, out: Path, cost_file: Path | None, dura
                        PlanOptions(args.spatial_sm_split, args.spatial_kv_split), launch_args, timeout,
                        args.max_drain_s, args.time_budget_s, args.rerun, args.skip_failed, args.stop_on_error,
                        args.dry_run, Path(args.mps_dir).resolve(),
-                       Path(args.export_tgz).resolve() if args.export_tgz else None)
+                       Path(args.export_tgz).resolve() if args.export_tgz else None, build_lanes(args, machine))
 
 
 def execute(args, out: Path, points: list[Point], argv: list[str], extra_info: dict) -> int:
@@ -198,6 +234,7 @@ def execute(args, out: Path, points: list[Point], argv: list[str], extra_info: d
                                          "spatial_sm_split": args.spatial_sm_split,
                                          "spatial_kv_split": args.spatial_kv_split, "max_drain_s": args.max_drain_s,
                                          "launch_args": opts.launch_args,
+                                         "lanes": [lane.doc(len(opts.lanes)) for lane in opts.lanes],
                                          "points": [{"tag": p.tag, "labels": p.labels} for p in points],
                                          "device_info": device_info(machine.device)})
     status = run_grid(out, points, machine, opts)
