@@ -65,6 +65,7 @@ def _setup(summary: dict, runs_dir: Path) -> list[str]:
                      f"KV cache: {kv} "
                      f"(the same total for every system); max_num_seqs {m['max_num_seqs']}, overload_threshold "
                      f"{m['overload_threshold']}")
+    lines += _lanes(runs_dir)
     if exp.get("kind") == "power-law":
         lines.append(f"- workloads: power law alpha {exp['alphas']}, llm-0 at {exp['max_rate']:g} x rate scale "
                      f"{exp['rate_scales']} req/s, {exp['duration_s']:g} s of {exp['distribution']} arrivals, "
@@ -98,6 +99,38 @@ def _setup(summary: dict, runs_dir: Path) -> list[str]:
               "static split of a shared GPU (fixed MPS share, fixed KV slice, `fix`: its prefill and decode never "
               "overlap). Launches of one run start their replay together (start barrier).", ""]
     return lines
+
+
+def _lanes(runs_dir: Path) -> list[str]:
+    """Whether runs ran side by side (run_end_to_end.py --lanes), from the lane each run recorded."""
+    by_lane: dict[int, dict] = {}
+    most = 0
+    for path in sorted((runs_dir / "points").glob("*/*.json")):
+        if path.stem not in SYSTEMS:
+            continue
+        lane = json.loads(path.read_text()).get("lane")
+        if not lane:
+            continue
+        most = max(most, lane.get("num_lanes", 1))
+        entry = by_lane.setdefault(lane["index"], {"gpus": set(), "cpus": set(), "runs": 0})
+        entry["gpus"].add(",".join(lane.get("gpus") or []))
+        if lane.get("cpus"):
+            entry["cpus"].add(lane["cpus"])
+        entry["runs"] += 1
+    if most <= 1:
+        return ["- runs: one at a time"] if by_lane else []
+    parts = []
+    for k, e in sorted(by_lane.items()):
+        gpus = " / ".join(g for g in sorted(e["gpus"]) if g)
+        cpus = " / ".join(sorted(e["cpus"]))
+        parts.append(f"lane {k}" + (f" GPU {gpus}" if gpus else "") + (f" CPUs {cpus}" if cpus else "")
+                     + f": {e['runs']} run{'s' if e['runs'] != 1 else ''}")
+    if any(g for e in by_lane.values() for g in e["gpus"]):
+        how = ("concurrently on separate GPUs of one host (lanes; each run alone on its GPUs, with its own MPS "
+               "daemon when it uses MPS, its own ports and, where listed, its own CPUs)")
+    else:
+        how = "concurrently on one host without GPUs (lanes: own ports, shared CPU cores)"
+    return [f"- runs: up to {most} at a time, {how}: " + "; ".join(parts)]
 
 
 def _tables(summary: dict) -> list[str]:

@@ -1,5 +1,6 @@
 """The whole end-to-end pipeline on CPU: two tiny LLMs, one alpha, one rate scale, a few seconds of
-traffic, the three systems (spatial: two split launches side by side), then analyze.py."""
+traffic, the three systems (spatial: two split launches side by side) on two lanes (two runs at a
+time, own ports), then analyze.py."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def e2e(tmp_path_factory, smollm2_folder):  # the workload generator tokenizes w
     args = ["--llms", str(write_shape(root / "tiny-a", "tiny-a")), str(write_shape(root / "tiny-b", "tiny-b")),
             "--alphas", "1.3", "--rate-scales", "1", "--max-rate", "4", "--duration", "2",
             "--dataset-source", str(write_sharegpt(root / "sharegpt.json")), "--max-output-len", "8",
-            "--device", "cpu", "--gpu-memory-gb", "1", "--kv-cache-gb", "0.03", "--output-dir", str(root / "runs")]
+            "--device", "cpu", "--gpu-memory-gb", "1", "--kv-cache-gb", "0.03", "--output-dir", str(root / "runs"),
+            "--lanes", "2", "--port-base", "26000"]
     proc = run_script(E2E / "run_end_to_end.py", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root, args, proc
@@ -63,6 +65,24 @@ def test_every_system_serves_every_request(e2e):
     assert split["llm-0"]["kv_gb"] + split["llm-1"]["kv_gb"] == pytest.approx(0.03, abs=2e-3)
     assert split["llm-0"]["sm_percent"] + split["llm-1"]["sm_percent"] == 100
     assert "done 3, failed 0, pending 0" in proc.stdout
+
+
+def test_two_lanes_ran_side_by_side_on_their_own_ports(e2e):
+    root, _, proc = e2e
+    point = root / "runs" / "points" / "alpha1.3_scale1"
+    docs = {s: json.loads((point / f"{s}.json").read_text()) for s in SYSTEMS}
+    # temporal starts on lane 0, muxserve next to it on lane 1, spatial on the lane freed first
+    assert docs["temporal"]["lane"]["index"] == 0 and docs["muxserve"]["lane"]["index"] == 1
+    assert "2 lanes, one run each at a time" in proc.stdout
+    assert "running muxserve (1 launch(es)) on lane 1" in proc.stdout
+    for doc in docs.values():
+        lane = doc["lane"]
+        assert lane["num_lanes"] == 2 and lane["port_base"] == 26000 + 1000 * lane["index"]
+        for part in doc["parts"]:
+            cmd = part["command"]
+            ports = [int(cmd[cmd.index(f) + 1]) for f in ("--flexstore-port", "--master-port", "--server-port")]
+            assert all(lane["port_base"] <= p < lane["port_base"] + 1000 for p in ports), (lane, ports)
+    assert [lane["index"] for lane in json.loads((root / "runs" / "experiment.json").read_text())["lanes"]] == [0, 1]
 
 
 def test_second_run_resumes_without_launching_and_exports(e2e):
@@ -108,3 +128,4 @@ def test_analyze_writes_report_plots_and_rows(e2e):
                     "![throughput_vs_alpha.png](throughput_vs_alpha.png)"):
         assert heading in report, heading
     assert "python -m muxserve.muxsched.workload_utils power-law --alpha 1.3" in report
+    assert "- runs: up to 2 at a time, concurrently on one host" in report
