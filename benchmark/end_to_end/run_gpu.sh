@@ -10,6 +10,9 @@
 # Into OUT: device.txt, the logs, e2e_runs.tgz (rewritten after every run, so it survives a killed
 # call: the run folder without runtime logs and workloads; untar it into benchmark/results/end_to_end/
 # here) and the sweep's files.
+# Lanes: E2E_LANES (default auto) runs that many runs at a time, each on its own GPUs (--num-gpus of
+# them), MPS daemon, ports and CPUs: on a 4-GPU host with single-GPU runs, 4 at once; on one GPU, 1
+# (the runner without lanes). E2E_LANES=1 runs one at a time.
 # E2E_SCRIPT=benchmark/chatlmsys/run_chatlmsys.py runs the ChatLMSYS pipeline instead.
 set -uo pipefail
 script=${E2E_SCRIPT:-benchmark/end_to_end/run_end_to_end.py}
@@ -17,7 +20,7 @@ runs=${E2E_RUNS:-benchmark/results/end_to_end/runs}
 out=${1:?usage: $0 OUT [--sweep] [run_end_to_end.py flags]}
 shift
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/device.txt"
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader > "$out/device.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
     >> "$out/device.txt" 2>&1
 if [ "${1:-}" = "--sweep" ]; then
@@ -26,6 +29,7 @@ if [ "${1:-}" = "--sweep" ]; then
 fi
 budget=$(( ${E2E_BUDGET_S:-480} - SECONDS ))  # the sweep's time counts against the same call
 PYTHONUNBUFFERED=1 python "$script" --device cuda --output-dir "$runs" \
-    --time-budget-s "$budget" --max-drain-s "${E2E_DRAIN_S:-60}" --export-tgz "$out/e2e_runs.tgz" "$@" 2>&1 \
+    --time-budget-s "$budget" --max-drain-s "${E2E_DRAIN_S:-60}" --lanes "${E2E_LANES:-auto}" \
+    --export-tgz "$out/e2e_runs.tgz" "$@" 2>&1 \
     | tee "$out/run_end_to_end.log"
 exit "${PIPESTATUS[0]}"
