@@ -17,7 +17,7 @@ host runs four single-GPU runs at once.
   multiplexing) never joins another lane's daemon.
 * Ports: lane K owns ``port_base + K * LANE_PORTS`` .. ``+ LANE_PORTS - 1``; launch R of a run gets
   the block ``+ R * LAUNCH_PORTS`` of it: FlexStore, then the launcher's ``--master-port`` and
-  ``--server-port``.
+  ``--server-port`` (its tensor-parallel groups listen on ``--server-port + k``: 30 ports).
 
 One lane with every GPU of the machine is the runner without lanes: environment and MPS directory
 as before (the daemon sees every GPU; launches of a multi-GPU run get their device indices).
