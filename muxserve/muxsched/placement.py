@@ -15,23 +15,33 @@
    ``100 + overload_sm``.
 4. **Greedy** (Algorithm 1): LLMs by rate x parameter count, largest first; each goes to the mesh
    where F grows most (ties: the least loaded, then the smaller, then the first mesh). Where that
-   order leaves an LLM without a mesh, the group is tried again biggest model first.
+   order leaves an LLM without a mesh, the group is tried again biggest model first, and then
+   (not in the original) in the first order with a packing lookahead: the mesh of the largest gain
+   among those after which the remaining LLMs still fit (first fit, biggest first).
 5. **Local search** (not in the original): the best move of one LLM to another mesh, or swap of
    two, while the total F grows. The group with the largest total F wins (ties: the first
    enumerated, i.e. the fewest and biggest meshes). ``placement_ilp`` solves the same problem
    exactly; on 1,189 random small instances the greedy alone was up to 30 % below the optimum and
    the greedy with local search up to 4.7 % (README_SECTION.md).
 
-Model memory comes from each model's ``config.json`` (parameter count x dtype bytes).
+Model memory comes from each model's ``config.json`` (parameter count x dtype bytes). On a mesh of
+``n`` GPUs an LLM runs with tensor parallelism ``n`` (as the original): each GPU holds one rank's
+shard (heads, kv heads and MLP rows split, embeddings, norms and lm_head replicated, as the engine
+builds it), so the mesh holds ``n x`` the parameters of one rank; a mesh size that does not divide
+the model's heads, kv heads or MLP is no candidate. The smallest mesh of an LLM is the smallest
+where its weights, the per-GPU reserve and one sequence of KV fit (Llama-3-70B in bf16 on 80 GB
+GPUs: 4). Mesh sizes that the cost table lacks get estimated latencies only with
+``PlacementSettings.tp_estimate`` (``costs.TPEstimate``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from muxserve.muxsched.costs import CostModel
+from muxserve.muxsched.costs import CostModel, TPEstimate, models_of
 from muxserve.muxsched.models_file import InputError, LLMEntry, natural_key
 
 GB = 1024**3
@@ -47,6 +57,9 @@ class PlacementSettings:
     max_decode_sm: int = 90
     prefill_sm: int | None = None  # None: 80 up to 10B parameters, 90 up to 20B, else 100
     model_dtype: str = "fp16"
+    max_mesh_size: int | None = None  # largest mesh an LLM may get (the GPUs of a node); None: any in the table
+    tp_estimate: TPEstimate | None = None  # latencies for mesh sizes the cost table lacks (an estimate)
+    tp_sizes: tuple[int, ...] = ()  # the mesh sizes to estimate where missing (e.g. 2, 4, 8)
 
     @property
     def usable_bytes(self) -> float:
@@ -61,9 +74,21 @@ class LLMInfo:
     cost_key: str  # the model's name in the cost table
     params: int
     kv_bytes_per_token: int  # K and V of every layer and kv-head, whole model
+    num_layers: int = 0
+    hidden_size: int = 0
+    rank_params: tuple[tuple[int, int], ...] = ()  # (TP, parameters of one rank) for each TP the model splits into
 
     def weight_bytes(self, dtype: str) -> int:
         return self.params * DTYPE_BYTES[dtype]
+
+    def tp_sizes(self) -> list[int]:
+        return [tp for tp, _ in self.rank_params]
+
+    def mesh_weight_bytes(self, size: int, dtype: str) -> int:
+        """Weights of the LLM on a mesh of ``size`` GPUs with TP = size (replicated parts counted on
+        every GPU); the whole model where the shard sizes are unknown."""
+        rank = dict(self.rank_params).get(size)
+        return (size * rank if rank is not None else self.params) * DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True)
@@ -136,15 +161,62 @@ def _model_facts(model: str) -> tuple[int, int]:
     return params, 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim
 
 
+TP_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def model_tp_facts(model: str) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    """(layers, hidden size, ((tp, parameters of one rank), ...)) for each power-of-two TP up to 64
+    that the engine can split the model into (``muxserve.engine.parallel.check_tensor_parallel``)."""
+    return _model_tp_facts(model.removeprefix("random:"))
+
+
+@lru_cache(maxsize=None)
+def _model_tp_facts(model: str) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    import torch
+
+    from muxserve.engine.model_config import ModelSpec
+    from muxserve.engine.model_hub import resolve_model
+    from muxserve.engine.models import build_model
+    from muxserve.engine.parallel import check_tensor_parallel, shard_spec
+
+    try:
+        spec = ModelSpec.from_folder(resolve_model(model))
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"cannot size model {model!r} (placement reads its config.json): {e}") from None
+    def count(s) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in build_model(s).parameters())
+
+    ranks = []
+    for tp in TP_CANDIDATES:
+        try:
+            check_tensor_parallel(spec, tp)
+        except ValueError:
+            continue
+        # one rank's model with 1 and 2 layers: the rest (embeddings, final norm, lm_head) and one layer
+        one, two = (count(shard_spec(dataclasses.replace(spec, num_layers=n), tp)) for n in (1, 2))
+        ranks.append((tp, one + (spec.num_layers - 1) * (two - one)))
+    return spec.num_layers, spec.hidden_size, tuple(ranks)
+
+
+def cost_key(model: str, costs: CostModel) -> str | None:
+    """The model's name in the cost table: its ``model`` string, else the folder's base name."""
+    if model in costs.table:
+        return model
+    key = model.removeprefix("random:").rstrip("/").rsplit("/", 1)[-1]
+    return key if key in costs.table else None
+
+
 def describe_llms(entries: list[LLMEntry], costs: CostModel, dtype: str) -> list[LLMInfo]:
     out = []
     for e in entries:
-        key = e.model if e.model in costs.table else e.model.removeprefix("random:").rstrip("/").rsplit("/", 1)[-1]
-        if key not in costs.table:
-            raise InputError(f"{e.name}: model {e.model!r} is not in the cost table (it has {sorted(costs.table)}); "
+        key = cost_key(e.model, costs)
+        if key is None:
+            raise InputError(f"{e.name}: model {e.model!r} is not in the cost table (it has {models_of(costs.table)}); "
                              "profile it with python -m muxserve.muxsched.profile --model KEY=MODEL")
         params, kv_elems = model_facts(e.model)
-        out.append(LLMInfo(e.name, e.model, e.rate, key, params, kv_elems * DTYPE_BYTES[dtype]))
+        layers, hidden, ranks = model_tp_facts(e.model)
+        out.append(LLMInfo(e.name, e.model, e.rate, key, params, kv_elems * DTYPE_BYTES[dtype], layers, hidden, ranks))
     return out
 
 
@@ -186,6 +258,12 @@ class Estimator:
         self.llms = {m.name: m for m in sorted(llms, key=lambda m: natural_key(m.name))}
         self.costs = costs
         self.settings = settings
+        if settings.tp_estimate is not None and settings.tp_sizes:
+            for m in self.llms.values():  # one shape per cost key: the first LLM's
+                if m.cost_key not in costs.estimated and m.num_layers:
+                    costs.add_tp_estimates(m.cost_key, [n for n in settings.tp_sizes if n in m.tp_sizes()],
+                                           settings.tp_estimate, m.num_layers, m.hidden_size,
+                                           DTYPE_BYTES[settings.model_dtype])
         self.seq_len = costs.avg_prompt_len + costs.avg_output_len  # KV a sequence needs at its end
         self.candidates = {m.name: self._candidates(m) for m in self.llms.values()}
         self.mesh = lru_cache(maxsize=None)(self._mesh)
@@ -202,12 +280,22 @@ class Estimator:
     def kv_budget(self, size: int, names: list[str]) -> float:
         """KV bytes of a mesh of ``size`` GPUs that holds ``names`` (negative: does not fit)."""
         s = self.settings
-        weights = sum(self.llms[n].weight_bytes(s.model_dtype) for n in names)
+        weights = sum(self.llms[n].mesh_weight_bytes(size, s.model_dtype) for n in names)
         return size * s.usable_bytes - weights - size * len(names) * s.reserve_gb * GB
+
+    def mesh_sizes(self, llm: LLMInfo) -> list[int]:
+        """Mesh sizes the LLM may get: in the cost table (measured or estimated), splittable with TP =
+        mesh size, and at most ``max_mesh_size``."""
+        sizes = self.costs.mesh_sizes(llm.cost_key)
+        if llm.rank_params:
+            sizes = [n for n in sizes if n in llm.tp_sizes()]
+        if self.settings.max_mesh_size is not None:
+            sizes = [n for n in sizes if n <= self.settings.max_mesh_size]
+        return sizes
 
     def _candidates(self, llm: LLMInfo) -> dict[int, Candidate]:
         out = {}
-        for ngpu in self.costs.mesh_sizes(llm.cost_key):
+        for ngpu in self.mesh_sizes(llm):
             max_bs = int(self.kv_budget(ngpu, [llm.name]) // (llm.kv_bytes_per_token * self.seq_len))
             if max_bs < 1:
                 continue  # the weights (and one sequence) do not fit this mesh
@@ -286,11 +374,31 @@ def by_memory(llm: LLMInfo) -> tuple:
     return (-llm.params, -llm.rate, natural_key(llm.name))
 
 
-def greedy_place(est: Estimator, group: tuple[tuple[int, ...], ...], order=by_demand) -> Placement | None:
-    """Algorithm 1 on one mesh group; None when some LLM fits nowhere."""
+def packs(est: Estimator, meshes: list[Mesh], rest: list[LLMInfo]) -> bool:
+    """Whether ``rest`` still fits the meshes as they are filled (first fit, biggest weights first,
+    smallest mesh first); a sufficient check, not an exact one."""
+    held = {j: list(m.llms) for j, m in enumerate(meshes)}
+    order = sorted(range(len(meshes)), key=lambda j: (meshes[j].size, j))
+    for llm in sorted(rest, key=by_memory):
+        j = next((j for j in order if meshes[j].size in est.candidates[llm.name]
+                  and est.estimate(meshes[j].size, held[j] + [llm.name]) is not None), None)
+        if j is None:
+            return False
+        held[j].append(llm.name)
+    return True
+
+
+def greedy_place(est: Estimator, group: tuple[tuple[int, ...], ...], order=by_demand,
+                 lookahead: bool = False) -> Placement | None:
+    """Algorithm 1 on one mesh group; None when some LLM fits nowhere.
+
+    With ``lookahead`` (not in the original) an LLM goes to the mesh of the largest gain among
+    those after which the LLMs still to place pack (:func:`packs`), so that tight packings (big
+    models, more LLMs than GPUs) do not strand a model; where no mesh passes, the largest gain."""
     meshes = build_meshes(group)
-    for llm in sorted(est.llms.values(), key=order):
-        best_key, best_index, best_est = None, None, None
+    todo = sorted(est.llms.values(), key=order)
+    for k, llm in enumerate(todo):
+        options = []
         for j, mesh in enumerate(meshes):
             if mesh.size not in est.candidates[llm.name]:
                 continue
@@ -298,11 +406,18 @@ def greedy_place(est: Estimator, group: tuple[tuple[int, ...], ...], order=by_de
             if new is None:
                 continue
             load = sum(est.llms[n].rate * est.llms[n].params for n in mesh.llms) / mesh.size
-            key = (round(new.served - mesh.served, 9), -load, -mesh.size, -j)
-            if best_key is None or key > best_key:
-                best_key, best_index, best_est = key, j, new
-        if best_index is None:
+            options.append(((round(new.served - mesh.served, 9), -load, -mesh.size, -j), j, new))
+        if not options:
             return None
+        options.sort(key=lambda o: o[0], reverse=True)
+        _, best_index, best_est = options[0]
+        if lookahead and k + 1 < len(todo):
+            for _, j, new in options:
+                trial = [Mesh(m.node, m.size, m.devices, m.llms + [llm.name] if i == j else list(m.llms))
+                         for i, m in enumerate(meshes)]
+                if packs(est, trial, todo[k + 1:]):
+                    best_index, best_est = j, new
+                    break
         meshes[best_index].llms.append(llm.name)
         meshes[best_index].estimate = best_est
     for mesh in meshes:
@@ -349,8 +464,10 @@ def feasible_groups(est: Estimator, nnodes: int, ngpus_per_node: int) -> list[tu
     need = [est.min_mesh_size(n) for n in est.llms]
     if any(n is None for n in need):
         bad = [name for name, n in zip(est.llms, need) if n is None]
-        raise InputError(f"{', '.join(bad)}: no profiled mesh size holds the weights and one sequence "
-                         f"({est.settings.gpu_memory_gb:g} GB per GPU, {est.settings.reserve_gb:g} GB reserve per LLM)")
+        sizes = {name: est.mesh_sizes(est.llms[name]) for name in bad}
+        raise InputError(f"{', '.join(bad)}: no mesh size of the cost table (here {sizes}) holds the weights and one "
+                         f"sequence ({est.settings.gpu_memory_gb:g} GB per GPU, {est.settings.reserve_gb:g} GB reserve "
+                         "per LLM and GPU); profile bigger meshes or estimate them (--estimate-tp)")
     groups = []
     for group in mesh_groups(nnodes, ngpus_per_node):
         sizes = [s for split in group for s in split]
@@ -360,16 +477,20 @@ def feasible_groups(est: Estimator, nnodes: int, ngpus_per_node: int) -> list[tu
 
 
 def optimize(est: Estimator, nnodes: int, ngpus_per_node: int, refine: bool = True) -> Placement:
-    """The best placement over every mesh group: Algorithm 1 (memory-first order where it fails),
-    then, with ``refine``, local search."""
+    """The best placement over every mesh group: Algorithm 1 (memory-first order where it fails,
+    then with packing lookahead), then, with ``refine``, local search."""
     best = None
     for group in feasible_groups(est, nnodes, ngpus_per_node):
         placement = greedy_place(est, group)
         if placement is None:
             placement = greedy_place(est, group, by_memory)
+            if placement is not None:
+                placement.method = "greedy(memory-first)"
+        if placement is None:
+            placement = greedy_place(est, group, lookahead=True)
             if placement is None:
                 continue
-            placement.method = "greedy(memory-first)"
+            placement.method = "greedy(lookahead)"
         if refine:
             placement = local_search(est, placement)
         if best is None or placement.served > best.served + 1e-9:

@@ -242,7 +242,8 @@ def check_valid(est: Estimator, placement) -> None:
     for mesh in placement.meshes:
         if not mesh.llms:
             continue
-        weights = sum(est.llms[n].weight_bytes(s.model_dtype) for n in mesh.llms) / mesh.size
+        weights = sum(est.llms[n].mesh_weight_bytes(mesh.size, s.model_dtype) for n in mesh.llms) / mesh.size
+        assert all(mesh.size in est.llms[n].tp_sizes() for n in mesh.llms)  # TP = mesh size splits each
         assert weights + len(mesh.llms) * s.reserve_gb * GB + mesh.estimate.kv_bytes_per_gpu <= s.usable_bytes + 1
         assert sum(est.candidates[n][mesh.size].decode_sm for n in mesh.llms) <= 100 + s.overload_sm
         kv_need = sum(est.llms[n].kv_bytes_per_token * est.seq_len * mesh.estimate.max_num_seqs[n] for n in mesh.llms)
@@ -255,8 +256,9 @@ def test_greedy_is_valid_and_close_to_the_ilp_optimum(models):
 
     table = synthetic_table({models[shape]: scale for shape, scale in SCALES.items()})
     gaps = []
-    # 19, 141, 194: the greedy alone is 18-30 % off; 832: the worst of 1,189 with local search (4.7 %)
-    for seed in (19, 102, 141, 194, 201, 832, 5, 7):
+    # 19, 141, 194: the greedy alone is 18-30 % off; 1093: the worst of 1,190 with local search (1.4 %);
+    # 356: a tight packing that only the lookahead finds
+    for seed in (19, 102, 141, 194, 201, 1093, 356, 5, 7):
         nnodes, ngpus, entries, gpu_gb = random_instance(seed, models)
         est = estimator(entries, table, prompt=161, output=338, gpu_memory_gb=gpu_gb)
         greedy, exact = optimize(est, nnodes, ngpus), ilp_place(est, nnodes, ngpus)
