@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from muxserve.engine.kv_cache import KVLayout
@@ -80,46 +81,62 @@ class PageTables:
         """Bring the rows of one batch up to date; return each request's slot.
 
         ``num_blocks[i]``: token blocks request i needs in this step; its page list must hold
-        at least ``num_blocks[i] * L * H`` pages.
+        at least ``num_blocks[i] * L * H`` pages. A request whose list is the same object, did not
+        need a new block and still ends its converted part with the same page costs a few
+        comparisons and no device work (the usual decode step: a new block every ``page_tokens``).
         """
         ppb = self.pages_per_block
-        need_blocks = max(num_blocks, default=0)
-        if need_blocks > self.max_blocks:
-            self._grow(self.num_slots, max(need_blocks, 2 * self.max_blocks))
+        if max(num_blocks, default=0) > self.max_blocks:
+            self._grow(self.num_slots, max(max(num_blocks), 2 * self.max_blocks))
         batch = set(keys)
         if len(batch) != len(keys):
             raise ValueError("duplicate request ids in one batch")
         slots: list[int] = []
-        zero: list[int] = []
-        new_values: list[int] = []
-        dest_rows: list[int] = []
+        changed: list[tuple[_Entry, list[int], int, bool]] = []  # (entry, pages, blocks needed, reset)
         entries = self._entries
         for key, pages, nb in zip(keys, page_lists, num_blocks):
+            entry = entries.get(key)
+            if entry is not None and entry.pages is pages and nb <= entry.blocks:
+                # Unchanged: the converted prefix is intact if the list still reaches its last page.
+                stop = entry.blocks * ppb
+                if len(pages) >= stop > 0 and pages[stop - 1] == entry.last:
+                    slots.append(entry.slot)
+                    continue
             if len(pages) < nb * ppb:
                 raise RuntimeError(f"sequence {key} holds {len(pages)} pages, needs {nb * ppb}")
-            entry = entries.get(key)
+            reset = False
             if entry is None:
                 entry = _Entry(self._take_slot(batch), pages)
                 entries[key] = entry
-                zero.append(entry.slot)
+                reset = True
             elif entry.pages is not pages or len(pages) < entry.blocks * ppb or (
                     entry.blocks and pages[entry.blocks * ppb - 1] != entry.last):
                 entry.pages, entry.blocks, entry.last = pages, 0, -1
-                zero.append(entry.slot)
+                reset = True
+            changed.append((entry, pages, nb, reset))
+            slots.append(entry.slot)
+        if changed:
+            self._write(changed)
+        return slots
+
+    def _write(self, changed) -> None:
+        """Zero the rows of new or reset requests, then copy every new block, one transfer each."""
+        ppb = self.pages_per_block
+        zero = [entry.slot for entry, _, _, reset in changed if reset]
+        new_values: list[int] = []
+        dest_rows: list[int] = []
+        for entry, pages, nb, _ in changed:
             if nb > entry.blocks:
                 start, stop = entry.blocks * ppb, nb * ppb
                 new_values.extend(pages[start:stop])
                 base = entry.slot * self.max_blocks
                 dest_rows.extend(range(base + entry.blocks, base + nb))
                 entry.blocks, entry.last = nb, pages[stop - 1]
-            slots.append(entry.slot)
-        flat = self.table.view(-1, ppb)  # (S * MB, L*H)
         if zero:
-            self.table.index_fill_(0, self._to_device(zero, torch.int64), 0)
+            self.table.index_fill_(0, self._to_device(zero, np.int64), 0)
         if dest_rows:
-            values = self._to_device(new_values, torch.int32).view(-1, ppb)
-            flat.index_copy_(0, self._to_device(dest_rows, torch.int64), values)
-        return slots
+            values = self._to_device(new_values, np.int32).view(-1, ppb)
+            self.table.view(-1, ppb).index_copy_(0, self._to_device(dest_rows, np.int64), values)
 
     def gather(self, slots: list[int], num_blocks: int) -> torch.Tensor:
         """(B, num_blocks, L, H) int64 tables of the given slots (zero past each request's blocks)."""
@@ -128,8 +145,10 @@ class PageTables:
         return tables.view(len(slots), num_blocks, self.layout.num_layers, self.layout.num_kv_heads).long()
 
     # -- internals -----------------------------------------------------------------------------
-    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        host = torch.tensor(values, dtype=dtype)
+    def _to_device(self, values: list[int], dtype) -> torch.Tensor:
+        # numpy converts a list of ints several times faster than torch.tensor (thousands of
+        # page ids when a large batch crosses a block boundary together).
+        host = torch.from_numpy(np.array(values, dtype=dtype))
         if self.device.type == "cpu":
             return host
         if self._pin:
