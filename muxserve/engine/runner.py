@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from muxserve.engine.attention import AttentionMetadata
@@ -32,6 +33,11 @@ class ModelRunner:
 
     Under tensor parallelism (``parallel``) every rank steps the same batch; rank 0's sampled
     tokens are broadcast so the ranks never diverge.
+
+    A graph decode step whose sequences are all greedy takes the argmax computed inside the graph
+    (``graph_argmax``; off: ``sample`` on the graph's logits, the same tokens). ``step_timer``
+    (a ``cuda_graph.StepTimer``) splits graph decode steps into host preparation, replay and
+    sampling.
     """
 
     def __init__(self, model: torch.nn.Module, layout: KVLayout, attention, device: torch.device, *,
@@ -48,6 +54,8 @@ class ModelRunner:
         self.tables = PageTables.for_limits(layout, self.device, max_num_seqs, max_tokens)
         self._needs_block_tables = getattr(attention, "needs_block_tables", True)
         self.graphs = None
+        self.graph_argmax = True
+        self.step_timer = None
         if cuda_graphs and self.device.type == "cuda" and getattr(attention, "supports_cuda_graphs", False):
             from muxserve.engine.cuda_graph import DecodeGraphs
 
@@ -60,16 +68,42 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """Run one step over ``seqs`` (their pages already allocated) and return one token each."""
-        params = [s.params for s in seqs]
         if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs)):
-            host, _ = self._host_inputs(seqs, False)
-            logits = self.graphs.run(host)
-            return sample(logits, params, [s.generator for s in seqs])
-        input_ids, positions, meta, last_index = self._prepare(seqs, is_prefill)
-        hidden = self.model(input_ids, positions, self.attention, meta)  # (N, hidden)
-        logits = self.model.compute_logits(hidden[last_index])  # (B, vocab)
-        tokens = sample(logits, params, [s.generator for s in seqs])
+            tokens = self._graph_decode(seqs)
+        else:
+            input_ids, positions, meta, last_index = self._prepare(seqs, is_prefill)
+            hidden = self.model(input_ids, positions, self.attention, meta)  # (N, hidden)
+            logits = self.model.compute_logits(hidden[last_index])  # (B, vocab)
+            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         return self.parallel.broadcast_tokens(tokens) if self.parallel.enabled else tokens
+
+    def _graph_decode(self, seqs) -> list[int]:
+        timer = self.step_timer
+        if timer is not None:
+            timer.begin()
+        batch = len(seqs)
+        self._stage_decode(seqs, self.graphs.stage(batch))
+        greedy = self.graph_argmax and all(s.params.greedy for s in seqs)
+        out = self.graphs.run(batch, greedy, timer)
+        tokens = out if greedy else sample(out, [s.params for s in seqs], [s.generator for s in seqs])
+        if timer is not None:
+            timer.end(batch)
+        return tokens
+
+    def _stage_decode(self, seqs, out: np.ndarray) -> None:
+        """Update the page tables; write a decode step's integers into ``out[:, :B]`` (int64).
+
+        Rows: [last token ids, positions, slots, seq_lens]; straight from Python lists into the
+        array, no tensor built.
+        """
+        b = len(seqs)
+        T = self.layout.page_tokens
+        seq_lens = [s.num_tokens for s in seqs]
+        out[2, :b] = self.tables.update([_key(s) for s in seqs], [s.pages for s in seqs],
+                                        [-(-n // T) for n in seq_lens])
+        out[3, :b] = seq_lens
+        np.subtract(out[3, :b], 1, out=out[1, :b])
+        out[0, :b] = [_last_token(s) for s in seqs]
 
     def _host_inputs(self, seqs, is_prefill: bool):
         """Update the page tables; pack the step's integers into one host tensor.
@@ -78,15 +112,16 @@ class ModelRunner:
         [token ids, positions, slots, seq_lens]; for prefill the flat concatenation
         [tokens (N), positions (N), token slots (N), seq_lens (B), slots (B), cu (B+1), last (B)].
         """
+        if not is_prefill:
+            host = np.empty((4, len(seqs)), dtype=np.int64)
+            self._stage_decode(seqs, host)
+            return torch.from_numpy(host), None
         T = self.layout.page_tokens
         seq_lens = [s.num_tokens for s in seqs]
         num_blocks = [-(-n // T) for n in seq_lens]
         slots = self.tables.update([_key(s) for s in seqs], [s.pages for s in seqs], num_blocks)
         lens = torch.tensor(seq_lens, dtype=torch.int64)
         slot_t = torch.tensor(slots, dtype=torch.int64)
-        if not is_prefill:
-            tokens = torch.tensor([_last_token(s) for s in seqs], dtype=torch.int64)
-            return torch.stack([tokens, lens - 1, slot_t, lens]), None
         tokens: list[int] = []
         for s in seqs:
             tokens.extend(s.token_ids)

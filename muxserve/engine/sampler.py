@@ -19,12 +19,21 @@ def step_generator(seed: int | None, step: int) -> torch.Generator | None:
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + step) % (1 << 63))
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """(B, vocab) -> (B,) int64 argmax of each row (the first one on ties): the greedy choice.
+
+    The one op for greedy tokens, in ``sample`` and inside the captured decode graphs, so both
+    paths pick the very same ids.
+    """
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
     """logits: (B, vocab) float32 -> one token id per row."""
     if all(p.greedy for p in params):
-        return logits.argmax(dim=-1).tolist()
-    greedy = logits.argmax(dim=-1).tolist()
+        return greedy_tokens(logits).tolist()
+    greedy = greedy_tokens(logits).tolist()
     out = []
     for i, p in enumerate(params):
         if p.greedy:
