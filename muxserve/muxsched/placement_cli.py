@@ -1,6 +1,10 @@
 """``python -m muxserve.muxsched.placement``: models.yaml + cost table -> one model_config YAML per
 mesh (MuxServe), the same colocation without MPS (temporal multiplexing), one YAML per LLM on its
-own GPUs (spatial partitioning), and ``placement.json`` with the summary."""
+own GPUs (spatial partitioning), and ``placement.json`` with the summary.
+
+Every LLM of a mesh of n GPUs runs with tensor_parallel_size n on placement [[0..n-1]] (the mesh's
+GPUs as CUDA_VISIBLE_DEVICES numbers them). With --estimate-tp, mesh sizes up to the GPUs of a node
+that the cost table lacks get estimated latencies (muxserve.muxsched.costs.TPEstimate)."""
 
 from __future__ import annotations
 
@@ -15,11 +19,11 @@ import msgspec
 import yaml
 
 from muxserve.config import ConfigError, MuxServeConfig, check_config
-from muxserve.muxsched.costs import CostModel, load_cost_table
-from muxserve.muxsched.models_file import InputError, load_models_file
+from muxserve.muxsched.costs import CostModel, TPEstimate, load_cost_table
+from muxserve.muxsched.models_file import InputError, load_models_file, natural_key
 from muxserve.muxsched.placement import (GB, Estimator, Placement, PlacementSettings, describe_llms, optimize,
                                          spatial_size)
-from muxserve.muxsched.workload import WorkloadError, load_workload
+from muxserve.muxsched.workload import Workload, WorkloadError, load_workload, write_workload
 
 logger = logging.getLogger("muxserve.placement")
 
@@ -46,6 +50,50 @@ def average_lengths(args, models) -> tuple[float, float, str]:
             "ShareGPT defaults")
 
 
+def model_ref(model: str) -> tuple[str, str]:
+    """(model string of the config, load_format): ``random:FOLDER`` and folders that hold only a
+    config.json (no safetensors, .bin or .gguf) get seeded random weights."""
+    name = model.removeprefix("random:")
+    if model.startswith("random:"):
+        return name, "random"
+    path = Path(name)
+    if path.is_dir() and (path / "config.json").is_file() and not any(
+            any(path.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.gguf", "*.pt")):
+        return name, "random"
+    return name, "auto"
+
+
+def launch_command(config: str, devices: list[int], index: int, mps: bool) -> str:
+    """The shell command that runs one mesh's config on its GPUs, with ports of its own so that the
+    meshes of a node run side by side (``config`` as seen from where the placement ran)."""
+    cmd = (f"CUDA_VISIBLE_DEVICES={','.join(map(str, devices))} python -m muxserve.launch {config} "
+           f"--nproc-per-node {len(devices)} --master-port {29500 + index} --flexstore-port {51000 + 100 * index} "
+           f"--server-port {51010 + 100 * index}")
+    return cmd + (" --mps-dir MPS_DIR" if mps else " --schedule-approach fcfs")
+
+
+def write_workload_subset(workload: Workload, llms: list[str], path: Path) -> None:
+    """The requests of ``llms`` (arrival times kept) as a workload file of their own."""
+    info = dict(workload.info)
+    if "rates" in info:
+        info["rates"] = [[n, r] for n, r in info["rates"] if n in set(llms)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_workload(path, info, [r for r in workload.requests if r.llm in set(llms)])
+
+
+def spatial_rounds(sizes: dict[str, int], ngpus: int) -> dict[str, tuple[int, list[int]]]:
+    """Spatial partitioning on one node: (round, GPUs) per LLM, biggest meshes first, packed onto
+    ``ngpus`` GPUs; LLMs of one round run side by side, rounds one after another (an LLM alone on
+    its GPUs does not depend on the others)."""
+    out, rnd, first = {}, 0, 0
+    for name in sorted(sizes, key=lambda n: (-sizes[n], natural_key(n))):
+        if first + sizes[name] > ngpus:
+            rnd, first = rnd + 1, 0
+        out[name] = (rnd, list(range(first, first + sizes[name])))
+        first += sizes[name]
+    return out
+
+
 def config_doc(est: Estimator, size: int, names: list[str], mps: dict[str, list[int]], workload_file: str | None,
                write_kv_bytes: bool) -> dict:
     """A model_config document for one mesh (checked with muxserve.config before it is written)."""
@@ -60,9 +108,15 @@ def config_doc(est: Estimator, size: int, names: list[str], mps: dict[str, list[
     }
     if write_kv_bytes:
         doc["kv_cache_bytes"] = int(kv_per_gpu)
-    doc["models"] = [{"name": n, "model": est.llms[n].model, "tensor_parallel_size": size, "pipeline_parallel_size": 1,
-                      "placement": [list(range(size))], "mps_percentage": mps[n], "model_dtype": s.model_dtype,
-                      "max_num_seqs": e.max_num_seqs[n]} for n in names]
+    doc["models"] = []
+    for n in names:
+        model, load_format = model_ref(est.llms[n].model)
+        entry = {"name": n, "model": model, "tensor_parallel_size": size, "pipeline_parallel_size": 1,
+                 "placement": [list(range(size))], "mps_percentage": mps[n], "model_dtype": s.model_dtype,
+                 "max_num_seqs": e.max_num_seqs[n]}
+        if load_format != "auto":
+            entry["load_format"] = load_format
+        doc["models"].append(entry)
     doc["workloads"] = {"workload_file": workload_file}
     try:
         check_config(msgspec.convert(doc, MuxServeConfig), "placement output")
@@ -82,25 +136,47 @@ def write_outputs(out: Path, prefix: str, est: Estimator, placement: Placement, 
         written[kind].append(str(path.relative_to(out)))
         return str(path.relative_to(out))
 
+    s = est.settings
+    workload = load_workload(workload_file) if workload_file else None
     meshes = []
     for i, mesh in enumerate(placement.meshes):
         if not mesh.llms:
             continue
         mux = {n: [est.candidates[n][mesh.size].prefill_sm, est.candidates[n][mesh.size].decode_sm] for n in mesh.llms}
         tag = f"mesh{i}_n{mesh.size}"
-        config = dump("muxserve", tag, config_doc(est, mesh.size, mesh.llms, mux, workload_file, write_kv_bytes))
-        dump("temporal", tag, config_doc(est, mesh.size, mesh.llms, dict.fromkeys(mesh.llms, BASELINE_MPS),
-                                         workload_file, write_kv_bytes))
+        mesh_workload = workload_file
+        if workload is not None and not set(workload.llms) <= set(mesh.llms):
+            # the launcher refuses requests for LLMs that its config lacks: each mesh gets its own requests
+            mesh_workload = str(out / "workloads" / f"{prefix}_{tag}.json")
+            write_workload_subset(workload, mesh.llms, Path(mesh_workload))
+            written.setdefault("workloads", []).append(str(Path(mesh_workload).relative_to(out)))
+        config = dump("muxserve", tag, config_doc(est, mesh.size, mesh.llms, mux, mesh_workload, write_kv_bytes))
+        temporal = dump("temporal", tag, config_doc(est, mesh.size, mesh.llms, dict.fromkeys(mesh.llms, BASELINE_MPS),
+                                                    mesh_workload, write_kv_bytes))
         meshes.append({"mesh": i, "node": mesh.node, "devices": list(mesh.devices), "num_gpus": mesh.size,
                        "config": config, "expected_tpt": round(mesh.served, 4),
-                       "kv_gb_per_gpu": round(mesh.estimate.kv_bytes_per_gpu / GB, 3), "llms": mesh.llms})
+                       "kv_gb_per_gpu": round(mesh.estimate.kv_bytes_per_gpu / GB, 3),
+                       "weights_gb_per_gpu": round(sum(est.llms[n].mesh_weight_bytes(mesh.size, s.model_dtype)
+                                                       for n in mesh.llms) / mesh.size / GB, 3),
+                       "llms": mesh.llms,
+                       "estimated_costs": [n for n in mesh.llms if est.costs.is_estimated(est.llms[n].cost_key, mesh.size)],
+                       "launch": launch_command(str(out / config), list(mesh.devices), len(meshes), mps=True),
+                       "launch_temporal": launch_command(str(out / temporal), list(mesh.devices), len(meshes),
+                                                         mps=False)})
     spatial = []
-    for name in est.llms:
-        size = spatial_size(est, name)
+    sizes = {name: spatial_size(est, name) for name in est.llms}
+    slots = spatial_rounds(sizes, s.max_mesh_size or max(sizes.values()))
+    for k, name in enumerate(est.llms):
+        size = sizes[name]
         config = dump("spatial", f"{name}_n{size}", config_doc(est, size, [name], {name: BASELINE_MPS},
                                                               workload_file, write_kv_bytes))
+        rnd, devices = slots[name]
         spatial.append({"llm": name, "num_gpus": size, "config": config,
-                        "expected_tpt": round(est.estimate(size, [name]).served, 4)})
+                        "expected_tpt": round(est.estimate(size, [name]).served, 4),
+                        "estimated_costs": est.costs.is_estimated(est.llms[name].cost_key, size),
+                        "round": rnd, "devices": devices,
+                        "launch": launch_command(str(out / config), devices, k, mps=False)
+                        + f" --split-by-model {name}"})
     total_rate = sum(m.rate for m in est.llms.values())
     return {
         "method": placement.method,
@@ -125,8 +201,12 @@ def summary_rows(est: Estimator, placement: Placement) -> list[dict]:
             rows.append({"mesh": i, "node": mesh.node, "devices": list(mesh.devices), "llm": name, "model": llm.model,
                          "rate": llm.rate, "expected_tpt": round(e.throughputs[name], 4),
                          "mps_percentage": [cand.prefill_sm, cand.decode_sm], "batch_size": e.batch_sizes[name],
-                         "max_num_seqs": e.max_num_seqs[name],
-                         "weights_gb": round(llm.weight_bytes(est.settings.model_dtype) / GB, 3)})
+                         "max_num_seqs": e.max_num_seqs[name], "tensor_parallel_size": mesh.size,
+                         "weights_gb": round(llm.weight_bytes(est.settings.model_dtype) / GB, 3),
+                         "weights_gb_per_gpu": round(llm.mesh_weight_bytes(mesh.size, est.settings.model_dtype)
+                                                     / mesh.size / GB, 3),
+                         "min_mesh_size": est.min_mesh_size(name),
+                         "estimated_costs": est.costs.is_estimated(llm.cost_key, mesh.size)})
     return rows
 
 
@@ -134,8 +214,11 @@ def table_text(rows: list[dict]) -> str:
     head = "| mesh | node | GPUs | LLM | model | rate | est. req/s | SM % [prefill, decode] | batch | max seqs |"
     lines = [head, "|" + "---|" * 10]
     for r in rows:
+        mark = "*" if r.get("estimated_costs") else ""
         lines.append(f"| {r['mesh']} | {r['node']} | {r['devices']} | {r['llm']} | {r['model']} | {r['rate']:g} | "
-                     f"{r['expected_tpt']:.3f} | {r['mps_percentage']} | {r['batch_size']} | {r['max_num_seqs']} |")
+                     f"{r['expected_tpt']:.3f}{mark} | {r['mps_percentage']} | {r['batch_size']} | {r['max_num_seqs']} |")
+    if any(r.get("estimated_costs") for r in rows):
+        lines.append("* latencies of this mesh size estimated from a smaller one (--estimate-tp), not profiled")
     return "\n".join(lines)
 
 
@@ -165,6 +248,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--model-dtype", choices=("fp16", "bf16", "fp32"), default=d.model_dtype)
     g.add_argument("--decode-overhead-ms", type=float, default=0.0, help="scheduling cost per sequence and decode step")
     g.add_argument("--write-kv-bytes", action="store_true", help="also write kv_cache_bytes (the pool size; CPU runs)")
+    t = p.add_argument_group("tensor parallelism (an estimate for mesh sizes the cost table lacks)")
+    dt = TPEstimate()
+    t.add_argument("--estimate-tp", action="store_true",
+                   help="derive the latencies of meshes of 2, 4 ... GPUs (up to a node) that the table lacks from the "
+                        "largest profiled size that divides them: compute / TP plus two all-reduces per layer")
+    t.add_argument("--tp-serial-fraction", type=float, default=dt.serial_fraction,
+                   help="part of a step that tensor parallelism does not shrink")
+    t.add_argument("--tp-allreduce-us", type=float, default=dt.allreduce_latency_us,
+                   help="fixed cost of one all-reduce (microseconds)")
+    t.add_argument("--tp-allreduce-gbps", type=float, default=dt.allreduce_bus_gbps,
+                   help="all-reduce bus bandwidth (GB/s)")
     return p.parse_args(argv)
 
 
@@ -175,8 +269,11 @@ def run(args) -> dict:
     models = load_models_file(args.model_yaml)
     prompt_len, output_len, source = average_lengths(args, models)
     costs = CostModel(load_cost_table(args.cost_file), prompt_len, output_len, args.decode_overhead_ms / 1000)
+    tp = TPEstimate(args.tp_serial_fraction, args.tp_allreduce_us, args.tp_allreduce_gbps) if args.estimate_tp else None
+    tp_sizes = tuple(1 << k for k in range(1, models.ngpus_per_node.bit_length()) if 1 << k <= models.ngpus_per_node)
     settings = PlacementSettings(args.gpu_memory_gb, args.memory_fraction, args.reserve_gb, args.overload_sm,
-                                 args.max_decode_sm, args.prefill_sm, args.model_dtype)
+                                 args.max_decode_sm, args.prefill_sm, args.model_dtype,
+                                 max_mesh_size=models.ngpus_per_node, tp_estimate=tp, tp_sizes=tp_sizes)
     est = Estimator(describe_llms(models.models, costs, args.model_dtype), costs, settings)
     greedy = optimize(est, models.nnodes, models.ngpus_per_node, refine=not args.no_local_search)
     exact = None
@@ -188,7 +285,12 @@ def run(args) -> dict:
     summary = write_outputs(out, Path(args.model_yaml).stem, est, chosen, args.workload_file, args.write_kv_bytes)
     summary.update({"model_yaml": args.model_yaml, "cost_file": args.cost_file, "avg_prompt_len": round(prompt_len, 3),
                     "avg_output_len": round(output_len, 3), "avg_lengths_from": source,
-                    "greedy_tpt": round(greedy.served, 4)})
+                    "greedy_tpt": round(greedy.served, 4),
+                    "min_mesh_size": {n: est.min_mesh_size(n) for n in est.llms},
+                    "tp_estimate": None if tp is None else {
+                        "serial_fraction": tp.serial_fraction, "allreduce_latency_us": tp.allreduce_latency_us,
+                        "allreduce_bus_gbps": tp.allreduce_bus_gbps,
+                        "estimated": {k: {str(n): m for n, m in v.items()} for k, v in costs.estimated.items()}}})
     if exact is not None:
         summary["ilp_tpt"] = round(exact.served, 4)
         summary["greedy_gap"] = round(1 - greedy.served / exact.served, 6) if exact.served > 0 else 0.0
