@@ -72,6 +72,8 @@ class DecodeGraphs:
         self.tables = tables
         self.device = device
         self.sizes = graph_sizes(max_batch)
+        top = self.sizes[-1] if self.sizes else 0
+        self._padded = [next((s for s in self.sizes if s >= b), 0) for b in range(top + 1)]  # batch -> size
         self._graphs: dict[int, _Graph] = {}
         self._staging: dict[int, _Staging] = {}
         self._pool = None
@@ -81,7 +83,7 @@ class DecodeGraphs:
         return bool(self.sizes) and 0 < batch <= self.sizes[-1]
 
     def padded(self, batch: int) -> int:
-        return next(s for s in self.sizes if s >= batch)
+        return self._padded[batch]
 
     @property
     def captured(self) -> list[int]:

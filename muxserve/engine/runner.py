@@ -46,6 +46,7 @@ class ModelRunner:
         self.model = model
         self.parallel = parallel or SINGLE
         self.layout = layout
+        self._page_tokens = layout.page_tokens  # a property that builds a tensor: read it once
         self.attention = attention
         self.device = torch.device(device)
         if getattr(attention, "name", "") == "triton" and hasattr(model, "fused_ops"):
@@ -97,7 +98,7 @@ class ModelRunner:
         array, no tensor built.
         """
         b = len(seqs)
-        T = self.layout.page_tokens
+        T = self._page_tokens
         seq_lens = [s.num_tokens for s in seqs]
         out[2, :b] = self.tables.update([_key(s) for s in seqs], [s.pages for s in seqs],
                                         [-(-n // T) for n in seq_lens])
@@ -116,7 +117,7 @@ class ModelRunner:
             host = np.empty((4, len(seqs)), dtype=np.int64)
             self._stage_decode(seqs, host)
             return torch.from_numpy(host), None
-        T = self.layout.page_tokens
+        T = self._page_tokens
         seq_lens = [s.num_tokens for s in seqs]
         num_blocks = [-(-n // T) for n in seq_lens]
         slots = self.tables.update([_key(s) for s in seqs], [s.pages for s in seqs], num_blocks)
@@ -129,7 +130,7 @@ class ModelRunner:
         torch.cumsum(lens, 0, out=cu[1:])
         positions = torch.arange(len(tokens), dtype=torch.int64) - torch.repeat_interleave(cu[:-1], lens)
         token_slots = torch.repeat_interleave(slot_t, lens)
-        host = torch.cat([torch.tensor(tokens, dtype=torch.int64), positions, token_slots, lens, slot_t, cu, cu[1:] - 1])
+        host = torch.cat([torch.from_numpy(np.array(tokens, dtype=np.int64)), positions, token_slots, lens, slot_t, cu, cu[1:] - 1])
         return host, seq_lens
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
@@ -138,8 +139,7 @@ class ModelRunner:
         return host.pin_memory().to(self.device, non_blocking=True)
 
     def _prepare(self, seqs: list[Sequence], is_prefill: bool):
-        layout = self.layout
-        T = layout.page_tokens
+        T = self._page_tokens
         B = len(seqs)
         host, _ = self._host_inputs(seqs, is_prefill)
         dev = self._to_device(host)
@@ -162,7 +162,7 @@ class ModelRunner:
         block_tables = write_pages = write_offsets = None
         if self._needs_block_tables:
             slots = host[2].tolist() if not is_prefill else host[3 * N + B:3 * N + 2 * B].tolist()
-            block_tables = self.tables.gather(slots, max(layout.num_blocks(n) for n in seq_lens_list))  # (B, MB, L, H)
+            block_tables = self.tables.gather(slots, -(-max(seq_lens_list) // T))  # (B, MB, L, H)
             seq_index = torch.repeat_interleave(torch.arange(B), torch.tensor(query_lens)).to(self.device)
             blocks = (host_positions // T).to(self.device)
             write_pages = block_tables[seq_index, blocks].permute(1, 0, 2).contiguous()  # (L, N, H)
