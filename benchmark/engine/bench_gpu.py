@@ -10,7 +10,11 @@ For each random-weight model shape (real shapes, bf16), in one process:
 3. muxserve (triton backend, CUDA graphs): decode step latency per (batch, context) measured as
    wall time of ``ModelRunner.step`` (host preparation, graph replay and sampling included),
    eager latency at a few points, prefill throughput, and (``--e2e``) offline throughput on
-   ``--e2e-requests`` ShareGPT-like requests submitted at once.
+   ``--e2e-requests`` ShareGPT-like requests submitted at once;
+4. (``--step-breakdown``) each decode point again with ``muxserve.engine.cuda_graph.StepTimer``:
+   per step the host preparation before ``graph.replay()``, the graph's GPU time (CUDA events
+   around the replay only), the replay call's host time, what follows the graph (token copy or
+   sampling, synchronization) and the wall time; medians over ``--breakdown-steps`` steps.
 
 Decode floor = (weight bytes read per step + KV bytes of every cached token) / copy bandwidth;
 the input embedding is not counted (a step reads B rows of it). Prefill efficiency = model FLOPs
@@ -38,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_offline import SHAPES, environment, hf_generate, make_requests  # noqa: E402
 
+from muxserve.engine.cuda_graph import StepTimer  # noqa: E402
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from muxserve.engine.model_config import ModelSpec  # noqa: E402
 from muxserve.engine.models import build_model  # noqa: E402
@@ -242,6 +247,31 @@ class Ours:
             self.runner.graphs = graphs
             self.free(seqs)
 
+    def decode_breakdown(self, batch: int, ctx: int, vocab: int, steps: int = 40) -> dict | None:
+        """Medians (s) of the parts of graph decode steps (see ``StepTimer``); None without graphs."""
+        if self.runner.graphs is None or not self.runner.graphs.can_run(batch):
+            return None
+        seqs = self.make_seqs([ctx] * batch, steps + 8, vocab)
+        timer = StepTimer()
+        try:
+            for i in range(steps + 2):
+                if i == 2:  # the first steps may capture the graph
+                    self.runner.step_timer = timer
+                sync()
+                tokens = self.runner.step(seqs, False)
+                for s, t in zip(seqs, tokens):
+                    s.output_token_ids.append(t)
+        finally:
+            self.runner.step_timer = None
+            self.free(seqs)
+        recs = timer.records
+        out = {k: statistics.median(r[k] for r in recs)
+               for k in ("prep_s", "replay_gpu_s", "launch_s", "sample_s", "wall_s")}
+        out["host_s"] = statistics.median(r["wall_s"] - r["replay_gpu_s"] for r in recs)  # wall outside the graph
+        out["max_prep_s"] = max(r["prep_s"] for r in recs)  # steps where a new page block is copied
+        out["steps"] = len(recs)
+        return out
+
     def prefill_time(self, lens: list[int], vocab: int) -> float:
         seqs = self.make_seqs(lens, 0, vocab)
         try:
@@ -273,6 +303,10 @@ def parse_args(argv=None):
                    help="prefill batches as COUNTxLEN (default: %(default)s)")
     p.add_argument("--eager-points", type=str, nargs="*", default=["1x512", "32x512"],
                    help="decode BATCHxCTX points also timed without CUDA graphs")
+    p.add_argument("--step-breakdown", action="store_true",
+                   help="time every decode point again, split into host preparation, graph replay (GPU), "
+                        "sampling and wall (CUDA graphs only)")
+    p.add_argument("--breakdown-steps", type=int, default=40, help="timed steps per point for --step-breakdown")
     p.add_argument("--e2e", action="store_true", help="also run offline throughput on ShareGPT-like requests")
     p.add_argument("--e2e-requests", type=int, default=256)
     p.add_argument("--hf-e2e-requests", type=int, default=32,
@@ -350,6 +384,21 @@ def main(argv=None) -> None:
         res["floor_s"][key] = floor = (wbytes + b * c * kv_per_token) / bw
         log(f"ours decode b={b} ctx={c}: {t * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms, x{t / floor:.2f}")
         save()
+    if args.step_breakdown:
+        res["decode_breakdown"] = {}
+        for b, c in points:
+            key = f"{b}x{c}"
+            d = ours.decode_breakdown(b, c, vocab, args.breakdown_steps)
+            if d is None:
+                log(f"ours decode breakdown b={b} ctx={c}: no CUDA graph for this batch (or no CUDA), skipped")
+                continue
+            res["decode_breakdown"][key] = d
+            floor = res["floor_s"][key]
+            log(f"ours decode breakdown b={b} ctx={c}: wall {d['wall_s'] * 1e3:.3f} ms = host prep "
+                f"{d['prep_s'] * 1e3:.3f} + graph GPU {d['replay_gpu_s'] * 1e3:.3f} (x{d['replay_gpu_s'] / floor:.2f} "
+                f"floor) + after graph {d['sample_s'] * 1e3:.3f} ms (medians); replay call {d['launch_s'] * 1e3:.3f} ms, "
+                f"outside the graph {d['host_s'] * 1e3:.3f} ms")
+            save()
     for p in args.eager_points:
         b, c = (int(x) for x in p.split("x"))
         res["decode_eager_s"][p] = t = ours.decode_latency(b, c, vocab, eager=True)

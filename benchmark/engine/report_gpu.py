@@ -15,8 +15,8 @@ PREFILL_TARGET = 0.60  # of the measured bf16 matmul peak
 E2E_TARGET = 3.0  # x transformers at batch 32
 
 
-def ms(x) -> str:
-    return "-" if x is None else f"{x * 1e3:.2f}"
+def ms(x, digits: int = 2) -> str:
+    return "-" if x is None else f"{x * 1e3:.{digits}f}"
 
 
 def section(d: dict) -> list[str]:
@@ -42,6 +42,21 @@ def section(d: dict) -> list[str]:
         h = hf.get("decode_s", {}).get(key)
         lines.append(f"| {b} | {c} | {ms(t)} | {ms(floor)} | {ratio:.2f}x | {target} | {ms(h)} | "
                      f"{'-' if h is None else f'{h / t:.1f}x'} |")
+    if ours.get("decode_breakdown"):
+        lines += ["", "### Decode step breakdown (ms, medians over the steps of each point; `--step-breakdown`)", "",
+                  "Host prep: `ModelRunner.step` up to `graph.replay()` (page tables, staging the inputs, "
+                  "their copy); graph: GPU time of the replay alone (CUDA events); after graph: token ids "
+                  "back or sampling, synchronization (wall - prep - graph); outside graph: wall - graph.", "",
+                  "| batch | context | wall | host prep | graph (GPU) | after graph | outside graph | replay call "
+                  "| graph / floor | wall / floor |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, part in ours["decode_breakdown"].items():
+            b, c = (int(x) for x in key.split("x"))
+            floor = ours["floor_s"][key]
+            lines.append(f"| {b} | {c} | {ms(part['wall_s'], 3)} | {ms(part['prep_s'], 3)} | "
+                         f"{ms(part['replay_gpu_s'], 3)} | {ms(part['sample_s'], 3)} | {ms(part['host_s'], 3)} | "
+                         f"{ms(part['launch_s'], 3)} | {part['replay_gpu_s'] / floor:.2f}x | "
+                         f"{part['wall_s'] / floor:.2f}x |")
     if ours.get("decode_eager_s"):
         lines += ["", "Without CUDA graphs (enforce_eager): " + ", ".join(
             f"batch x context {k}: {ms(v)} ms (graphs {ms(ours['decode_s'].get(k))} ms)"
@@ -51,7 +66,7 @@ def section(d: dict) -> list[str]:
               "| transformers ms |", "|---|---:|---:|---:|---:|---|---:|"]
     for key, t in ours["prefill_s"].items():
         tf = ours["prefill_TFLOPs"][key]
-        frac = tf / ceil["bf16_matmul_TFLOPs"]
+        frac = tf / ceil["bf16_matmul_TFLOPs"] if ceil["bf16_matmul_TFLOPs"] else 0.0
         lines.append(f"| {key} | {ms(t)} | {ours['prefill_tokens_per_s'][key]:.0f} | {tf:.0f} | {frac:.0%} | "
                      f"{'met' if frac >= PREFILL_TARGET else 'missed'} | {ms(hf.get('prefill_s', {}).get(key))} |")
     if "e2e" in ours:
