@@ -112,7 +112,7 @@ def config_doc(est: Estimator, size: int, names: list[str], mps: dict[str, list[
     for n in names:
         model, load_format = model_ref(est.llms[n].model)
         entry = {"name": n, "model": model, "tensor_parallel_size": size, "pipeline_parallel_size": 1,
-                 "placement": [list(range(size))], "mps_percentage": mps[n], "model_dtype": s.model_dtype,
+                 "placement": [list(range(size))], "mps_percentage": list(mps[n]), "model_dtype": s.model_dtype,
                  "max_num_seqs": e.max_num_seqs[n]}
         if load_format != "auto":
             entry["load_format"] = load_format

@@ -195,7 +195,9 @@ def test_cli_on_the_example(tmp_path, capsys):
     for mesh in summary["meshes"]:
         n = mesh["num_gpus"]
         for kind in ("muxserve", "temporal"):
-            config = load_config(out / mesh["config"].replace("muxserve/", f"{kind}/"))
+            path = out / mesh["config"].replace("muxserve/", f"{kind}/")
+            assert "&id" not in path.read_text()  # plain lists, no YAML anchors
+            config = load_config(path)
             assert config.num_gpus == n and config.model_names == mesh["llms"]
             for m in config.models:
                 assert m.tensor_parallel_size == n and m.placement == [list(range(n))]
@@ -248,3 +250,23 @@ def test_greedy_is_close_to_the_ilp_on_the_example_at_twice_its_rates(table):
     assert exact.mesh_of("llm-2").size == 4 and "llm-4" in exact.mesh_of("llm-2").llms
     assert exact.served == pytest.approx(sum(2 * m["rate"] for m in models), rel=1e-4)
     assert 0.95 * exact.served <= greedy.served < exact.served
+
+
+def test_the_launcher_accepts_every_example_command():
+    """Each launch command of the committed example passes the launcher's checks before start
+    (one node, --nproc-per-node = num_gpus, TP that splits the model, ports)."""
+    import shlex
+
+    from muxserve.launch import build_parser, check_args
+
+    summary = json.loads((EXAMPLE / "placement" / "placement.json").read_text())
+    commands = ([m["launch"] for m in summary["meshes"]] + [m["launch_temporal"] for m in summary["meshes"]]
+                + [s["launch"] for s in summary["spatial"]])
+    assert len(commands) == 2 * 4 + 10
+    for command in commands:
+        words = shlex.split(command.replace("MPS_DIR", "/tmp/mps"))
+        assert words[0].startswith("CUDA_VISIBLE_DEVICES=") and words[1:4] == ["python", "-m", "muxserve.launch"]
+        args = build_parser().parse_args(words[4:])
+        config = load_config(args.model_config)
+        assert len(words[0].split("=")[1].split(",")) == args.nproc_per_node == config.num_gpus
+        check_args(args, config, "cuda")
