@@ -53,6 +53,7 @@ class InstanceOptions:
     log_dir: Path | None = None
     rates: dict[str, float] = field(default_factory=dict)  # requests/s per LLM, for the quotas
     avg_seq_len: int = 416  # the original's default when the workload has no length stats
+    enforce_eager: bool = False  # decode runtimes without CUDA graphs
     ready_timeout_s: float = 600.0
     # torch.distributed rendezvous of tensor-parallel runtimes: the k-th group (an LLM's prefill
     # or decode ranks) listens on dist_base_port + k (the original's --server-port)
@@ -176,6 +177,8 @@ class Instance:
                             "--max-num-seqs", str(m.max_num_seqs or o.max_num_seqs or self.config.max_num_seqs)]
                     if tp > 1:
                         args += [*dist, "--tp-rank", str(rank)]
+                    if o.enforce_eager:
+                        args.append("--enforce-eager")
                     self.processes.start(_runtime_name(m.name, phase, rank, tp), args, mps_env(o.mps_dir, pct))
 
     def _wait_ready(self) -> None:

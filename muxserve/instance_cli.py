@@ -35,6 +35,8 @@ def add_instance_arguments(parser: argparse.ArgumentParser, default_log_dir: str
     g.add_argument("--log-dir", default=default_log_dir,
                    help=f"folder for the logs of FlexStore and each runtime (default: {default_log_dir})")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps eagerly instead of replaying CUDA graphs (GPU only; for debugging)")
     g = parser.add_argument_group("scheduler")
     g.add_argument("--schedule-approach", choices=list(POLICIES), default="adbs",
                    help="adbs (MuxServe), fcfs (temporal multiplexing), roundrobin, fix, fix-adbs (default: adbs)")
@@ -128,7 +130,7 @@ def instance_options(args: argparse.Namespace, config: MuxServeConfig, device: s
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         page_bytes=page_bytes_for(config, args.block_size), mps_dir=args.mps_dir,
         flexstore_address=f"tcp://127.0.0.1:{args.flexstore_port}", log_dir=Path(args.log_dir),
-        rates=dict(rates or {}), dist_host=getattr(args, "master_addr", "127.0.0.1"),
+        rates=dict(rates or {}), enforce_eager=getattr(args, "enforce_eager", False), dist_host=getattr(args, "master_addr", "127.0.0.1"),
         dist_base_port=getattr(args, "server_port", 50060), **extra,
     )
 

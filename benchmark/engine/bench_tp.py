@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parity-tokens", type=int, default=64, help="greedy tokens per parity prompt (default: 64)")
     p.add_argument("--kv-cache-gb", type=float, default=8.0, help="KV pool per rank in GiB (default: 8)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--hang-dump-s", type=float, default=300,
+                   help="a rank still running after this many seconds prints every thread's stack and exits")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: gloo ranks, float32, a dry run of the script on a tiny shape")
     p.add_argument("--output-json", help="write the results here (and a .md table next to it)")
@@ -85,28 +87,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _log(rank: int, tp: int, msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} tp{tp} rank{rank}] {msg}", file=sys.stderr, flush=True)
+
+
 def _rank_main(rank: int, tp: int, port: int, args: argparse.Namespace, out: str) -> None:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(args.hang_dump_s, exit=True)  # a stuck collective shows where it hangs
     torch.manual_seed(0)  # every rank draws the same prompts
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
     dtype_name = "bfloat16" if args.device == "cuda" else "float32"
     dtype = getattr(torch, dtype_name)
     parallel = join_group(tp, rank, f"tcp://127.0.0.1:{port}", device) if tp > 1 else SINGLE
+    _log(rank, tp, "joined the group")
     try:
         spec = ModelSpec.from_folder(args.folder)
         model = meta_model(spec, dtype, parallel).to_empty(device=device)
         with torch.no_grad():
             model.load_weights(random_checkpoint(spec, dtype, device, seed=0))
         finish_model(model, spec, device)
+        _log(rank, tp, "weights ready")
         config = EngineConfig(model=args.folder, dtype=dtype_name, device=str(device),
                               kv_cache_bytes=int(args.kv_cache_gb * GiB), max_num_seqs=max(args.batches),
                               max_model_len=max(args.ctx + 64, args.prefill + 8, max(PARITY_PROMPT_LENS) + 72),
                               tensor_parallel_size=tp, enforce_eager=args.eager)
         engine = LLMEngine(config, model=model, parallel=parallel)
+        _log(rank, tp, "engine ready")
         result = {"tp": tp, "cuda_graphs": engine.runner.graphs is not None, "decode_ms": {}}
         for batch in args.batches:
             result["decode_ms"][str(batch)] = _decode_ms(engine, batch, args.ctx, spec.vocab_size, device)
+            _log(rank, tp, f"decode batch {batch}: {result['decode_ms'][str(batch)]:.2f} ms")
         result["prefill_ms"] = _prefill_ms(engine, args.prefill, spec.vocab_size, device)
+        _log(rank, tp, f"prefill {result['prefill_ms']:.1f} ms")
         result["parity_tokens"] = _greedy(engine, spec.vocab_size, args.parity_tokens)
+        faulthandler.cancel_dump_traceback_later()
         if rank == 0:
             Path(out).write_text(json.dumps(result))
     finally:

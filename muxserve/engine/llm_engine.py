@@ -119,6 +119,9 @@ class LLMEngine:
         self.model_name = model_name or self.MODEL_NAME
         self.dtype = parse_dtype(config.dtype)
         self.device = parse_device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            # Triton kernels launch on the current device: make it this engine's GPU.
+            torch.cuda.set_device(self.device)
         self.folder = resolve_model(config.model)
         self.spec = ModelSpec.from_folder(self.folder)
         tp = config.tensor_parallel_size
