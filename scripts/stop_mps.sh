@@ -14,7 +14,16 @@ if [ ! -S "$dir/nvidia-mps/control" ]; then
     echo "no MPS daemon is running with pipe directory $dir/nvidia-mps"
     exit 0
 fi
-echo quit | "$ctl"
+if ! out=$(echo quit | "$ctl" 2>&1); then
+    if [[ "$out" == *"Cannot find MPS control daemon"* ]]; then
+        # The daemon died without removing its pipe: clear the leftovers so a new one can start.
+        rm -rf "$dir/nvidia-mps"
+        echo "no MPS daemon was running with pipe directory $dir/nvidia-mps (removed its stale pipe)"
+        exit 0
+    fi
+    echo "$out" >&2
+    exit 1
+fi
 for _ in $(seq 50); do
     [ -S "$dir/nvidia-mps/control" ] || break
     sleep 0.1

@@ -67,6 +67,7 @@ class MPSControl:
         if self.enabled and (self.dir / "nvidia-mps" / "control").exists():
             self.running = True
             self.stop()
+            self.running = False  # stopped, or found dead: either way no daemon serves this directory
 
 
 class Cancelled(BenchError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import socket
 import statistics
@@ -35,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from muxserve.engine.model_config import ModelSpec  # noqa: E402
-from muxserve.engine.parallel import SINGLE, join_group, leave_group  # noqa: E402
+from muxserve.engine.parallel import SINGLE, join_group  # noqa: E402
 from muxserve.engine.sampling_params import SamplingParams  # noqa: E402
 from muxserve.engine.sequence import Sequence, SequenceStatus  # noqa: E402
 from muxserve.flexstore.weights import finish_model, meta_model, random_checkpoint  # noqa: E402
@@ -126,7 +127,10 @@ def _rank_main(rank: int, tp: int, port: int, args: argparse.Namespace, out: str
             Path(out).write_text(json.dumps(result))
     finally:
         if tp > 1:
-            leave_group()
+            # NCCL teardown with decode graphs (holding the communicator's kernels) still alive can
+            # block; the process is done, so leave without it.
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def _make_seqs(engine: LLMEngine, lens: list[int], extra: int, vocab: int, tag: str) -> list[Sequence]:

@@ -7,6 +7,7 @@ tokens. It never decides what to run.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -150,4 +151,7 @@ class Runtime:
             jobs.close(linger=0)
             results.close()
             if self.config.tp_size > 1:
+                # Drop the decode graphs (they hold the communicator's kernels) before NCCL teardown.
+                self.runner = None
+                gc.collect()
                 leave_group()
