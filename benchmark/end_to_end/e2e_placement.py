@@ -14,8 +14,9 @@ def placement_groups(point_dir: Path, models_yaml: Path, workload_path: Path, co
                      machine: Machine, extra_args: list[str]) -> tuple[list[Group], list[str]]:
     """Run ``python -m muxserve.muxsched.placement`` (in this process) and read its meshes back.
 
-    Returns the groups and the equivalent command line. Meshes must be single GPUs (tensor
-    parallelism is not supported yet); the placement only considers mesh sizes in the cost table.
+    Returns the groups and the equivalent command line. A mesh of n GPUs runs its LLMs tensor
+    parallel over all n; the placement considers the mesh sizes of the cost table, and others
+    with ``--placement-arg --estimate-tp``.
     """
     from muxserve.muxsched import placement_cli
 
@@ -34,20 +35,18 @@ def placement_groups(point_dir: Path, models_yaml: Path, workload_path: Path, co
     by_name = {m.name: m for m in llms}
     groups = []
     for mesh in summary["meshes"]:
-        if mesh["num_gpus"] != 1:
-            raise BenchError(f"placement chose a mesh of {mesh['num_gpus']} GPUs; only single-GPU meshes run "
-                             "(profile with --num-gpus 1 only)")
         cfg = yaml.safe_load((out / mesh["config"]).read_text())
         mps = {m["name"]: m["mps_percentage"] for m in cfg["models"]}
         seqs = {m["name"]: m.get("max_num_seqs") for m in cfg["models"]}
         members = [by_name[n] for n in mesh["llms"]]
         # the placement's own formula (n x usable - weights - reserve), unrounded
-        groups.append(Group(mesh["devices"][0], list(mesh["llms"]), mps, {n: s for n, s in seqs.items() if s},
-                            kv_budget(machine, members)))
+        devices = list(mesh["devices"])
+        groups.append(Group(devices, list(mesh["llms"]), mps, {n: s for n, s in seqs.items() if s},
+                            kv_budget(machine, members, len(devices))))
     cmd = ["python", "-m", "muxserve.muxsched.placement", *argv]
     return groups, cmd
 
 
 def groups_doc(groups: list[Group]) -> list[dict]:
-    return [{"device": g.device, "llms": g.llms, "mps_percentage": g.mps, "max_num_seqs": g.max_num_seqs}
+    return [{"devices": g.devices, "llms": g.llms, "mps_percentage": g.mps, "max_num_seqs": g.max_num_seqs}
             for g in groups]

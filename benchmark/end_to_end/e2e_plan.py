@@ -98,13 +98,30 @@ class SystemPlan:
 
 @dataclass
 class Group:
-    """LLMs sharing one GPU, with MuxServe's SM shares and per-LLM sequence caps."""
+    """LLMs sharing one mesh of GPUs, with MuxServe's SM shares and per-LLM sequence caps.
 
-    device: int
+    On a mesh of n > 1 GPUs every LLM of the group runs tensor parallel over all n (TP = mesh
+    size, as the placement writes and the original did); ``kv_bytes`` is per GPU.
+    """
+
+    devices: list[int]
     llms: list[str]
     mps: dict[str, list[int]]
     max_num_seqs: dict[str, int] = field(default_factory=dict)
     kv_bytes: float | None = None  # None: the machine's formula
+
+    @property
+    def device(self) -> int:
+        """The mesh's first GPU."""
+        return self.devices[0]
+
+    @property
+    def tp(self) -> int:
+        return len(self.devices)
+
+    @property
+    def label(self) -> str:
+        return f"gpu{self.devices[0]}" if self.tp == 1 else f"gpu{self.devices[0]}-{self.devices[-1]}"
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -148,21 +165,22 @@ def default_mps(llm: LLM) -> list[int]:
     return [prefill, decode]
 
 
-def kv_budget(machine: Machine, llms: list[LLM]) -> float:
-    """KV bytes of one GPU holding ``llms``."""
+def kv_budget(machine: Machine, llms: list[LLM], tp: int = 1) -> float:
+    """KV bytes of one GPU holding ``llms`` (with ``tp`` > 1: one rank's shard of each, an even
+    split of the weights; the replicated embeddings make the real shard slightly larger)."""
     if machine.kv_cache_gb is not None:
         return machine.kv_cache_gb * GB
-    weights = sum(m.weight_bytes(machine.dtype) for m in llms)
+    weights = sum(m.weight_bytes(machine.dtype) for m in llms) / tp
     return machine.gpu_memory_gb * GB * machine.memory_fraction - weights - len(llms) * machine.reserve_gb * GB
 
 
-def min_kv(llm: LLM) -> float:
-    """KV bytes that hold its largest request, with room for page rounding."""
-    return 1.25 * llm.max_request_tokens * llm.kv_bytes_per_token + (1 << 20)
+def min_kv(llm: LLM, tp: int = 1) -> float:
+    """KV bytes (on each GPU of a ``tp`` mesh) that hold its largest request, with room for page rounding."""
+    return 1.25 * llm.max_request_tokens * llm.kv_bytes_per_token / tp + (1 << 20)
 
 
-def check_fits(machine: Machine, llms: list[LLM], budget: float, what: str) -> None:
-    need = sum(min_kv(m) for m in llms)
+def check_fits(machine: Machine, llms: list[LLM], budget: float, what: str, tp: int = 1) -> None:
+    need = sum(min_kv(m, tp) for m in llms)
     if budget < need:
         raise BenchError(f"{what}: {', '.join(m.name for m in llms)} leave {budget / GB:.2f} GB of KV cache on one "
                          f"{'GPU' if machine.device == 'cuda' else 'CPU budget'}, less than their largest requests "
@@ -198,7 +216,7 @@ def default_groups(llms: list[LLM], machine: Machine) -> list[Group]:
     groups = []
     for device, members in enumerate(names):
         if members:
-            groups.append(Group(device, members, {n: default_mps(by_name[n]) for n in members}))
+            groups.append(Group([device], members, {n: default_mps(by_name[n]) for n in members}))
     return groups
 
 
@@ -249,9 +267,11 @@ def split_kv(budget: float, weights: list[float], floors: list[float]) -> list[f
 
 
 # -- model configs ---------------------------------------------------------------------------------
-def config_doc(machine: Machine, members: list[tuple[LLM, list[int], int | None]], kv_bytes: float) -> dict:
-    """A model_config for one GPU (checked with muxserve.config)."""
-    doc: dict = {"num_gpus": 1, "max_num_seqs": machine.max_num_seqs,
+def config_doc(machine: Machine, members: list[tuple[LLM, list[int], int | None]], kv_bytes: float,
+               num_gpus: int = 1) -> dict:
+    """A model_config for one mesh (checked with muxserve.config): every LLM tensor parallel over
+    its ``num_gpus`` GPUs; ``kv_bytes`` per GPU."""
+    doc: dict = {"num_gpus": num_gpus, "max_num_seqs": machine.max_num_seqs,
                  "overload_threshold": machine.overload_threshold}
     if machine.device == "cuda":
         doc["gpu_memory_utilization"] = max(0.001, math.floor(kv_bytes / (machine.gpu_memory_gb * GB) * 1000) / 1000)
@@ -259,8 +279,8 @@ def config_doc(machine: Machine, members: list[tuple[LLM, list[int], int | None]
         doc["kv_cache_bytes"] = int(kv_bytes)
     models = []
     for llm, mps, max_seqs in members:
-        entry = {"name": llm.name, "model": llm.model, "tensor_parallel_size": 1, "pipeline_parallel_size": 1,
-                 "placement": [[0]], "mps_percentage": list(mps), "model_dtype": machine.dtype}
+        entry = {"name": llm.name, "model": llm.model, "tensor_parallel_size": num_gpus, "pipeline_parallel_size": 1,
+                 "placement": [list(range(num_gpus))], "mps_percentage": list(mps), "model_dtype": machine.dtype}
         if llm.load_format != "auto":
             entry["load_format"] = llm.load_format
         if max_seqs:
@@ -318,14 +338,15 @@ def plan_systems(point_dir: Path, llms: list[LLM], machine: Machine, workload: W
         launches = []
         for i, g in enumerate(groups):
             members = [by_name[n] for n in g.llms]
-            budget = g.kv_bytes if g.kv_bytes is not None else kv_budget(machine, members)
-            check_fits(machine, members, budget, f"{system} mesh {i}")
+            budget = g.kv_bytes if g.kv_bytes is not None else kv_budget(machine, members, g.tp)
+            check_fits(machine, members, budget, f"{system} mesh {i}", g.tp)
             mps = g.mps if system == "muxserve" else dict.fromkeys(g.llms, BASELINE_MPS)
-            doc = config_doc(machine, [(by_name[n], mps[n], g.max_num_seqs.get(n)) for n in g.llms], budget)
-            path = cfg_dir / system / f"mesh{i}_gpu{g.device}.yaml"
-            write_yaml(path, doc, f"{system}: {', '.join(g.llms)} on GPU {g.device}; KV {budget / GB:.2f} GB")
+            doc = config_doc(machine, [(by_name[n], mps[n], g.max_num_seqs.get(n)) for n in g.llms], budget, g.tp)
+            path = cfg_dir / system / f"mesh{i}_{g.label}.yaml"
+            where = f"GPU {g.device}" if g.tp == 1 else f"GPUs {g.devices} (tensor parallel {g.tp})"
+            write_yaml(path, doc, f"{system}: {', '.join(g.llms)} on {where}; KV {budget / GB:.2f} GB per GPU")
             wl, idx_map = mesh_workloads[i]
-            launches.append(Launch(f"mesh{i}", str(path.relative_to(point_dir)), wl, [g.device],
+            launches.append(Launch(f"mesh{i}", str(path.relative_to(point_dir)), wl, list(g.devices),
                                    "adbs" if system == "muxserve" else "fcfs",
                                    system == "muxserve" and machine.device == "cuda", idx_map=idx_map))
         plans[system] = SystemPlan(system, launches)

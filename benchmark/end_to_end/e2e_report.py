@@ -88,7 +88,9 @@ def _setup(summary: dict, runs_dir: Path) -> list[str]:
                          f"{llm['kv_bytes_per_token']} |")
         lines += ["", f"Colocation ({plan['colocation']}; first workload, {plans[0].parent.name}):"]
         for g in plan["groups"]:
-            lines.append(f"- GPU {g['device']}: " + ", ".join(f"{n} SM {g['mps_percentage'][n]}" for n in g["llms"]))
+            devices = g.get("devices", [g.get("device")])  # plans written before meshes had "device"
+            where = f"GPU {devices[0]}" if len(devices) == 1 else f"GPUs {devices} (tensor parallel {len(devices)})"
+            lines.append(f"- {where}: " + ", ".join(f"{n} SM {g['mps_percentage'][n]}" for n in g["llms"]))
         split = plan["systems"].get("spatial", {}).get("notes", {}).get("split", {})
         if split:
             lines.append("- spatial partitioning: " + ", ".join(

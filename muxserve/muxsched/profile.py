@@ -228,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-lens", type=_ints, default=(32, 64, 128, 256, 512))
     p.add_argument("--sm-percentages", type=_ints, default=(100,), help="needs --mps-dir unless only 100")
     p.add_argument("--mps-dir", default=None, help="MPS folder of scripts/start_mps.sh (nvidia-mps, nvidia-log)")
-    p.add_argument("--num-gpus", type=int, default=1, help="mesh size; only 1 until tensor parallelism lands")
+    p.add_argument("--num-gpus", type=int, default=1, help="mesh size; only 1 (larger meshes: the placement's --estimate-tp)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (fp32, bf16, fp16)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per cell")
@@ -245,8 +245,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     if args.num_gpus != 1:
-        raise InputError(f"--num-gpus {args.num_gpus}: only 1 GPU per model can be profiled until tensor "
-                         "parallelism is supported")
+        raise InputError(f"--num-gpus {args.num_gpus}: the profiler measures one GPU per model; the placement "
+                         "estimates larger meshes from it (--estimate-tp)")
     if args.mps_dir is None and args.sm_percentages != (100,):
         raise InputError(f"--sm-percentages {','.join(map(str, args.sm_percentages))} needs --mps-dir "
                          "(start MPS with scripts/start_mps.sh DIR)")

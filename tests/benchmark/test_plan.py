@@ -126,3 +126,29 @@ def test_too_little_memory_is_refused_with_the_numbers(tmp_path):
         plan_systems(tmp_path, llms, machine, workload, "workload.json", default_groups(llms, machine),
                      ["muxserve"], PlanOptions())
     assert (REPO / "examples" / "shapes" / "smollm2-1.7b" / "config.json").is_file()
+
+
+def test_a_two_gpu_mesh_runs_its_llms_tensor_parallel(tmp_path):
+    # A cost table with 2-GPU entries only: the placement must put the four LLMs on one mesh of
+    # both GPUs, so every LLM runs with tensor_parallel_size 2 over GPUs 0 and 1.
+    from muxserve.config import load_config
+
+    entries, workload = _setup(tmp_path, 2)
+    machine = Machine(2, "cuda", 80.0, "bf16", 7.6)
+    llms = describe_llms(entries, workload, "bf16")
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps(synthetic_table({s: 0.2 + 0.1 * i for i, s in enumerate(SHAPES)}, ngpus=(2,))))
+    groups, _ = placement_groups(tmp_path, tmp_path / "models.yaml", tmp_path / "workload.json", costs, llms,
+                                 machine, [])
+    assert [(g.devices, g.llms) for g in groups] == [([0, 1], ["llm-0", "llm-1", "llm-2", "llm-3"])]
+    weights = sum(m.params for m in llms) * 2
+    assert groups[0].kv_bytes == pytest.approx(80 * GB * 0.98 - weights / 2 - 4 * 7.6 * GB)
+    plans = plan_systems(tmp_path, llms, machine, workload, "workload.json", groups, ["muxserve", "temporal"],
+                         PlanOptions())
+    for system in ("muxserve", "temporal"):
+        (launch,) = plans[system].launches
+        assert launch.devices == [0, 1]
+        assert launch.config == f"configs/{system}/mesh0_gpu0-1.yaml"
+        cfg = load_config(tmp_path / launch.config)
+        assert cfg.num_gpus == 2
+        assert [(m.tensor_parallel_size, m.placement) for m in cfg.models] == [(2, [[0, 1]])] * 4

@@ -92,8 +92,8 @@ def test_worker_mode_and_merge(tmp_path, tiny_model):
 @pytest.mark.parametrize("args, message", [
     (["--sm-percentages", "50,100"], "error: --sm-percentages 50,100 needs --mps-dir (start MPS with "
                                      "scripts/start_mps.sh DIR)"),
-    (["--num-gpus", "2"], "error: --num-gpus 2: only 1 GPU per model can be profiled until tensor parallelism "
-                          "is supported"),
+    (["--num-gpus", "2"], "error: --num-gpus 2: the profiler measures one GPU per model; the placement estimates "
+                          "larger meshes from it (--estimate-tp)"),
     (["--model", "nowhere/model"], "error: model 'nowhere/model': model 'nowhere/model' is neither a model folder, "
                                    f"a .gguf file nor a known short name ({', '.join(sorted(KNOWN_MODELS))})"),
 ])
