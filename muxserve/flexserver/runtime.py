@@ -95,6 +95,13 @@ class Runtime:
         self.runner = ModelRunner(a.model, a.layout, attention, a.device, max_num_seqs=c.max_num_seqs,
                                   max_model_len=a.spec.max_position_embeddings, cuda_graphs=graphs,
                                   parallel=self.parallel)
+        if self.runner.graphs is not None:
+            # Capture every batch size before reporting ready: a first decode of a new size would
+            # otherwise pay the capture (and Triton's compile) inside a request's latency.
+            start = time.perf_counter()
+            self.runner.graphs.capture_all()
+            logger.info("%s captured decode graphs for batch sizes %s in %.1f s", c.name,
+                        self.runner.graphs.captured, time.perf_counter() - start)
 
     def run_job(self, job: M.Job) -> list[int]:
         for req_id in job.release:
