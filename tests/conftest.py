@@ -92,6 +92,17 @@ def random_prompts(lengths, seed: int = 1234, vocab: int = TINY_VOCAB) -> list[l
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
+def engine_generate(engine, prompts, params) -> list[list[int]]:
+    """Run ``prompts`` through an ``LLMEngine`` in one batch, each with its own ``SamplingParams``
+    (one for all when ``params`` is not a list); the output token ids in prompt order."""
+    if not isinstance(params, list):
+        params = [params] * len(prompts)
+    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    while engine.has_unfinished():
+        engine.step()
+    return [list(s.output_token_ids) for s in seqs]
+
+
 def load_hf(folder, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """transformers' model for ``folder`` with EOS disabled, so generate() always runs to max_new_tokens."""
     from transformers import AutoModelForCausalLM

@@ -33,12 +33,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_gpu  # noqa: E402
 
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from muxserve.engine.model_config import ModelSpec  # noqa: E402
 from muxserve.engine.parallel import SINGLE, join_group  # noqa: E402
 from muxserve.engine.sampling_params import SamplingParams  # noqa: E402
-from muxserve.engine.sequence import Sequence, SequenceStatus  # noqa: E402
 from muxserve.flexstore.weights import finish_model, meta_model, random_checkpoint  # noqa: E402
 
 GiB = 1024**3
@@ -83,11 +85,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _log(rank: int, tp: int, msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} tp{tp} rank{rank}] {msg}", file=sys.stderr, flush=True)
 
@@ -97,6 +94,7 @@ def _rank_main(rank: int, tp: int, port: int, args: argparse.Namespace, out: str
 
     faulthandler.dump_traceback_later(args.hang_dump_s, exit=True)  # a stuck collective shows where it hangs
     torch.manual_seed(0)  # every rank draws the same prompts
+    bench_gpu.DEV = args.device
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
     dtype_name = "bfloat16" if args.device == "cuda" else "float32"
     dtype = getattr(torch, dtype_name)
@@ -115,11 +113,12 @@ def _rank_main(rank: int, tp: int, port: int, args: argparse.Namespace, out: str
                               tensor_parallel_size=tp, enforce_eager=args.eager)
         engine = LLMEngine(config, model=model, parallel=parallel)
         _log(rank, tp, "engine ready")
+        bench = RankBench(engine)
         result = {"tp": tp, "cuda_graphs": engine.runner.graphs is not None, "decode_ms": {}}
         for batch in args.batches:
-            result["decode_ms"][str(batch)] = _decode_ms(engine, batch, args.ctx, spec.vocab_size, device)
+            result["decode_ms"][str(batch)] = bench.decode_latency(batch, args.ctx, spec.vocab_size) * 1e3
             _log(rank, tp, f"decode batch {batch}: {result['decode_ms'][str(batch)]:.2f} ms")
-        result["prefill_ms"] = _prefill_ms(engine, args.prefill, spec.vocab_size, device)
+        result["prefill_ms"] = bench.prefill_time([args.prefill], spec.vocab_size) * 1e3
         _log(rank, tp, f"prefill {result['prefill_ms']:.1f} ms")
         result["parity_tokens"] = _greedy(engine, spec.vocab_size, args.parity_tokens)
         faulthandler.cancel_dump_traceback_later()
@@ -133,55 +132,14 @@ def _rank_main(rank: int, tp: int, port: int, args: argparse.Namespace, out: str
             os._exit(0)
 
 
-def _make_seqs(engine: LLMEngine, lens: list[int], extra: int, vocab: int, tag: str) -> list[Sequence]:
-    seqs = []
-    for i, n in enumerate(lens):
-        sid = f"{tag}{i}"
-        seq = Sequence(sid, torch.randint(256, vocab, (n,)).tolist(),
-                       SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True), frozenset(), None)
-        seq.pages = engine.allocator.allocate(engine.model_name, [(sid, n + extra)]).new_pages[sid]
-        seq.status = SequenceStatus.RUNNING
-        seqs.append(seq)
-    return seqs
+class RankBench(bench_gpu.Ours):
+    """bench_gpu's decode and prefill measurements, on one tensor-parallel rank's engine."""
 
-
-def _free(engine: LLMEngine, seqs: list[Sequence]) -> None:
-    ids = [s.seq_id for s in seqs]
-    engine.allocator.free(engine.model_name, ids)
-    engine.runner.release(ids)
-
-
-def _decode_ms(engine: LLMEngine, batch: int, ctx: int, vocab: int, device: torch.device, steps: int = 10) -> float:
-    seqs = _make_seqs(engine, [ctx] * batch, steps + 8, vocab, f"d{batch}-")
-    try:
-        times = []
-        for i in range(steps + 2):  # the first two capture graphs / warm up
-            _sync(device)
-            t0 = time.perf_counter()
-            tokens = engine.runner.step(seqs, False)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-            for s, t in zip(seqs, tokens):
-                s.output_token_ids.append(t)
-        return statistics.median(times) * 1e3
-    finally:
-        _free(engine, seqs)
-
-
-def _prefill_ms(engine: LLMEngine, n: int, vocab: int, device: torch.device, reps: int = 3) -> float:
-    times = []
-    for i in range(reps + 1):
-        seqs = _make_seqs(engine, [n], 0, vocab, f"p{i}-")
-        try:
-            _sync(device)
-            t0 = time.perf_counter()
-            engine.runner.step(seqs, True)
-            _sync(device)
-            if i:
-                times.append(time.perf_counter() - t0)
-        finally:
-            _free(engine, seqs)
-    return statistics.median(times) * 1e3
+    def __init__(self, engine: LLMEngine):  # the engine is built by the caller, for its rank
+        self.engine = engine
+        self.runner = engine.runner
+        self.engine.pool.view(engine.layout).normal_()  # random KV: never time on zeros
+        self._ids = 0
 
 
 def _greedy(engine: LLMEngine, vocab: int, max_tokens: int) -> list[list[int]]:

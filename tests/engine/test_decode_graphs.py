@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_KV_BYTES, random_prompts
+from conftest import TINY_KV_BYTES, engine_generate, random_prompts
 from muxserve.engine import LLM, SamplingParams
 from muxserve.engine.attention.page_table import PageTables
 from muxserve.engine.cuda_graph import DecodeGraphs, _Graph, _Staging
@@ -217,11 +217,7 @@ PROMPT_LENS = (1, 7, 33, 50, 20)
 
 def _generate(llm: LLM, prompts, params: list[SamplingParams]) -> list[list[int]]:
     """Each prompt with its own sampling settings, all in one engine run (mixed batches)."""
-    engine = llm.engine
-    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-    while engine.has_unfinished():
-        engine.step()
-    return [list(s.output_token_ids) for s in seqs]
+    return engine_generate(llm.engine, prompts, params)
 
 
 @pytest.mark.parametrize("graph_argmax", [True, False])

@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import TINY_KV_BYTES, random_prompts
+from conftest import TINY_KV_BYTES, engine_generate, random_prompts
 from muxserve.engine import LLM, SamplingParams
 
 pytestmark = [
@@ -22,11 +22,8 @@ GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 
 
 def _generate(llm: LLM, prompts, params: list[SamplingParams]) -> list[list[int]]:
-    engine = llm.engine
-    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-    while engine.has_unfinished():
-        engine.step()
-    return [list(s.output_token_ids) for s in seqs]
+    """Each prompt with its own sampling settings, all in one engine run (mixed batches)."""
+    return engine_generate(llm.engine, prompts, params)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

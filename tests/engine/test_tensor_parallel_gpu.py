@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_KV_BYTES, random_prompts
+from conftest import TINY_KV_BYTES, engine_generate, random_prompts
 
 from muxserve.engine import SamplingParams
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine
@@ -26,10 +26,7 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
 def _generate(engine: LLMEngine) -> list[list[int]]:
-    seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
-    while engine.has_unfinished():
-        engine.step()
-    return [s.output_token_ids for s in seqs]
+    return engine_generate(engine, PROMPTS, GREEDY)
 
 
 def _rank_main(rank: int, port: int, folders: dict[str, str], out_dir: str) -> None:
