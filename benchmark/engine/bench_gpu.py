@@ -201,12 +201,23 @@ def hf_prefill_time(hf, lens: list[int], vocab: int) -> float:
 
 # -- muxserve ------------------------------------------------------------------------------------
 class Ours:
+    """Timing of this engine's steps on made-up sequences (``on_engine``: an engine built elsewhere)."""
+
     def __init__(self, model, folder: Path, kv_gb: float, max_num_seqs: int):
         config = EngineConfig(model=str(folder), dtype="bfloat16", device=DEV, kv_cache_bytes=int(kv_gb * GiB),
                               max_num_seqs=max_num_seqs, max_model_len=4096)
-        self.engine = LLMEngine(config, model=model)
-        self.runner = self.engine.runner
-        self.engine.pool.view(self.engine.layout).normal_()  # random KV: never time on zeros
+        self._attach(LLMEngine(config, model=model))
+
+    @classmethod
+    def on_engine(cls, engine: LLMEngine) -> Ours:
+        bench = cls.__new__(cls)
+        bench._attach(engine)
+        return bench
+
+    def _attach(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.runner = engine.runner
+        engine.pool.view(engine.layout).normal_()  # random KV: never time on zeros
         self._ids = 0
 
     def make_seqs(self, lens: list[int], extra: int, vocab: int) -> list[Sequence]:

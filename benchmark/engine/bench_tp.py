@@ -113,7 +113,7 @@ def _rank_main(rank: int, tp: int, port: int, args: argparse.Namespace, out: str
                               tensor_parallel_size=tp, enforce_eager=args.eager)
         engine = LLMEngine(config, model=model, parallel=parallel)
         _log(rank, tp, "engine ready")
-        bench = RankBench(engine)
+        bench = bench_gpu.Ours.on_engine(engine)
         result = {"tp": tp, "cuda_graphs": engine.runner.graphs is not None, "decode_ms": {}}
         for batch in args.batches:
             result["decode_ms"][str(batch)] = bench.decode_latency(batch, args.ctx, spec.vocab_size) * 1e3
@@ -130,16 +130,6 @@ def _rank_main(rank: int, tp: int, port: int, args: argparse.Namespace, out: str
             # block; the process is done, so leave without it.
             sys.stderr.flush()
             os._exit(0)
-
-
-class RankBench(bench_gpu.Ours):
-    """bench_gpu's decode and prefill measurements, on one tensor-parallel rank's engine."""
-
-    def __init__(self, engine: LLMEngine):  # the engine is built by the caller, for its rank
-        self.engine = engine
-        self.runner = engine.runner
-        self.engine.pool.view(engine.layout).normal_()  # random KV: never time on zeros
-        self._ids = 0
 
 
 def _greedy(engine: LLMEngine, vocab: int, max_tokens: int) -> list[list[int]]:
