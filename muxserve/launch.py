@@ -154,11 +154,15 @@ def run(args) -> int:
                     args.schedule_approach)
         requests = replay(instance, workload, args.max_drain_s)
         preemptions = instance.scheduler.num_preemptions
+        waits = instance.scheduler.decode_waits()
     finally:
         instance.stop()
     records = [r.record() for r in requests]
     summary = summarize_run(records, bases)
     summary["overall"]["scheduler_preemptions"] = preemptions
+    for llm, wait in waits.items():
+        if llm in summary["per_model"]:
+            summary["per_model"][llm]["scheduler"] = wait
     print(format_stats(summary), flush=True)
     if args.stats_file:
         write_stats(args, records, summary, bases)

@@ -135,6 +135,7 @@ def run_metrics(run: Run, bases: dict[str, BaseLatency], slo_scale: int) -> dict
                     "tpot_p50": s["tpot_s"]["p50"], "tpot_p99": s["tpot_s"]["p99"],
                     "latency_p99": s["latency_s"]["p99"], "preemptions": s["num_preemptions"]})
     per_llm = {}
+    waits = decode_waits(run.doc)
     window = s.get("elapsed_s")  # per-LLM throughput over the run's window, not the LLM's own
     for llm in sorted({r.model for r in run.records}, key=_natural):
         recs = [r for r in run.records if r.model == llm]
@@ -143,9 +144,21 @@ def run_metrics(run: Run, bases: dict[str, BaseLatency], slo_scale: int) -> dict
         per_llm[llm] = {"offered_req_s": run.offered_rates.get(llm), "requests": len(recs),
                         "throughput_req_s": ls.get("num_finished", 0) / window if window else None,
                         "latency_p99": ls.get("latency_s", {}).get("p99"), "ttft_p99": ls.get("ttft_s", {}).get("p99"),
-                        "tpot_p99": ls.get("tpot_s", {}).get("p99"), "slo_at_scale": att}
+                        "tpot_p99": ls.get("tpot_s", {}).get("p99"), "slo_at_scale": att,
+                        "decode_wait_ms": waits.get(llm)}
     row["per_llm"] = per_llm
     return row
+
+
+def decode_waits(doc: dict) -> dict[str, float]:
+    """Per LLM, the mean time a decodable batch waited for its job (ms), from each launch's own
+    summary (launches before this figure existed have none)."""
+    out = {}
+    for launch in doc.get("parts", []):
+        for llm, s in launch.get("summary", {}).get("per_model", {}).items():
+            if "scheduler" in s:
+                out[llm] = s["scheduler"]["decode_wait_ms_mean"]
+    return out
 
 
 def group_key(labels: dict) -> str | None:

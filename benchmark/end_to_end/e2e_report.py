@@ -183,12 +183,21 @@ def _tables(summary: dict) -> list[str]:
                      + [_pct(r["slo_curve"].get(s)) for s in SHOWN_SCALES]
                      for r in rows], n + 1)
     lines += ["", "### Per LLM", ""]
+    waits = any(v.get("decode_wait_ms") is not None for r in rows for v in r["per_llm"].values())
     body = [_point_cells(r) + [SYSTEM_LABELS[r["system"]], llm, _f(v["offered_req_s"]), _f(v["throughput_req_s"]),
                                _ms(v["latency_p99"]), _ms(v["ttft_p99"]), _ms(v["tpot_p99"]), _pct(v["slo_at_scale"])]
+            + ([_wait(v.get("decode_wait_ms"))] if waits else [])
             for r in rows for llm, v in r["per_llm"].items()]
     lines += _table(head + ["system", "LLM", "offered req/s", "served req/s", "p99 latency", "p99 TTFT", "p99 TPOT",
-                            f"SLO {s_scale}x"], body, n + 2)
+                            f"SLO {s_scale}x"] + (["decode wait"] if waits else []), body, n + 2)
+    if waits:
+        lines += ["", "decode wait: mean time from a batch being ready to decode to its decode job being sent "
+                      "(held back by SM units, or by a prefill that goes first)."]
     return lines + [""]
+
+
+def _wait(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.2f} ms"
 
 
 def _by_point(rows):

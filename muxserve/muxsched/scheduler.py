@@ -51,6 +51,11 @@ class _LLMState:
     executing: int = 0  # requests inside in-flight jobs
     wait_for_cache: bool = False  # a prefill found no pages: wait until some request finishes
     release: dict[Phase, list[str]] = field(default_factory=lambda: {Phase.PREFILL: [], Phase.DECODE: []})
+    # How long decodable batches waited (SM units, a prefill with priority): from the moment the
+    # LLM had running requests and no decode in flight until its next decode job was sent.
+    decode_ready_since: float | None = None
+    decode_wait_s: float = 0.0
+    decode_jobs: int = 0
 
     @property
     def active(self) -> int:
@@ -127,6 +132,7 @@ class MuxScheduler:
             raise RuntimeError(f"runtime {result.runtime} returned {len(result.tokens)} tokens "
                                f"for {len(job.requests)} requests")
         now = self.clock()
+        had_running = bool(state.running)
         done, aborted = [], []
         for req, token in zip(job.requests, result.tokens):
             if req.req_id in self._aborting:  # its token is dropped
@@ -147,7 +153,16 @@ class MuxScheduler:
                 self.on_token(req, token)
         self._release(state, done + aborted)
         self.finished.extend(done)
+        if state.running and (job.llm, Phase.DECODE) not in self.busy and (
+                state.decode_ready_since is None or not had_running):
+            state.decode_ready_since = now  # decodable from now on (a stale mark from an emptied list is reset)
         return done
+
+    def decode_waits(self) -> dict[str, dict[str, float]]:
+        """Per LLM: decode jobs sent and the mean time (ms) a decodable batch waited for its job."""
+        return {name: {"decode_jobs": s.decode_jobs,
+                       "decode_wait_ms_mean": 1e3 * s.decode_wait_s / s.decode_jobs if s.decode_jobs else 0.0}
+                for name, s in self.llms.items()}
 
     def abort(self, req_id: str) -> bool:
         """Drop an unfinished request wherever it is; False when no unfinished request has ``req_id``.
@@ -307,6 +322,10 @@ class MuxScheduler:
         del state.running[: len(admitted)]
         if self.quota is not None:
             self.quota.record_decode_batch(state.info.name, len(admitted))
+        if state.decode_ready_since is not None:
+            state.decode_wait_s += self.clock() - state.decode_ready_since
+            state.decode_jobs += 1
+            state.decode_ready_since = None
         self._dispatch(state, Phase.DECODE, admitted, state.info.decode_units)
         return "sent"
 

@@ -124,6 +124,10 @@ def format_stats(summary: dict) -> str:
         if "slo_attainment" in s:
             att = ", ".join(f"{k}x: {v:.1%}" for k, v in s["slo_attainment"].items())
             lines.append(f"  [SLO attainment] {att}")
+        if "scheduler" in s:
+            w = s["scheduler"]
+            lines.append(f"  [decode wait] mean {w['decode_wait_ms_mean']:.2f} ms before each of {w['decode_jobs']} "
+                         "decode jobs (SM units or a prefill first)")
     return "\n".join(lines)
 
 

@@ -118,13 +118,16 @@ def test_analyze_writes_report_plots_and_rows(e2e):
     assert all(r["slo_curve"]["20"] >= r["slo_curve"]["1"] for r in rows)
     assert summary["slo_base"] == "temporal (pooled)" and sorted(summary["base_latency"]) == ["llm-0", "llm-1"]
     assert set(summary["sustained"]["1.3"]) == set(SYSTEMS)
+    # every launch reports how long its decodable batches waited for their decode job
+    assert all(v["decode_wait_ms"] is not None and v["decode_wait_ms"] >= 0
+               for r in rows for v in r["per_llm"].values())
     report = (out / "report.md").read_text()
     for label in ("MuxServe", "Temporal multiplexing", "Spatial partitioning"):
         line = next(x for x in report.splitlines() if x.startswith(f"| 1.3 | 1 | {label} | 5.62 |"))
         assert line.endswith(f"| {n}/{n} |"), line
     for heading in ("## Setup", "### Throughput and latency",
                     "### Highest rate sustained at 99% SLO attainment (scale 10)", "### SLO attainment vs SLO scale",
-                    "### Per LLM", "## Targets of the issue", "## Commands",
+                    "### Per LLM", "| decode wait |", "## Targets of the issue", "## Commands",
                     "![throughput_vs_alpha.png](throughput_vs_alpha.png)"):
         assert heading in report, heading
     assert "python -m muxserve.muxsched.workload_utils power-law --alpha 1.3" in report

@@ -35,8 +35,11 @@ def test_adbs_serves_every_request_with_offline_tokens(setup, tmp_path):
     _check_all_match(setup, stats)
     assert len(setup.requests) >= 60
     # The statistics block of the original, per LLM and overall, with SLO attainment.
-    for line in ("Name: llm-0", "Name: llm-2", "Summary:", "Throughput", "[TTFT]", "[TPOT]", "[SLO attainment]"):
+    for line in ("Name: llm-0", "Name: llm-2", "Summary:", "Throughput", "[TTFT]", "[TPOT]", "[SLO attainment]",
+                 "[decode wait] mean"):
         assert line in proc.stdout
+    for llm in ("llm-0", "llm-1", "llm-2"):  # every request decodes at least once (outputs of 2+ tokens)
+        assert stats["summary"]["per_model"][llm]["scheduler"]["decode_jobs"] > 0
     assert set(stats["base_latency"]) == {"llm-0", "llm-1", "llm-2"}
     assert stats["summary"]["overall"]["slo_attainment"]["20"] > 0
 

@@ -567,3 +567,27 @@ def test_wrong_token_count_is_an_error():
     [(_, _, job)] = h.step()
     with pytest.raises(RuntimeError, match="runtime fake returned 1 tokens for 2 requests"):
         h.finish(job, [5])
+
+
+def test_decode_wait_measures_how_long_a_decodable_batch_was_held():
+    # b's prefill holds all 10 units: a's request, prefilled at t=1, cannot decode until t=4.
+    h = Harness([llm("a"), llm("b")], threshold=0)
+    h.add("a", [1])
+    [(_, _, pa)] = h.step()
+    h.clock.t = 0.5
+    h.add("b", [2])
+    h.clock.t = 1.0
+    h.finish(pa, [7])  # a decodable from t=1; b's prefill goes first (prefill priority)
+    [(_, _, pb)] = h.step()
+    assert pb.phase == "prefill" and ids(pb) == ["r1"]
+    h.clock.t = 4.0
+    h.finish(pb, [7])  # b decodable from t=4
+    sent = h.step()
+    assert kinds(sent) == [("a", D), ("b", D)]
+    h.clock.t = 4.5
+    for _, _, job in sent:
+        h.finish(job, [8])  # both decodable again at 4.5, decoded at once
+    assert kinds(h.step()) == [("a", D), ("b", D)]
+    waits = h.sched.decode_waits()
+    assert waits["a"] == {"decode_jobs": 2, "decode_wait_ms_mean": 1500.0}  # (3 s + 0 s) / 2
+    assert waits["b"] == {"decode_jobs": 2, "decode_wait_ms_mean": 0.0}
