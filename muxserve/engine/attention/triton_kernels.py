@@ -33,6 +33,20 @@ def _pow2(n: int) -> int:
 # rotary + page write
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _rotate_halves(ptr, mask, HALF: tl.constexpr, c1, c2, s1, s2, ROTATE: tl.constexpr):
+    """Load the two halves of rows at ``ptr`` (fp32) and rotate them (rotate_half convention)."""
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    if ROTATE:
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    else:
+        y1 = x1
+        y2 = x2
+    return y1, y2
+
+
+@triton.jit
 def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, kv_ptr, tables_ptr, slots_ptr, pos_ptr,
                        cos_ptr, sin_ptr, layer,
                        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
@@ -46,6 +60,10 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, kv_ptr, tables
     slot = tl.load(slots_ptr + n)
     offs_j = tl.arange(0, BLOCK_HALF)
     mask_j = offs_j < HALF
+    c1 = 0.0  # cos/sin halves: placeholders without ROTATE
+    c2 = 0.0
+    s1 = 0.0
+    s2 = 0.0
     if ROTATE:
         # cos/sin rows hold cat(freqs, freqs); torch rounds them to the activation dtype first.
         c1 = tl.load(cos_ptr + pos * stride_cos + offs_j, mask=mask_j, other=0.0)
@@ -62,14 +80,7 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, kv_ptr, tables
     offs_hq = tl.arange(0, BLOCK_HQ)
     mq = (offs_hq < HQ)[:, None] & mask_j[None, :]
     qp = q_ptr + n * stride_qn + offs_hq[:, None] * stride_qh + offs_j[None, :]
-    x1 = tl.load(qp, mask=mq, other=0.0).to(tl.float32)
-    x2 = tl.load(qp + HALF, mask=mq, other=0.0).to(tl.float32)
-    if ROTATE:
-        y1 = x1 * c1 - x2 * s1
-        y2 = x2 * c2 + x1 * s2
-    else:
-        y1 = x1
-        y2 = x2
+    y1, y2 = _rotate_halves(qp, mq, HALF, c1, c2, s1, s2, ROTATE)
     qo = q_out_ptr + n * stride_qon + offs_hq[:, None] * stride_qoh + offs_j[None, :]
     tl.store(qo, y1.to(q_out_ptr.dtype.element_ty), mask=mq)
     tl.store(qo + HALF, y2.to(q_out_ptr.dtype.element_ty), mask=mq)
@@ -78,14 +89,7 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, kv_ptr, tables
     offs_h = tl.arange(0, BLOCK_H)
     mk = (offs_h < H)[:, None] & mask_j[None, :]
     kp = k_ptr + n * stride_kn + offs_h[:, None] * stride_kh + offs_j[None, :]
-    x1 = tl.load(kp, mask=mk, other=0.0).to(tl.float32)
-    x2 = tl.load(kp + HALF, mask=mk, other=0.0).to(tl.float32)
-    if ROTATE:
-        y1 = x1 * c1 - x2 * s1
-        y2 = x2 * c2 + x1 * s2
-    else:
-        y1 = x1
-        y2 = x2
+    y1, y2 = _rotate_halves(kp, mk, HALF, c1, c2, s1, s2, ROTATE)
     ko = k_out_ptr + n * stride_kon + offs_h[:, None] * stride_koh + offs_j[None, :]
     k1 = y1.to(k_out_ptr.dtype.element_ty)
     k2 = y2.to(k_out_ptr.dtype.element_ty)
