@@ -47,10 +47,12 @@ from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from muxserve.engine.model_config import ModelSpec  # noqa: E402
 from muxserve.engine.models import build_model  # noqa: E402
 from muxserve.engine.models.rotary import RotaryEmbedding  # noqa: E402
+from muxserve.engine.parallel import SINGLE, TensorParallel  # noqa: E402
 from muxserve.engine.sampling_params import SamplingParams  # noqa: E402
 from muxserve.engine.sequence import Sequence, SequenceStatus  # noqa: E402
 
 GiB = 1024**3
+REPO = Path(__file__).resolve().parents[2]
 DEV = "cuda"  # --device cpu: a slow dry run of the whole script (tiny shape), for checking it
 
 
@@ -123,6 +125,25 @@ def build_hf(shape: str, seed: int):
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)  # config only: our engine reads shapes from it
     return model.eval(), folder
+
+
+def shape_folder(shape: str) -> Path | None:
+    """The folder of a model shape: ``shape`` itself or ``examples/shapes/<shape>``, whichever has a config.json."""
+    for folder in (Path(shape), REPO / "examples" / "shapes" / shape):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+def random_model(folder: Path, dtype: torch.dtype, device: torch.device, parallel: TensorParallel = SINGLE):
+    """(model, spec): the shape with FlexStore's seeded random weights (``parallel``: one rank's slice) on ``device``."""
+    from muxserve.flexstore.weights import finish_model, meta_model, random_checkpoint
+
+    spec = ModelSpec.from_folder(folder)
+    model = meta_model(spec, dtype, parallel).to_empty(device=device)
+    with torch.no_grad():
+        model.load_weights(random_checkpoint(spec, dtype, device, seed=0))
+    return finish_model(model, spec, device), spec
 
 
 def ours_from_hf(hf, folder: Path):

@@ -38,10 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu  # noqa: E402
 
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
-from muxserve.engine.model_config import ModelSpec  # noqa: E402
 from muxserve.engine.parallel import SINGLE, join_group  # noqa: E402
 from muxserve.engine.sampling_params import SamplingParams  # noqa: E402
-from muxserve.flexstore.weights import finish_model, meta_model, random_checkpoint  # noqa: E402
 
 GiB = 1024**3
 PARITY_PROMPT_LENS = (16, 64, 200, 500)
@@ -65,10 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cpu: gloo ranks, float32, a dry run of the script on a tiny shape")
     p.add_argument("--output-json", help="write the results here (and a .md table next to it)")
     args = p.parse_args(argv)
-    folder = Path(args.shape)
-    if not (folder / "config.json").is_file():
-        folder = REPO / "examples" / "shapes" / args.shape
-    if not (folder / "config.json").is_file():
+    folder = bench_gpu.shape_folder(args.shape)
+    if folder is None:
         p.error(f"--shape {args.shape!r}: no config.json there or under examples/shapes/")
     args.folder = str(folder)
     if args.device == "cuda":
@@ -101,11 +97,7 @@ def _rank_main(rank: int, tp: int, port: int, args: argparse.Namespace, out: str
     parallel = join_group(tp, rank, f"tcp://127.0.0.1:{port}", device) if tp > 1 else SINGLE
     _log(rank, tp, "joined the group")
     try:
-        spec = ModelSpec.from_folder(args.folder)
-        model = meta_model(spec, dtype, parallel).to_empty(device=device)
-        with torch.no_grad():
-            model.load_weights(random_checkpoint(spec, dtype, device, seed=0))
-        finish_model(model, spec, device)
+        model, spec = bench_gpu.random_model(Path(args.folder), dtype, device, parallel)
         _log(rank, tp, "weights ready")
         config = EngineConfig(model=args.folder, dtype=dtype_name, device=str(device),
                               kv_cache_bytes=int(args.kv_cache_gb * GiB), max_num_seqs=max(args.batches),

@@ -32,7 +32,6 @@ import bench_gpu  # noqa: E402
 
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from muxserve.engine.model_config import ModelSpec  # noqa: E402
-from muxserve.flexstore.weights import finish_model, meta_model, random_checkpoint  # noqa: E402
 
 GEMM_MARKERS = ("gemm", "gemv", "cutlass", "nvjet", "sm90_xmma", "cublas", "splitkreduce")
 
@@ -58,12 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run (no kernels)")
     p.add_argument("--output-json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
-    folder = Path(args.shape)
-    if not (folder / "config.json").is_file():
-        folder = REPO / "examples" / "shapes" / args.shape
-    if not (folder / "config.json").is_file():
+    args.folder = bench_gpu.shape_folder(args.shape)
+    if args.folder is None:
         p.error(f"--shape {args.shape!r}: no config.json there or under examples/shapes/")
-    args.folder = folder
     return args
 
 
@@ -71,11 +67,7 @@ def build_engine(args) -> tuple[LLMEngine, ModelSpec]:
     device = torch.device(args.device)
     dtype_name = "bfloat16" if args.device == "cuda" else "float32"
     dtype = getattr(torch, dtype_name)
-    spec = ModelSpec.from_folder(args.folder)
-    model = meta_model(spec, dtype).to_empty(device=device)
-    with torch.no_grad():
-        model.load_weights(random_checkpoint(spec, dtype, device, seed=0))
-    finish_model(model, spec, device)
+    model, spec = bench_gpu.random_model(args.folder, dtype, device)
     config = EngineConfig(model=str(args.folder), dtype=dtype_name, device=args.device, kv_cache_bytes=8 << 30
                           if args.device == "cuda" else 64 << 20, max_num_seqs=max(args.batches),
                           max_model_len=args.ctx + args.steps + 64, enforce_eager=args.eager)

@@ -1,0 +1,49 @@
+"""CPU dry runs of the engine benchmarks that measure on GPUs: tensor parallelism and the decode profile."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .helpers import REPO
+
+ENGINE = REPO / "benchmark" / "engine"
+
+
+def _run(script: str, *args: str, timeout: float = 240):
+    return subprocess.run([sys.executable, str(ENGINE / script), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_bench_tp_on_cpu_ranks_agree_with_tp1(tiny_model, tmp_path):
+    out = tmp_path / "tp.json"
+    proc = _run("bench_tp.py", "--shape", str(tiny_model("qwen2")), "--device", "cpu", "--tp", "1", "2",
+                "--batches", "1", "4", "--ctx", "64", "--prefill", "128", "--parity-tokens", "8",
+                "--kv-cache-gb", "0.02", "--output-json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [r["tp"] for r in report["results"]] == [1, 2]
+    assert all(set(r["decode_ms"]) == {"1", "4"} and r["prefill_ms"] > 0 for r in report["results"])
+    # gloo ranks in float32 compute TP=1's tokens: every parity prompt identical
+    assert report["results"][1]["parity"] == {"prompts": 4, "exact": 4, "mean_common_prefix": 8,
+                                              "tokens_per_prompt": 8}
+    table = out.with_suffix(".md").read_text()
+    assert "| 2 | no |" in table and "TP=2: 4/4 prompts identical over 8 tokens" in table
+
+
+def test_bench_tp_names_a_missing_shape():
+    proc = _run("bench_tp.py", "--shape", "no-such-shape", "--device", "cpu")
+    assert proc.returncode == 2
+    assert "--shape 'no-such-shape': no config.json there or under examples/shapes/" in proc.stderr
+
+
+def test_profile_decode_dry_run_writes_its_tables(tiny_model, tmp_path):
+    out = tmp_path / "profile.json"
+    proc = _run("profile_decode.py", "--shape", str(tiny_model("llama-gqa-hd64")), "--device", "cpu",
+                "--batches", "1", "2", "--ctx", "32", "--steps", "3", "--output-json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [b["batch"] for b in result["batches"]] == [1, 2]
+    assert all(b["wall_ms"] > 0 and b["kernel_ms"] == 0 for b in result["batches"])  # no CUDA kernels on CPU
+    assert "| batch | wall ms | kernels ms |" in out.with_suffix(".md").read_text()
