@@ -20,22 +20,20 @@ time budget) is run_end_to_end.py's; see benchmark/chatlmsys/README.md.
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 import sys
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "end_to_end"))
 
-from e2e_common import REPO, BenchError, fmt_num, read_json  # noqa: E402
+from e2e_common import BenchError, fmt_num, read_json  # noqa: E402
 from e2e_grid import Point, record_command  # noqa: E402
-from run_end_to_end import (DEFAULT_LLMS, _sigterm, absolute_paths, add_machine_args, add_run_args,  # noqa: E402
-                            add_system_args, execute)
+from run_end_to_end import (DEFAULT_LLMS, absolute_paths, add_machine_args, add_run_args,  # noqa: E402
+                            add_system_args, run_pipeline)
 
 from muxserve.muxsched.datasets import LengthFilter, load_tokenizer, read_json_records  # noqa: E402
-from muxserve.muxsched.models_file import InputError, LLMEntry, ModelsFile  # noqa: E402
-from muxserve.muxsched.workload import WorkloadError, WorkloadRequest  # noqa: E402
+from muxserve.muxsched.models_file import LLMEntry, ModelsFile  # noqa: E402
+from muxserve.muxsched.workload import WorkloadRequest  # noqa: E402
 from muxserve.muxsched.workload_utils import (DEFAULT_TOKENIZER, length_info, save_models_file,  # noqa: E402
                                               save_workload, translate_lmsys)
 
@@ -140,28 +138,17 @@ def trace_points(args, out: Path) -> list[Point]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _sigterm)
-    out = (REPO / args.output_dir if args.output_dir == DEFAULT_OUT else Path(args.output_dir)).resolve()
-    record_command(out, ["python", "benchmark/chatlmsys/run_chatlmsys.py", *argv])
-    try:
+
+    def prepare(out: Path) -> tuple[list[Point], dict]:
         if args.max_llms < 1:
             raise BenchError(f"--max-llms must be >= 1, got {args.max_llms}")
         absolute_paths(args)
-        points = trace_points(args, out)
-        if args.prepare_only:
-            print(f"workloads written under {out / 'points'}", flush=True)
-            return 0
         info = {"kind": "chatlmsys", "trace": args.trace, "start_day": args.start_day, "end_day": args.end_day,
                 "condense": args.condense, "max_llms": args.max_llms, "llm_models": args.llm_models,
-                "max_duration": args.max_duration, "repo": str(REPO)}
-        return execute(args, out, points, argv, info)
-    except (BenchError, InputError, WorkloadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; every launch and MPS were stopped", file=sys.stderr)
-        return 130
+                "max_duration": args.max_duration}
+        return trace_points(args, out), info
+
+    return run_pipeline("benchmark/chatlmsys/run_chatlmsys.py", args, argv, DEFAULT_OUT, prepare)
 
 
 if __name__ == "__main__":

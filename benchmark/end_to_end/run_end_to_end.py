@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import time
+from typing import Callable
 from pathlib import Path
 
 from e2e_common import REPO, SYSTEMS, BenchError, device_info, fmt_num, gpu_memory_gib, write_json
@@ -310,30 +311,41 @@ def _sigterm(signum, _frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+def run_pipeline(script: str, args, argv: list[str], default_out: str,
+                 prepare: Callable[[Path], tuple[list[Point], dict]]) -> int:
+    """The main of a workload pipeline (this script, benchmark/chatlmsys): log, record the command,
+    ``prepare(out)`` the points (workloads) and the experiment's description, then run the grid
+    unless ``--prepare-only``. Exit status: 0, 1 (runs failed), 2 (bad input), 130 (interrupted)."""
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _sigterm)
-    out = (REPO / args.output_dir if args.output_dir == DEFAULT_OUT else Path(args.output_dir)).resolve()
-    record_command(out, ["python", "benchmark/end_to_end/run_end_to_end.py", *argv])
-    absolute_paths(args)
+    out = (REPO / args.output_dir if args.output_dir == default_out else Path(args.output_dir)).resolve()
+    record_command(out, ["python", script, *argv])
     try:
-        points = power_law_points(args, out, argv)
+        points, info = prepare(out)
         if args.prepare_only:
             print(f"workloads written under {out / 'points'}", flush=True)
             return 0
-        info = {"kind": "power-law", "llms": [m for m, n in args.llms for _ in range(n)], "alphas": args.alphas,
-                "rate_scales": args.rate_scales, "max_rate": args.max_rate, "duration_s": args.duration,
-                "distribution": args.distribution, "seed": args.seed, "max_output_len": args.max_output_len,
-                "repo": str(REPO)}
-        return execute(args, out, points, argv, info)
+        return execute(args, out, points, argv, {**info, "repo": str(REPO)})
     except (BenchError, InputError, WorkloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; every launch and MPS were stopped", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+
+    def prepare(out: Path) -> tuple[list[Point], dict]:
+        absolute_paths(args)
+        info = {"kind": "power-law", "llms": [m for m, n in args.llms for _ in range(n)], "alphas": args.alphas,
+                "rate_scales": args.rate_scales, "max_rate": args.max_rate, "duration_s": args.duration,
+                "distribution": args.distribution, "seed": args.seed, "max_output_len": args.max_output_len}
+        return power_law_points(args, out, argv), info
+
+    return run_pipeline("benchmark/end_to_end/run_end_to_end.py", args, argv, DEFAULT_OUT, prepare)
 
 
 if __name__ == "__main__":
