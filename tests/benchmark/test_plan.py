@@ -72,14 +72,20 @@ def test_one_gpu_colocates_everything_and_splits_it_statically_for_spatial(tmp_p
         [42, 32], [28, 18], [29, 19], [41, 31]]  # fix runs prefill 10 points lower: both at the share
 
 
-def test_two_gpus_with_placement_and_balanced_spatial_split(tmp_path):
+def _placed_on_two_gpus(tmp_path, mesh_sizes):
+    """The four LLMs placed on a 2-GPU H100 machine with a synthetic cost table of ``mesh_sizes``."""
     entries, workload = _setup(tmp_path, 2)
     machine = Machine(2, "cuda", 80.0, "bf16", 7.6)
     llms = describe_llms(entries, workload, "bf16")
     costs = tmp_path / "costs.json"
-    costs.write_text(json.dumps(synthetic_table({s: 0.2 + 0.1 * i for i, s in enumerate(SHAPES)}, ngpus=(1,))))
+    costs.write_text(json.dumps(synthetic_table({s: 0.2 + 0.1 * i for i, s in enumerate(SHAPES)}, ngpus=mesh_sizes)))
     groups, cmd = placement_groups(tmp_path, tmp_path / "models.yaml", tmp_path / "workload.json", costs, llms,
                                    machine, [])
+    return workload, machine, llms, groups, cmd
+
+
+def test_two_gpus_with_placement_and_balanced_spatial_split(tmp_path):
+    workload, machine, llms, groups, cmd = _placed_on_two_gpus(tmp_path, (1,))
     assert cmd[:4] == ["python", "-m", "muxserve.muxsched.placement", "--model-yaml"]
     assert sorted(g.device for g in groups) == [0, 1]
     assert sorted(n for g in groups for n in g.llms) == ["llm-0", "llm-1", "llm-2", "llm-3"]
@@ -133,13 +139,7 @@ def test_a_two_gpu_mesh_runs_its_llms_tensor_parallel(tmp_path):
     # both GPUs, so every LLM runs with tensor_parallel_size 2 over GPUs 0 and 1.
     from muxserve.config import load_config
 
-    entries, workload = _setup(tmp_path, 2)
-    machine = Machine(2, "cuda", 80.0, "bf16", 7.6)
-    llms = describe_llms(entries, workload, "bf16")
-    costs = tmp_path / "costs.json"
-    costs.write_text(json.dumps(synthetic_table({s: 0.2 + 0.1 * i for i, s in enumerate(SHAPES)}, ngpus=(2,))))
-    groups, _ = placement_groups(tmp_path, tmp_path / "models.yaml", tmp_path / "workload.json", costs, llms,
-                                 machine, [])
+    workload, machine, llms, groups, _ = _placed_on_two_gpus(tmp_path, (2,))
     assert [(g.devices, g.llms) for g in groups] == [([0, 1], ["llm-0", "llm-1", "llm-2", "llm-3"])]
     weights = sum(m.params for m in llms) * 2
     assert groups[0].kv_bytes == pytest.approx(80 * GB * 0.98 - weights / 2 - 4 * 7.6 * GB)
