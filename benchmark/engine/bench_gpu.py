@@ -137,13 +137,10 @@ def shape_folder(shape: str) -> Path | None:
 
 def random_model(folder: Path, dtype: torch.dtype, device: torch.device, parallel: TensorParallel = SINGLE):
     """(model, spec): the shape with FlexStore's seeded random weights (``parallel``: one rank's slice) on ``device``."""
-    from muxserve.flexstore.weights import finish_model, meta_model, random_checkpoint
+    from muxserve.flexstore.weights import random_model as build
 
     spec = ModelSpec.from_folder(folder)
-    model = meta_model(spec, dtype, parallel).to_empty(device=device)
-    with torch.no_grad():
-        model.load_weights(random_checkpoint(spec, dtype, device, seed=0))
-    return finish_model(model, spec, device), spec
+    return build(spec, dtype, device, seed=0, parallel=parallel), spec
 
 
 def ours_from_hf(hf, folder: Path):

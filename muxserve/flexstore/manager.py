@@ -106,11 +106,6 @@ class FlexStoreManager:
                         layout.num_kv_heads, layout.head_dim, layout.dtype, layout.page_tokens,
                         layout.pages_per_block, self.allocator.max_tokens(name))
 
-    @property
-    def weights(self) -> dict[str, StoredWeights]:
-        """Rank 0's weights of every model."""
-        return {name: shards[0] for name, shards in self.shards.items()}
-
     def _check_devices(self) -> None:
         if self.device.type != "cuda":
             return

@@ -117,14 +117,18 @@ def attach_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, buff
     return finish_model(model, spec, device)
 
 
-def fill_random(model: nn.Module, seed: int, device: torch.device) -> None:
-    """Deterministic random weights: N(0, 0.02) matrices, unit norms, zero biases.
+def random_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, seed: int,
+                 parallel: TensorParallel = SINGLE) -> nn.Module:
+    """The model (``parallel``: one rank's shard) with deterministic random weights on ``device``:
+    N(0, 0.02) matrices, unit norms, zero biases, as ``load_format: random`` stores them.
 
     A tensor-parallel shard gets exactly its slice of the whole model's random weights, so TP=n
     computes what TP=1 computes (see ``random_checkpoint``).
     """
-    dtype = next(model.parameters()).dtype
-    model.load_weights(random_checkpoint(model.spec, dtype, device, seed))
+    model = meta_model(spec, dtype, parallel).to_empty(device=device)
+    with torch.no_grad():
+        model.load_weights(random_checkpoint(spec, dtype, device, seed))
+    return finish_model(model, spec, device)
 
 
 def random_checkpoint(spec: ModelSpec, dtype: torch.dtype, device: torch.device,

@@ -96,12 +96,9 @@ def build_engine(settings: ProfileSettings):
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"model {settings.model!r}: {e}") from None
     if random_weights:
-        from muxserve.flexstore.weights import fill_random, finish_model, meta_model
+        from muxserve.flexstore.weights import random_model
 
-        model = meta_model(spec, dtype).to_empty(device=device)
-        with torch.no_grad():
-            fill_random(model, settings.seed, device)
-        model = finish_model(model, spec, device)
+        model = random_model(spec, dtype, device, settings.seed)
     else:
         model = load_model(folder, spec, dtype, device)
     config = EngineConfig(model=str(folder), dtype=settings.dtype, device=settings.device)
