@@ -84,6 +84,8 @@ class Runtime:
         finally:
             client.close()
         a = self.attached
+        if a.device.type == "cuda":
+            torch.cuda.set_device(a.device)  # this process's GPU: Triton kernels launch on the current device
         self.parallel = a.model.parallel
         shard = a.model.shard  # this rank's heads
         backend = select_backend(c.attention_backend, a.device)

@@ -187,8 +187,6 @@ class FlexStoreClient:
         info: P.AttachInfo = self.call(P.Attach(model, rank))
         dtype = parse_dtype(info.model.dtype)
         device = parse_device(info.device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # this process's GPU: Triton kernels launch on the current device
         tp = info.model.tensor_parallel_size
         parallel = init_parallel(device) if init_parallel is not None else SINGLE
         if parallel.world_size != tp or parallel.rank != rank:
