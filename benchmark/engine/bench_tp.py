@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu  # noqa: E402
 
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from muxserve.engine.model_config import ModelSpec  # noqa: E402
 from muxserve.engine.parallel import SINGLE, join_group  # noqa: E402
 from muxserve.engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -67,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if folder is None:
         p.error(f"--shape {args.shape!r}: no config.json there or under examples/shapes/")
     args.folder = str(folder)
+    context = ModelSpec.from_folder(folder).max_position_embeddings
+    if args.ctx + 64 > context or args.prefill + 8 > context:
+        p.error(f"--ctx {args.ctx} / --prefill {args.prefill} do not fit the context of {args.shape} "
+                f"({context} tokens, with room for the timed steps)")
     if args.device == "cuda":
         count = torch.cuda.device_count()
         too_big = [t for t in args.tp if t > count]
@@ -116,12 +122,17 @@ def _rank_main(rank: int, tp: int, port: int, args: argparse.Namespace, out: str
         faulthandler.cancel_dump_traceback_later()
         if rank == 0:
             Path(out).write_text(json.dumps(result))
-    finally:
-        if tp > 1:
-            # NCCL teardown with decode graphs (holding the communicator's kernels) still alive can
-            # block; the process is done, so leave without it.
+    except BaseException:
+        if tp > 1:  # leave without NCCL teardown (below), but as a failure
+            traceback.print_exc()
             sys.stderr.flush()
-            os._exit(0)
+            os._exit(1)
+        raise
+    if tp > 1:
+        # NCCL teardown with decode graphs (holding the communicator's kernels) still alive can
+        # block; the rank is done, so it leaves without it.
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _greedy(engine: LLMEngine, vocab: int, max_tokens: int) -> list[list[int]]:

@@ -38,6 +38,13 @@ def test_bench_tp_names_a_missing_shape():
     assert "--shape 'no-such-shape': no config.json there or under examples/shapes/" in proc.stderr
 
 
+def test_bench_tp_refuses_a_context_the_shape_lacks(tiny_model):
+    folder = tiny_model("qwen2")  # 256 tokens of context
+    proc = _run("bench_tp.py", "--shape", str(folder), "--device", "cpu", "--ctx", "4000")
+    assert proc.returncode == 2
+    assert f"--ctx 4000 / --prefill 2048 do not fit the context of {folder} (256 tokens" in proc.stderr
+
+
 def test_profile_decode_dry_run_writes_its_tables(tiny_model, tmp_path):
     out = tmp_path / "profile.json"
     proc = _run("profile_decode.py", "--shape", str(tiny_model("llama-gqa-hd64")), "--device", "cpu",
