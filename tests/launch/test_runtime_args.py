@@ -1,0 +1,74 @@
+"""How the launcher's flags reach the runtime processes it starts (no process is started here)."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from muxserve.config import ConfigError, MuxServeConfig
+from muxserve.instance import Instance
+from muxserve.instance_cli import check_instance_args, instance_options
+from muxserve.launch import build_parser
+
+
+
+@pytest.fixture
+def config(tiny_model) -> MuxServeConfig:
+    a, b = tiny_model("qwen2"), tiny_model("llama-gqa-hd64")  # 2 kv heads each
+    return msgspec.convert({"num_gpus": 2, "kv_cache_bytes": 1 << 20, "models": [
+        {"name": "a", "model": str(a), "tensor_parallel_size": 2, "placement": [[0, 1]], "mps_percentage": [100, 40]},
+        {"name": "b", "model": str(b), "placement": [[1]], "mps_percentage": [80, 30]},
+    ]}, MuxServeConfig)
+
+
+class _Recorder:
+    def __init__(self):
+        self.started: dict[str, list[str]] = {}
+
+    def start(self, name, args, env=None):
+        self.started[name] = args
+
+    def stop_all(self):  # nothing was started
+        pass
+
+
+def _started(config: MuxServeConfig, *flags: str) -> dict[str, list[str]]:
+    args = build_parser().parse_args(["cfg.yaml", *flags])
+    check_instance_args(args, config, "cpu", "cfg.yaml")
+    instance = Instance(config, instance_options(args, config, "cpu"))
+    instance.processes = _Recorder()
+    try:
+        instance._start_runtimes({})
+    finally:
+        instance.stop()
+    return instance.processes.started
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+def test_each_rank_is_a_process_and_each_tp_group_its_own_port(config):
+    started = _started(config, "--server-port", "41000", "--master-addr", "10.0.0.5")
+    assert sorted(started) == ["a/decode/rank0", "a/decode/rank1", "a/prefill/rank0", "a/prefill/rank1",
+                               "b/decode", "b/prefill"]
+    # a's prefill group rendezvous at --server-port, its decode group at the next port; b is not TP
+    assert [_flag(started[f"a/prefill/rank{r}"], "--dist-address") for r in (0, 1)] == ["10.0.0.5:41000"] * 2
+    assert [_flag(started[f"a/decode/rank{r}"], "--dist-address") for r in (0, 1)] == ["10.0.0.5:41001"] * 2
+    assert [_flag(started[f"a/decode/rank{r}"], "--tp-rank") for r in (0, 1)] == ["0", "1"]
+    assert _flag(started["a/decode/rank1"], "--tp-size") == "2"
+    assert "--tp-size" not in started["b/decode"] and "--dist-address" not in started["b/decode"]
+    # every rank has its own job socket
+    assert len({_flag(v, "--jobs") for v in started.values()}) == 6
+    assert not any("--enforce-eager" in v for v in started.values())
+
+
+def test_enforce_eager_reaches_every_runtime(config):
+    assert all("--enforce-eager" in v for v in _started(config, "--enforce-eager").values())
+
+
+def test_server_port_must_leave_room_for_every_tp_group(config):
+    args = build_parser().parse_args(["cfg.yaml", "--server-port", "65535"])
+    with pytest.raises(ConfigError) as err:
+        check_instance_args(args, config, "cpu", "cfg.yaml")
+    assert str(err.value) == "--server-port 65535: the 2 tensor-parallel groups need ports 65535..65536"
