@@ -72,3 +72,17 @@ def test_server_port_must_leave_room_for_every_tp_group(config):
     with pytest.raises(ConfigError) as err:
         check_instance_args(args, config, "cpu", "cfg.yaml")
     assert str(err.value) == "--server-port 65535: the 2 tensor-parallel groups need ports 65535..65536"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tp-size", "2", "--tp-rank", "2", "--dist-address", "127.0.0.1:1"], "--tp-rank 2 must be in [0, --tp-size 2)"),
+    (["--tp-size", "2", "--tp-rank", "1"], "--tp-size > 1 needs --dist-address HOST:PORT"),
+])
+def test_runtime_refuses_an_impossible_rank(extra, message, capsys):
+    from muxserve.flexserver.__main__ import main
+
+    base = ["--llm", "a", "--phase", "decode", "--flexstore", "ipc:///x", "--jobs", "ipc:///j", "--results", "ipc:///r"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(base + extra)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
