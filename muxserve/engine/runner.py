@@ -13,6 +13,15 @@ from muxserve.engine.sampler import sample
 from muxserve.engine.sequence import Sequence
 
 
+def _segments(sizes: list[int]) -> list[int]:
+    """Start of each part in a packed int64 buffer, every part at an even index (16-byte
+    aligned), and the total length last."""
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n + (n & 1))
+    return starts
+
+
 def _key(seq) -> str:
     key = getattr(seq, "seq_id", None)
     # Without an id, the page list object itself names the request (the table keeps it alive).
@@ -50,7 +59,7 @@ class ModelRunner:
         self.attention = attention
         self.device = torch.device(device)
         if getattr(attention, "name", "") == "triton" and hasattr(model, "fused_ops"):
-            model.fused_ops = True  # Triton RMSNorm, residual add and SiLU*mul in the decoder layers
+            model.fused_ops = True  # Triton RMSNorm, residual add, SiLU*mul and small-batch GEMMs
         max_tokens = max_model_len or getattr(getattr(model, "spec", None), "max_position_embeddings", 4096)
         self.tables = PageTables.for_limits(layout, self.device, max_num_seqs, max_tokens)
         self._needs_block_tables = getattr(attention, "needs_block_tables", True)
@@ -110,11 +119,17 @@ class ModelRunner:
         """Update the page tables; pack the step's integers into one host tensor.
 
         Returns (host, query_lens). Rows of ``host`` (int64): for decode a (4, B) block
-        [token ids, positions, slots, seq_lens]; for prefill the flat concatenation
-        [tokens (N), positions (N), token slots (N), seq_lens (B), slots (B), cu (B+1), last (B)].
+        [token ids, positions, slots, seq_lens] (B rounded up to even); for prefill the flat
+        concatenation [tokens (N), positions (N), token slots (N), seq_lens (B), slots (B),
+        cu (B+1), last (B)], each part starting at an even index (``_segments``).
+
+        Every part starts 16 bytes aligned whatever N and B are: Triton specializes its kernels
+        on the alignment of each pointer, and a part at an odd offset compiled a second variant of
+        the prefill kernels during the first requests of a fresh machine (about a second each).
         """
         if not is_prefill:
-            host = np.empty((4, len(seqs)), dtype=np.int64)
+            b = len(seqs)
+            host = np.zeros((4, b + (b & 1)), dtype=np.int64)
             self._stage_decode(seqs, host)
             return torch.from_numpy(host), None
         T = self._page_tokens
@@ -130,7 +145,11 @@ class ModelRunner:
         torch.cumsum(lens, 0, out=cu[1:])
         positions = torch.arange(len(tokens), dtype=torch.int64) - torch.repeat_interleave(cu[:-1], lens)
         token_slots = torch.repeat_interleave(slot_t, lens)
-        host = torch.cat([torch.from_numpy(np.array(tokens, dtype=np.int64)), positions, token_slots, lens, slot_t, cu, cu[1:] - 1])
+        parts = [torch.from_numpy(np.array(tokens, dtype=np.int64)), positions, token_slots, lens, slot_t, cu, cu[1:] - 1]
+        starts = _segments([p.numel() for p in parts])
+        host = torch.zeros(starts[-1], dtype=torch.int64)
+        for part, start in zip(parts, starts):
+            host[start:start + part.numel()] = part
         return host, seq_lens
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
@@ -145,23 +164,23 @@ class ModelRunner:
         dev = self._to_device(host)
         seq_lens_list = [s.num_tokens for s in seqs]
         if is_prefill:
-            N = (host.numel() - 4 * B - 1) // 3
-            input_ids, positions, token_slots = dev[:N], dev[N:2 * N], dev[2 * N:3 * N]
-            seq_lens, slot_ids = dev[3 * N:3 * N + B], dev[3 * N + B:3 * N + 2 * B]
-            cu = dev[3 * N + 2 * B:3 * N + 3 * B + 1]
-            last_index = dev[3 * N + 3 * B + 1:]
+            N = sum(seq_lens_list)
+            sizes = [N, N, N, B, B, B + 1, B]
+            starts = _segments(sizes)
+            input_ids, positions, token_slots, seq_lens, slot_ids, cu, last_index = (
+                dev[start:start + n] for start, n in zip(starts, sizes))
             query_lens = seq_lens_list
-            host_positions = host[N:2 * N]
+            host_positions, host_slots = host[starts[1]:starts[1] + N], host[starts[4]:starts[4] + B]
         else:
-            input_ids, positions, slot_ids, seq_lens = dev[0], dev[1], dev[2], dev[3]
+            input_ids, positions, slot_ids, seq_lens = dev[0, :B], dev[1, :B], dev[2, :B], dev[3, :B]
             token_slots = slot_ids
             cu = torch.arange(B + 1, dtype=torch.int64, device=self.device)
             last_index = cu[:-1]
             query_lens = [1] * B
-            host_positions = host[1]
+            host_positions, host_slots = host[1, :B], host[2, :B]
         block_tables = write_pages = write_offsets = None
         if self._needs_block_tables:
-            slots = host[2].tolist() if not is_prefill else host[3 * N + B:3 * N + 2 * B].tolist()
+            slots = host_slots.tolist()
             block_tables = self.tables.gather(slots, -(-max(seq_lens_list) // T))  # (B, MB, L, H)
             seq_index = torch.repeat_interleave(torch.arange(B), torch.tensor(query_lens)).to(self.device)
             blocks = (host_positions // T).to(self.device)

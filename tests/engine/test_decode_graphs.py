@@ -128,7 +128,30 @@ def test_stage_decode_writes_tokens_positions_slots_and_lengths():
                                       [s.num_tokens for s in seqs]]
     assert (staged[:, 3:] == 77).all()  # columns past the batch are left to the caller
     host, _ = runner._host_inputs(seqs, False)  # the eager decode path packs the same block
-    assert host.dtype == torch.int64 and host.tolist() == staged[:, :3].tolist()
+    assert host.dtype == torch.int64 and host[:, :3].tolist() == staged[:, :3].tolist()
+    assert host.shape == (4, 4) and (host[:, 3] == 0).all()  # rows padded to even: 16-byte aligned
+
+
+def test_prefill_inputs_start_16_byte_aligned_whatever_the_lengths():
+    """Triton specializes kernels on pointer alignment: every packed part must start aligned, or a
+    batch of odd length compiles second variants of the kernels while requests wait."""
+    runner = ModelRunner(torch.nn.Identity(), LAYOUT, object(), torch.device("cpu"), max_num_seqs=4,
+                         max_model_len=256)
+    rng = random.Random(1)
+    seqs = [_Seq(str(i), [rng.randrange(1000) for _ in range(n)], [], list(range(100 * i, 100 * i + LAYOUT.pages_for(n))))
+            for i, n in enumerate([5, 16, 40])]  # 61 tokens, 3 sequences: odd sizes everywhere
+    input_ids, positions, meta, last_index = runner._prepare(seqs, True)
+    parts = {"input_ids": input_ids, "positions": positions, "token_slots": meta.token_slots,
+             "seq_lens": meta.seq_lens, "slot_ids": meta.slot_ids, "cu_query_lens": meta.cu_query_lens,
+             "last_index": last_index}
+    assert {name: t.data_ptr() % 16 for name, t in parts.items()} == dict.fromkeys(parts, 0)
+    assert input_ids.tolist() == [t for s in seqs for t in s.token_ids]
+    assert positions.tolist() == list(range(5)) + list(range(16)) + list(range(40))
+    assert meta.cu_query_lens.tolist() == [0, 5, 21, 61] and last_index.tolist() == [4, 20, 60]
+    assert meta.seq_lens.tolist() == [5, 16, 40]
+    slots = [runner.tables.slot_of(s.seq_id) for s in seqs]
+    assert meta.slot_ids.tolist() == slots and meta.token_slots.tolist() == [sl for sl, n in zip(slots, [5, 16, 40])
+                                                                              for _ in range(n)]
 
 
 # -- graph decode steps on the CPU -----------------------------------------------------------------
