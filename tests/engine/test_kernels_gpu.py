@@ -217,6 +217,60 @@ def test_rmsnorm_and_silu_mul_match_the_model_ops(dtype):
         assert rel_err(K.silu_mul(gu).cpu(), (F.silu(gate) * up).cpu()) < tol
 
 
+@pytest.mark.parametrize("variant", ["plain", "bias"])
+@pytest.mark.parametrize("n,k,config", [(48, 256, (32, 128, 2)), (40, 512, (16, 256, 3))])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_skinny_gemm_matches_reference(m, n, k, config, variant):
+    from muxserve.engine import skinny_gemm
+
+    dtype = _dt(torch.bfloat16)
+    gen = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype).to(DEVICE)  # N not a multiple of block_n
+    bias = torch.randn(n, generator=gen).to(dtype).to(DEVICE) if variant == "bias" else None
+    out = skinny_gemm.gemm(x, w, skinny_gemm.Config(*config), bias)
+    ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out.cpu(), ref.cpu()) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_skinny_gemm_policy(monkeypatch):
+    from muxserve.engine import skinny_gemm
+
+    bf16, Config = torch.bfloat16, skinny_gemm.Config
+    monkeypatch.setattr(skinny_gemm, "ENABLED", True)
+    assert skinny_gemm.pick(1, 4096, "qkv", bf16, "cuda") == Config(64, 128, 6)
+    assert skinny_gemm.pick(16, 4096, "o", torch.float16, "cuda") == Config(32, 256, 6)
+    assert skinny_gemm.pick(8, 14336, "down", bf16, torch.device("cuda", 0)) == Config(32, 256, 6)
+    assert skinny_gemm.pick(17, 4096, "o", bf16, "cuda") is None  # M > 16: cuBLAS
+    assert skinny_gemm.pick(8, 4096 + 128, "o", bf16, "cuda") is None  # K not a multiple of block_k
+    assert skinny_gemm.pick(8, 4096, "gate_up", bf16, "cuda") is None
+    assert skinny_gemm.pick(8, 4096, "o", torch.float32, "cuda") is None
+    assert skinny_gemm.pick(8, 4096, "o", bf16, "cpu") is None
+    monkeypatch.setattr(skinny_gemm, "ENABLED", False)
+    assert skinny_gemm.pick(1, 4096, "qkv", bf16, "cuda") is None
+    # where pick says no, linear is F.linear
+    x = torch.randn(3, 256).to(_dt(bf16)).to(DEVICE)
+    w = torch.randn(64, 256).to(x.dtype).to(DEVICE)
+    assert torch.equal(skinny_gemm.linear(x, w, kind="o"), F.linear(x, w))
+
+
+def test_decode_split_policy():
+    from muxserve.engine.attention import triton_kernels as K
+    from muxserve.engine.attention.triton_backend import TritonAttention
+
+    small = K.SMALL_BATCH_LAUNCH
+    # (batch, kv heads, SMs) -> (splits, launch): below one program per SM, fill 4 and up to 32 splits
+    cases = {(1, 8, 132): (32, small), (4, 8, 132): (17, small), (16, 8, 132): (5, small), (2, 2, 108): (32, small),
+             (17, 8, 132): (2, None), (64, 8, 132): (1, None), (132, 1, 132): (2, None)}
+    backend = TritonAttention.__new__(TritonAttention)  # no CUDA pool needed for the policy
+    for (batch, heads, sms), expected in cases.items():
+        assert K.decode_policy(batch, heads, sms) == expected
+        backend.num_kv_heads, backend.num_sms = heads, sms
+        assert backend.num_splits(batch) == expected[0]
+    assert K.decode_splits(1, 8, 132) == 16 and K.decode_splits(64, 8, 132) == 1  # the defaults stay
+
+
 # -- the engine with the triton backend -----------------------------------------------------------
 ARCHS = ("llama-gqa-hd64", "llama-hd128-tied", "qwen3", "qwen2")
 PROMPT_LENS = (1, 7, 33, 50, 130)

@@ -37,7 +37,7 @@ class TritonAttention:
         self.num_sms = torch.cuda.get_device_properties(kv.device).multi_processor_count
 
     def num_splits(self, batch: int) -> int:
-        return K.decode_splits(batch, self.num_kv_heads, self.num_sms)
+        return K.decode_policy(batch, self.num_kv_heads, self.num_sms)[0]
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -55,6 +55,6 @@ class TritonAttention:
         q, k = K.rope_write(q, k, v, self.kv, meta.slot_tables, meta.token_slots, meta.positions, layer, cos, sin)
         if meta.is_prefill:
             return K.prefill_attention(q, k, v, meta.cu_query_lens, meta.max_query_len, self.scale)
-        splits = meta.num_splits or self.num_splits(q.shape[0])
+        splits, launch = K.decode_policy(q.shape[0], self.num_kv_heads, self.num_sms)
         return K.decode_attention(q, self.kv, meta.slot_tables, meta.slot_ids, meta.seq_lens, layer,
-                                  self.num_kv_heads, self.scale, splits)
+                                  self.num_kv_heads, self.scale, meta.num_splits or splits, launch=launch)

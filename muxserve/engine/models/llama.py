@@ -7,6 +7,7 @@ columns and are followed by an all-reduce; ``spec`` stays the whole model's.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Iterable
 
 import torch
@@ -39,11 +40,12 @@ class RowParallelLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.parallel = parallel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gemm=F.linear) -> torch.Tensor:
+        """``gemm(x, weight, bias)``: ``F.linear`` or another product of the same meaning."""
         if self.parallel.world_size == 1:
-            return super().forward(x)
+            return gemm(x, self.weight, self.bias)
         # The (replicated) bias is added once, after the partial sums are reduced.
-        out = self.parallel.all_reduce(F.linear(x, self.weight))
+        out = self.parallel.all_reduce(gemm(x, self.weight, None))
         return out if self.bias is None else out + self.bias
 
 
@@ -60,9 +62,11 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, attn, meta: AttentionMetadata):
+    def forward(self, x, positions, rotary, attn, meta: AttentionMetadata, gemm=None):
+        """``gemm``: ``skinny_gemm.linear`` or alike for the projections, instead of the layers' own."""
         s = self.spec
-        q, k, v = self.qkv_proj(x).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
+        qkv = self.qkv_proj(x) if gemm is None else gemm(x, self.qkv_proj.weight, self.qkv_proj.bias, kind="qkv")
+        q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
         q = q.view(-1, s.num_heads, s.head_dim)  # (N, Hq, D)
         k = k.view(-1, s.num_kv_heads, s.head_dim)  # (N, H, D)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
@@ -73,7 +77,7 @@ class Attention(nn.Module):
         else:
             q, k = rotary(positions, q, k)
             out = attn.forward(self.layer, q, k, v, meta)  # (N, Hq, D)
-        return self.o_proj(out.reshape(-1, s.q_size))
+        return self.o_proj(out.reshape(-1, s.q_size), F.linear if gemm is None else partial(gemm, kind="o"))
 
 
 class MLP(nn.Module):
@@ -104,7 +108,9 @@ class LlamaForCausalLM(nn.Module):
     """Token ids of a flat batch (N,) -> hidden states (N, hidden); logits only where asked.
 
     ``fused_ops`` (set by the runner with the Triton backend, CUDA only) runs RMSNorm with the
-    residual add and SiLU*mul as Triton kernels; the arithmetic and its roundings are the same.
+    residual add and SiLU*mul as Triton kernels, and the qkv, o and down projections of small
+    batches through ``skinny_gemm``; the arithmetic and its roundings are the same, up to the order
+    of the GEMMs' sums.
     """
 
     def __init__(self, spec: ModelSpec, parallel: TensorParallel | None = None):
@@ -131,17 +137,19 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def _forward_fused(self, x, positions, attn, meta) -> torch.Tensor:
+        from muxserve.engine import skinny_gemm
         from muxserve.engine.attention.triton_kernels import rmsnorm, silu_mul
 
         layers = self.layers
         norms = [layer.input_layernorm for layer in layers[1:]] + [self.norm]
         residual = x
         h = rmsnorm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
+        down = partial(skinny_gemm.linear, kind="down")
         for layer, next_norm in zip(layers, norms):
-            a = layer.self_attn(h, positions, self.rotary, attn, meta)
+            a = layer.self_attn(h, positions, self.rotary, attn, meta, skinny_gemm.linear)
             post = layer.post_attention_layernorm
             h, residual = rmsnorm(a, post.weight, post.eps, residual)  # residual += a; h = norm(residual)
-            m = layer.mlp.down_proj(silu_mul(layer.mlp.gate_up_proj(h)))
+            m = layer.mlp.down_proj(silu_mul(layer.mlp.gate_up_proj(h)), down)
             h, residual = rmsnorm(m, next_norm.weight, next_norm.eps, residual)
         return h
 
