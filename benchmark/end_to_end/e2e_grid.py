@@ -147,12 +147,14 @@ def plan_point(out: Path, point: Point, machine: Machine, opts: GridOptions, wor
     else:
         groups = default_groups(llms, machine)
     plans = plan_systems(pdir, llms, machine, workload, "workload.json", groups, opts.systems, opts.plan)
+    # a call that runs some systems keeps the plans of the others (their statistics stay too)
+    earlier = read_json(pdir / "plan.json").get("systems", {}) if (pdir / "plan.json").exists() else {}
     write_json(pdir / "plan.json", {
         "labels": point.labels, "llms": [asdict(m) for m in llms],
         "colocation": "placement" if placement_cmd else ("all on one GPU" if machine.num_gpus == 1 else "balanced"),
         "placement_command": placement_cmd, "groups": groups_doc(groups),
-        "systems": {s: {"launches": [asdict(launch) for launch in p.launches], "notes": p.notes}
-                    for s, p in plans.items()},
+        "systems": {**earlier, **{s: {"launches": [asdict(launch) for launch in p.launches], "notes": p.notes}
+                                  for s, p in plans.items()}},
     })
     return workload, llms, plans
 

@@ -267,12 +267,21 @@ def split_kv(budget: float, weights: list[float], floors: list[float]) -> list[f
 
 
 # -- model configs ---------------------------------------------------------------------------------
+def overload_units(machine: Machine, decode_shares: list[int]) -> int:
+    """ADBS's shared SM units for a mesh: ``--overload-threshold``, raised until every member's
+    decode job fits beside the others' (the placement keeps that invariant: the decode shares of a
+    mesh add up to at most 100 % + its overload). Default shares without a cost table can add up
+    to more (30 + 30 + 40 + 50 %): with 2 shared units at most three of four decodes ran at once,
+    and decode steps, bound by memory bandwidth, waited for SM units they barely use."""
+    return min(10, max(machine.overload_threshold, sum(s // 10 for s in decode_shares) - 10))
+
+
 def config_doc(machine: Machine, members: list[tuple[LLM, list[int], int | None]], kv_bytes: float,
-               num_gpus: int = 1) -> dict:
+               num_gpus: int = 1, overload_threshold: int | None = None) -> dict:
     """A model_config for one mesh (checked with muxserve.config): every LLM tensor parallel over
     its ``num_gpus`` GPUs; ``kv_bytes`` per GPU."""
-    doc: dict = {"num_gpus": num_gpus, "max_num_seqs": machine.max_num_seqs,
-                 "overload_threshold": machine.overload_threshold}
+    threshold = machine.overload_threshold if overload_threshold is None else overload_threshold
+    doc: dict = {"num_gpus": num_gpus, "max_num_seqs": machine.max_num_seqs, "overload_threshold": threshold}
     if machine.device == "cuda":
         doc["gpu_memory_utilization"] = max(0.001, math.floor(kv_bytes / (machine.gpu_memory_gb * GB) * 1000) / 1000)
     else:
@@ -341,7 +350,10 @@ def plan_systems(point_dir: Path, llms: list[LLM], machine: Machine, workload: W
             budget = g.kv_bytes if g.kv_bytes is not None else kv_budget(machine, members, g.tp)
             check_fits(machine, members, budget, f"{system} mesh {i}", g.tp)
             mps = g.mps if system == "muxserve" else dict.fromkeys(g.llms, BASELINE_MPS)
-            doc = config_doc(machine, [(by_name[n], mps[n], g.max_num_seqs.get(n)) for n in g.llms], budget, g.tp)
+            # temporal keeps --overload-threshold: [100, 90] shares with 2 shared units run one job at a time
+            threshold = overload_units(machine, [min(mps[n]) for n in g.llms]) if system == "muxserve" else None
+            doc = config_doc(machine, [(by_name[n], mps[n], g.max_num_seqs.get(n)) for n in g.llms], budget, g.tp,
+                             threshold)
             path = cfg_dir / system / f"mesh{i}_{g.label}.yaml"
             where = f"GPU {g.device}" if g.tp == 1 else f"GPUs {g.devices} (tensor parallel {g.tp})"
             write_yaml(path, doc, f"{system}: {', '.join(g.llms)} on {where}; KV {budget / GB:.2f} GB per GPU")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from e2e_common import SYSTEM_LABELS, SYSTEMS, read_json
 
 SHOWN_SCALES = (1, 2, 3, 5, 8, 10, 15, 20)
@@ -47,6 +49,19 @@ def _table(head: list[str], body: list[list[str]], left: int = 1) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"] + ["| " + " | ".join(r) + " |" for r in body]
 
 
+def _muxserve_thresholds(runs_dir: Path, flag: int) -> str:
+    """What MuxServe's mesh configs say, where it differs from the flag (e2e_plan.overload_units)."""
+    found = set()
+    for path in (runs_dir / "points").glob("*/configs/muxserve/*.yaml"):
+        doc = yaml.safe_load(path.read_text()) or {}
+        if "overload_threshold" in doc:
+            found.add(int(doc["overload_threshold"]))
+    if not found or found == {flag}:
+        return ""
+    return (f" (MuxServe's meshes: {', '.join(str(v) for v in sorted(found))}, raised until the decode shares of "
+            "a mesh fit together)")
+
+
 def _setup(summary: dict, runs_dir: Path) -> list[str]:
     exp = summary.get("experiment", {})
     dev = exp.get("device_info", {})
@@ -64,7 +79,7 @@ def _setup(summary: dict, runs_dir: Path) -> list[str]:
         lines.append(f"- machine: {m['num_gpus']} x {m['device']} of {m['gpu_memory_gb']:g} GiB, {m['dtype']}; "
                      f"KV cache: {kv} "
                      f"(the same total for every system); max_num_seqs {m['max_num_seqs']}, overload_threshold "
-                     f"{m['overload_threshold']}")
+                     f"{m['overload_threshold']}" + _muxserve_thresholds(runs_dir, m["overload_threshold"]))
     lines += _lanes(runs_dir)
     if exp.get("kind") == "power-law":
         lines.append(f"- workloads: power law alpha {exp['alphas']}, llm-0 at {exp['max_rate']:g} x rate scale "

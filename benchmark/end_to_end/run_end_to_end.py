@@ -28,7 +28,7 @@ import time
 from typing import Callable
 from pathlib import Path
 
-from e2e_common import REPO, SYSTEMS, BenchError, device_info, fmt_num, gpu_memory_gib, write_json
+from e2e_common import REPO, SYSTEMS, BenchError, device_info, fmt_num, gpu_memory_gib, read_json, write_json
 from e2e_grid import GridOptions, Point, profile_models, record_command, run_grid
 from e2e_lanes import DEFAULT_PORT_BASE, LANE_PORTS, Lane, make_lanes, visible_gpus
 from e2e_plan import Machine, PlanOptions, describe_llms, model_ref
@@ -60,7 +60,8 @@ def add_machine_args(p: argparse.ArgumentParser) -> None:
                    help="KV pool per GPU in GiB, shared by all systems (default: memory - weights - reserves)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="sequences per LLM at most (default: 256)")
     g.add_argument("--overload-threshold", type=int, default=2,
-                   help="SM units (10 %% each) two jobs may share, as the placement writes (default: 2)")
+                   help="SM units (10 %% each) two jobs may share, as the placement writes (default: 2); "
+                        "MuxServe's meshes get more where their decode shares need it to run together")
 
 
 def add_system_args(p: argparse.ArgumentParser) -> None:
@@ -215,6 +216,24 @@ def grid_options(args, machine: Machine, out: Path, cost_file: Path | None, dura
                        Path(args.export_tgz).resolve() if args.export_tgz else None, build_lanes(args, machine))
 
 
+def merged_experiment(path: Path, new: dict) -> dict:
+    """The description after one more call on a run folder that earlier calls filled with other
+    parts of the grid: alphas, rate scales, systems and points are the union of all calls'; the
+    rest (machine, lanes, versions) is this call's."""
+    if not path.exists():
+        return new
+    old = read_json(path)
+    merged = dict(new)
+    for key in ("alphas", "rate_scales"):
+        if key in old and key in new:
+            merged[key] = sorted(set(old[key]) | set(new[key]))
+    if "systems" in old:
+        merged["systems"] = [s for s in SYSTEMS if s in set(old["systems"]) | set(new["systems"])]
+    points = {p["tag"]: p for p in old.get("points", [])} | {p["tag"]: p for p in new["points"]}
+    merged["points"] = sorted(points.values(), key=lambda p: p["tag"])
+    return merged
+
+
 def execute(args, out: Path, points: list[Point], argv: list[str], extra_info: dict) -> int:
     """Profile (optional), plan and run the grid; print what is left. Returns the exit status."""
     started = time.monotonic()  # the time budget includes the profile step
@@ -230,14 +249,15 @@ def execute(args, out: Path, points: list[Point], argv: list[str], extra_info: d
     duration = max(p.labels.get("duration_s", 0.0) for p in points) if points else 0.0
     opts = grid_options(args, machine, out, cost_file, duration or getattr(args, "duration", 0.0) or 0.0)
     opts.started = started
-    write_json(out / "experiment.json", {**extra_info, "machine": machine.__dict__, "systems": opts.systems,
-                                         "cost_file": str(cost_file) if cost_file else None,
-                                         "spatial_sm_split": args.spatial_sm_split,
-                                         "spatial_kv_split": args.spatial_kv_split, "max_drain_s": args.max_drain_s,
-                                         "launch_args": opts.launch_args,
-                                         "lanes": [lane.doc(len(opts.lanes)) for lane in opts.lanes],
-                                         "points": [{"tag": p.tag, "labels": p.labels} for p in points],
-                                         "device_info": device_info(machine.device)})
+    experiment = {**extra_info, "machine": machine.__dict__, "systems": opts.systems,
+                  "cost_file": str(cost_file) if cost_file else None,
+                  "spatial_sm_split": args.spatial_sm_split,
+                  "spatial_kv_split": args.spatial_kv_split, "max_drain_s": args.max_drain_s,
+                  "launch_args": opts.launch_args,
+                  "lanes": [lane.doc(len(opts.lanes)) for lane in opts.lanes],
+                  "points": [{"tag": p.tag, "labels": p.labels} for p in points],
+                  "device_info": device_info(machine.device)}
+    write_json(out / "experiment.json", merged_experiment(out / "experiment.json", experiment))
     status = run_grid(out, points, machine, opts)
     print(f"done {len(status['done'])}, failed {len(status['failed'])}, pending {len(status['pending'])}, "
           f"already there {len(status['skipped'])}", flush=True)

@@ -5,6 +5,7 @@ time, own ports), then analyze.py."""
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -96,6 +97,20 @@ def test_second_run_resumes_without_launching_and_exports(e2e):
     assert {f"runs/points/alpha1.3_scale1/{s}.json" for s in SYSTEMS} <= set(names)
     assert "runs/experiment.json" in names and "runs/points/alpha1.3_scale1/models.yaml" in names
     assert not [n for n in names if "/logs" in n or n.endswith("workload.json")]
+
+
+def test_a_call_for_some_systems_keeps_the_others_plans_and_description(e2e, tmp_path):
+    root, args, _ = e2e
+    runs = tmp_path / "runs"
+    shutil.copytree(root / "runs", runs)
+    out_at = args.index("--output-dir") + 1
+    again = args[:out_at] + [str(runs)] + args[out_at + 1:] + ["--systems", "spatial", "--dry-run"]
+    proc = run_script(E2E / "run_end_to_end.py", *again)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads((runs / "points" / "alpha1.3_scale1" / "plan.json").read_text())
+    assert sorted(plan["systems"]) == sorted(SYSTEMS)
+    experiment = json.loads((runs / "experiment.json").read_text())
+    assert experiment["systems"] == list(SYSTEMS) and experiment["alphas"] == [1.3]
 
 
 def test_analyze_writes_report_plots_and_rows(e2e):

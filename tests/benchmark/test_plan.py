@@ -10,7 +10,8 @@ import yaml
 from .helpers import REPO
 
 from e2e_placement import placement_groups  # noqa: E402
-from e2e_plan import GB, Machine, PlanOptions, default_groups, describe_llms, kv_budget, plan_systems  # noqa: E402
+from e2e_plan import (GB, Machine, PlanOptions, default_groups, describe_llms, kv_budget, overload_units,  # noqa: E402
+                      plan_systems)
 
 from muxserve.muxsched.models_file import LLMEntry, ModelsFile  # noqa: E402
 from muxserve.muxsched.synthetic import synthetic_table  # noqa: E402
@@ -58,6 +59,9 @@ def test_one_gpu_colocates_everything_and_splits_it_statically_for_spatial(tmp_p
     assert [m["mps_percentage"] for m in mux_cfg["models"]] == [[80, 30], [80, 30], [80, 40], [80, 50]]
     assert [m["mps_percentage"] for m in tmp_cfg["models"]] == [[100, 90]] * 4
     assert all(m["load_format"] == "random" and m["model_dtype"] == "bf16" for m in mux_cfg["models"])
+    # decode shares 3 + 3 + 4 + 5 = 15 units: MuxServe shares 5 so all four decode together;
+    # temporal keeps 2 (its [100, 90] jobs must run one at a time)
+    assert (mux_cfg["overload_threshold"], tmp_cfg["overload_threshold"]) == (5, 2)
     spatial = plans["spatial"].launches
     assert [(s.name, s.split_by_model, s.schedule, s.mps, s.devices) for s in spatial] == [
         (f"llm-{i}", f"llm-{i}", "fix", True, [0]) for i in range(4)]
@@ -70,6 +74,14 @@ def test_one_gpu_colocates_everything_and_splits_it_statically_for_spatial(tmp_p
     assert utils == sorted(utils, reverse=True)  # KV slices ∝ rate: llm-0 the biggest
     assert [_config(tmp_path, s)["models"][0]["mps_percentage"] for s in spatial] == [
         [42, 32], [28, 18], [29, 19], [41, 31]]  # fix runs prefill 10 points lower: both at the share
+
+
+def test_overload_units_let_a_meshs_decodes_run_together():
+    machine = Machine(1, "cuda", 80.0)
+    assert overload_units(machine, [30, 30, 40, 50]) == 5
+    assert overload_units(machine, [30, 40]) == 2  # they fit anyway: the flag stands
+    assert overload_units(Machine(1, "cuda", 80.0, overload_threshold=7), [30, 30, 40, 50]) == 7
+    assert overload_units(machine, [90] * 4) == 10  # at most every unit shared once
 
 
 def _placed_on_two_gpus(tmp_path, mesh_sizes):
