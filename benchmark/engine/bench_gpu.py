@@ -246,7 +246,12 @@ class Ours:
             sid = f"bench{self._ids}"
             params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
             seq = Sequence(sid, torch.randint(256, vocab, (n,)).tolist(), params, frozenset(), None)
-            seq.pages = e.allocator.allocate(e.model_name, [(sid, n + extra)]).new_pages[sid]
+            got = e.allocator.allocate(e.model_name, [(sid, n + extra)]).new_pages
+            if sid not in got:
+                self.free(seqs)
+                raise RuntimeError(f"the KV cache holds {e.allocator.max_tokens(e.model_name)} tokens, too few for "
+                                   f"{len(lens)} sequences of {n + extra} tokens; give the benchmark more KV memory")
+            seq.pages = got[sid]
             seq.status = SequenceStatus.RUNNING
             seqs.append(seq)
         return seqs

@@ -63,12 +63,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def spec_kv_bytes_per_token(folder, dtype_bytes: int) -> int:
+    spec = ModelSpec.from_folder(folder)
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype_bytes
+
+
 def build_engine(args) -> tuple[LLMEngine, ModelSpec]:
     device = torch.device(args.device)
     dtype_name = "bfloat16" if args.device == "cuda" else "float32"
     dtype = getattr(torch, dtype_name)
     model, spec = bench_gpu.random_model(args.folder, dtype, device)
-    config = EngineConfig(model=str(args.folder), dtype=dtype_name, device=args.device, kv_cache_bytes=8 << 30
+    # KV for the largest batch at --ctx (+ the profiled steps and their warm-up), with room to spare
+    tokens = max(args.batches) * (args.ctx + args.steps + 16)
+    kv_bytes = int(1.25 * tokens * spec_kv_bytes_per_token(args.folder, 2)) + (256 << 20)
+    config = EngineConfig(model=str(args.folder), dtype=dtype_name, device=args.device, kv_cache_bytes=kv_bytes
                           if args.device == "cuda" else 64 << 20, max_num_seqs=max(args.batches),
                           max_model_len=args.ctx + args.steps + 64, enforce_eager=args.eager)
     return LLMEngine(config, model=model), spec

@@ -54,3 +54,27 @@ def test_profile_decode_dry_run_writes_its_tables(tiny_model, tmp_path):
     assert [b["batch"] for b in result["batches"]] == [1, 2]
     assert all(b["wall_ms"] > 0 and b["kernel_ms"] == 0 for b in result["batches"])  # no CUDA kernels on CPU
     assert "| batch | wall ms | kernels ms |" in out.with_suffix(".md").read_text()
+
+
+def test_a_batch_the_kv_cache_cannot_hold_is_refused_with_the_numbers(tiny_model):
+    sys.path.insert(0, str(ENGINE))
+    import bench_gpu
+    import torch
+
+    from muxserve.engine.llm_engine import EngineConfig, LLMEngine
+
+    folder = tiny_model("llama-gqa-hd64")
+    model, spec = bench_gpu.random_model(folder, torch.float32, torch.device("cpu"))
+    engine = LLMEngine(EngineConfig(model=str(folder), dtype="float32", device="cpu", kv_cache_bytes=1 << 20,
+                                    max_num_seqs=4, max_model_len=256), model=model)
+    bench = bench_gpu.Ours.on_engine(engine)
+    held = engine.allocator.max_tokens(engine.model_name)
+    try:
+        bench.make_seqs([200] * 4, 8, spec.vocab_size)
+    except RuntimeError as e:
+        assert str(e) == (f"the KV cache holds {held} tokens, too few for 4 sequences of 208 tokens; "
+                          "give the benchmark more KV memory")
+    else:
+        raise AssertionError(f"4 x 208 tokens fit a cache of {held} tokens; the test needs a smaller one")
+    assert engine.allocator.num_free == engine.allocator.num_pages  # the sequences it made are given back
+    assert bench.make_seqs([8], 0, spec.vocab_size)  # and can be taken again
