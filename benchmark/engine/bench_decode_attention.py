@@ -28,9 +28,7 @@ sys.path.insert(0, str(HERE))
 import bench_gpu  # noqa: E402
 from bench_gemm import graph_time_us  # noqa: E402
 
-from muxserve.engine.attention import triton_kernels as K  # noqa: E402
 from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES  # noqa: E402
-from muxserve.engine.model_config import ModelSpec  # noqa: E402
 
 LAUNCHES = [(32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2),
             (128, 8, 2), (128, 8, 3)]
@@ -39,15 +37,14 @@ FILLS = [1, 2, 4, 8]
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="llama-3-8b", help="a folder under examples/shapes or with a config.json")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    bench_gpu.add_shape_argument(p)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64], help="decode batch sizes")
     p.add_argument("--ctx", type=int, nargs="+", default=[512, 2048], help="cached tokens per sequence")
-    p.add_argument("--output-json", type=Path)
+    p.add_argument("--output-json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
-    folder = bench_gpu.shape_folder(args.shape)
-    if folder is None:
-        p.error(f"--shape {args.shape!r}: no config.json there or under examples/shapes/")
-    spec = ModelSpec.from_folder(folder)
+    folder, spec = bench_gpu.cuda_shape(p, args.shape)
+    from muxserve.engine.attention import triton_kernels as K
+
     layers, heads, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
     t = DEFAULT_PAGE_BYTES // (2 * d * 2)
     bw = bench_gpu.ceilings()["copy_bandwidth_GBps"]

@@ -67,17 +67,14 @@ def graph_time_us(fn, reps: int = 20) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="llama-3-8b", help="a folder under examples/shapes or with a config.json")
+    bench_gpu.add_shape_argument(p)
     p.add_argument("--m", type=int, nargs="+", default=[1, 8, 32, 64], help="rows of x (decode batch sizes)")
     p.add_argument("--layers", type=int, help="weights per shape (default: the model's layer count)")
-    p.add_argument("--output-json", type=Path)
+    p.add_argument("--output-json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
-    folder = bench_gpu.shape_folder(args.shape)
-    if folder is None:
-        p.error(f"--shape {args.shape!r}: no config.json there or under examples/shapes/")
+    folder, spec = bench_gpu.cuda_shape(p, args.shape)
     from muxserve.engine import skinny_gemm
 
-    spec = ModelSpec.from_folder(folder)
     layers = args.layers or spec.num_layers
     bw = bench_gpu.ceilings()["copy_bandwidth_GBps"]
     print(f"{torch.cuda.get_device_name(0)}; copy bandwidth {bw:.0f} GB/s; {layers} layers", flush=True)

@@ -135,6 +135,28 @@ def shape_folder(shape: str) -> Path | None:
     return None
 
 
+def add_shape_argument(p: argparse.ArgumentParser) -> None:
+    """``--shape`` of the scripts that take any model shape (see ``parsed_shape``)."""
+    p.add_argument("--shape", default="llama-3-8b",
+                   help="a folder under examples/shapes, or any folder with a config.json (default: llama-3-8b)")
+
+
+def parsed_shape(p: argparse.ArgumentParser, shape: str) -> Path:
+    """The folder of ``--shape``, or the parser's usage error naming it."""
+    folder = shape_folder(shape)
+    if folder is None:
+        p.error(f"--shape {shape!r}: no config.json there or under examples/shapes/")
+    return folder
+
+
+def cuda_shape(p: argparse.ArgumentParser, shape: str) -> tuple[Path, ModelSpec]:
+    """``parsed_shape`` and its spec, for the kernel benchmarks that need a GPU (a usage error without one)."""
+    folder = parsed_shape(p, shape)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (and triton)")
+    return folder, ModelSpec.from_folder(folder)
+
+
 def random_model(folder: Path, dtype: torch.dtype, device: torch.device, parallel: TensorParallel = SINGLE):
     """(model, spec): the shape with FlexStore's seeded random weights (``parallel``: one rank's slice) on ``device``."""
     from muxserve.flexstore.weights import random_model as build

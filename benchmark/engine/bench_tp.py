@@ -50,8 +50,7 @@ PARITY_PROMPT_LENS = (16, 64, 200, 500)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-3-8b",
-                   help="a folder under examples/shapes, or any folder with a config.json (default: llama-3-8b)")
+    bench_gpu.add_shape_argument(p)
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes to run (default: 1 2)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64], help="decode batch sizes")
     p.add_argument("--ctx", type=int, default=512, help="context tokens of each decoding sequence (default: 512)")
@@ -65,9 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cpu: gloo ranks, float32, a dry run of the script on a tiny shape")
     p.add_argument("--output-json", help="write the results here (and a .md table next to it)")
     args = p.parse_args(argv)
-    folder = bench_gpu.shape_folder(args.shape)
-    if folder is None:
-        p.error(f"--shape {args.shape!r}: no config.json there or under examples/shapes/")
+    folder = bench_gpu.parsed_shape(p, args.shape)
     args.folder = str(folder)
     context = ModelSpec.from_folder(folder).max_position_embeddings
     if args.ctx + 64 > context or args.prefill + 8 > context:

@@ -48,7 +48,7 @@ def kernel_kind(name: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-3-8b", help="a folder under examples/shapes or with a config.json")
+    bench_gpu.add_shape_argument(p)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes")
     p.add_argument("--ctx", type=int, default=512, help="context tokens of each sequence (default: 512)")
     p.add_argument("--steps", type=int, default=20, help="profiled steps per batch size (default: 20)")
@@ -57,9 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run (no kernels)")
     p.add_argument("--output-json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
-    args.folder = bench_gpu.shape_folder(args.shape)
-    if args.folder is None:
-        p.error(f"--shape {args.shape!r}: no config.json there or under examples/shapes/")
+    args.folder = bench_gpu.parsed_shape(p, args.shape)
     return args
 
 

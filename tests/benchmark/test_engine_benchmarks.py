@@ -78,3 +78,15 @@ def test_a_batch_the_kv_cache_cannot_hold_is_refused_with_the_numbers(tiny_model
         raise AssertionError(f"4 x 208 tokens fit a cache of {held} tokens; the test needs a smaller one")
     assert engine.allocator.num_free == engine.allocator.num_pages  # the sequences it made are given back
     assert bench.make_seqs([8], 0, spec.vocab_size)  # and can be taken again
+
+
+def test_gemm_and_attention_benchmarks_name_a_missing_shape_and_a_missing_gpu():
+    import torch
+
+    for script in ("bench_gemm.py", "bench_decode_attention.py"):
+        proc = _run(script, "--shape", "no-such-shape")
+        assert proc.returncode == 2
+        assert "--shape 'no-such-shape': no config.json there or under examples/shapes/" in proc.stderr
+        if not torch.cuda.is_available():
+            proc = _run(script, "--shape", "llama-3-8b")
+            assert proc.returncode == 2 and f"{script}: error: needs a CUDA GPU (and triton)" in proc.stderr
