@@ -5,7 +5,8 @@ output columns (``BLOCK_N``) and the whole of K, so even N = 4096 spreads over a
 programs, and streams W through a deep software pipeline. x is padded to 16 rows for
 ``tl.dot``. Accumulation is float32, one rounding at the end (as cuBLAS), after the optional bias.
 (SiLU*mul is not fused in front of the down projection: every program would recompute it for
-all 16 padded rows and the whole K, which costs more special-function time than the kernel saves.)
+all 16 padded rows and the whole K, about 29 M exponentials per GEMM of the Llama-3-8B shape by
+estimate, more than the separate kernel's 2 us.)
 
 ``linear`` is what the model calls: the kernel where ``pick`` has a configuration (M <= 16 on the
 layers where it beat cuBLAS on an H200), ``F.linear`` otherwise. ``MUXSERVE_SKINNY_GEMM=0`` (or
