@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Markdown tables from bench_gpu.py JSON files, with the issue's targets marked.
+"""Markdown tables from bench_gpu.py JSON files, with the performance targets marked.
 
 Example: python benchmark/engine/report_gpu.py benchmark/results/engine_gpu_*.json -o benchmark/results/engine_gpu.md
 """

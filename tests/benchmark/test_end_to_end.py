@@ -142,7 +142,7 @@ def test_analyze_writes_report_plots_and_rows(e2e):
         assert line.endswith(f"| {n}/{n} |"), line
     for heading in ("## Setup", "### Throughput and latency",
                     "### Highest rate sustained at 99% SLO attainment (scale 10)", "### SLO attainment vs SLO scale",
-                    "### Per LLM", "| decode wait |", "## Targets of the issue", "## Commands",
+                    "### Per LLM", "| decode wait |", "## Targets: the paper's claims", "## Commands",
                     "![throughput_vs_alpha.png](throughput_vs_alpha.png)"):
         assert heading in report, heading
     assert "python -m muxserve.muxsched.workload_utils power-law --alpha 1.3" in report
