@@ -13,13 +13,14 @@ from muxserve.engine.sampler import sample
 from muxserve.engine.sequence import Sequence
 
 
-def _segments(sizes: list[int]) -> list[int]:
-    """Start of each part in a packed int64 buffer, every part at an even index (16-byte
-    aligned), and the total length last."""
-    starts = [0]
+def _spans(sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, length) of each part in a packed int64 buffer, every part at an even index
+    (16-byte aligned)."""
+    spans, start = [], 0
     for n in sizes:
-        starts.append(starts[-1] + n + (n & 1))
-    return starts
+        spans.append((start, n))
+        start += n + (n & 1)
+    return spans
 
 
 def _key(seq) -> str:
@@ -118,10 +119,11 @@ class ModelRunner:
     def _host_inputs(self, seqs, is_prefill: bool):
         """Update the page tables; pack the step's integers into one host tensor.
 
-        Returns (host, query_lens). Rows of ``host`` (int64): for decode a (4, B) block
-        [token ids, positions, slots, seq_lens] (B rounded up to even); for prefill the flat
-        concatenation [tokens (N), positions (N), token slots (N), seq_lens (B), slots (B),
-        cu (B+1), last (B)], each part starting at an even index (``_segments``).
+        Returns (host, spans). Rows of ``host`` (int64): for decode a (4, B) block
+        [token ids, positions, slots, seq_lens] (B rounded up to even; spans None); for prefill
+        the flat concatenation [tokens (N), positions (N), token slots (N), seq_lens (B),
+        slots (B), cu (B+1), last (B)], each part starting at an even index, at ``spans``
+        ((start, length) per part).
 
         Every part starts 16 bytes aligned whatever N and B are: Triton specializes its kernels
         on the alignment of each pointer, and a part at an odd offset compiled a second variant of
@@ -146,11 +148,11 @@ class ModelRunner:
         positions = torch.arange(len(tokens), dtype=torch.int64) - torch.repeat_interleave(cu[:-1], lens)
         token_slots = torch.repeat_interleave(slot_t, lens)
         parts = [torch.from_numpy(np.array(tokens, dtype=np.int64)), positions, token_slots, lens, slot_t, cu, cu[1:] - 1]
-        starts = _segments([p.numel() for p in parts])
-        host = torch.zeros(starts[-1], dtype=torch.int64)
-        for part, start in zip(parts, starts):
-            host[start:start + part.numel()] = part
-        return host, seq_lens
+        spans = _spans([p.numel() for p in parts])
+        host = torch.zeros(sum(spans[-1]), dtype=torch.int64)  # up to the end of the last part
+        for part, (start, n) in zip(parts, spans):
+            host[start:start + n] = part
+        return host, spans
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
@@ -160,17 +162,14 @@ class ModelRunner:
     def _prepare(self, seqs: list[Sequence], is_prefill: bool):
         T = self._page_tokens
         B = len(seqs)
-        host, _ = self._host_inputs(seqs, is_prefill)
+        host, spans = self._host_inputs(seqs, is_prefill)
         dev = self._to_device(host)
         seq_lens_list = [s.num_tokens for s in seqs]
         if is_prefill:
-            N = sum(seq_lens_list)
-            sizes = [N, N, N, B, B, B + 1, B]
-            starts = _segments(sizes)
             input_ids, positions, token_slots, seq_lens, slot_ids, cu, last_index = (
-                dev[start:start + n] for start, n in zip(starts, sizes))
+                dev[start:start + n] for start, n in spans)
             query_lens = seq_lens_list
-            host_positions, host_slots = host[starts[1]:starts[1] + N], host[starts[4]:starts[4] + B]
+            host_positions, host_slots = (host[start:start + n] for start, n in (spans[1], spans[4]))
         else:
             input_ids, positions, slot_ids, seq_lens = dev[0, :B], dev[1, :B], dev[2, :B], dev[3, :B]
             token_slots = slot_ids
