@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_gpu  # noqa: E402
 
+from muxserve.engine.kv_cache import KVLayout  # noqa: E402
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from muxserve.engine.model_config import ModelSpec  # noqa: E402
 
@@ -61,21 +62,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def spec_kv_bytes_per_token(folder, dtype_bytes: int) -> int:
-    spec = ModelSpec.from_folder(folder)
-    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype_bytes
-
-
 def build_engine(args) -> tuple[LLMEngine, ModelSpec]:
     device = torch.device(args.device)
     dtype_name = "bfloat16" if args.device == "cuda" else "float32"
     dtype = getattr(torch, dtype_name)
     model, spec = bench_gpu.random_model(args.folder, dtype, device)
-    # KV for the largest batch at --ctx (+ the profiled steps and their warm-up), with room to spare
-    tokens = max(args.batches) * (args.ctx + args.steps + 16)
-    kv_bytes = int(1.25 * tokens * spec_kv_bytes_per_token(args.folder, 2)) + (256 << 20)
-    config = EngineConfig(model=str(args.folder), dtype=dtype_name, device=args.device, kv_cache_bytes=kv_bytes
-                          if args.device == "cuda" else 64 << 20, max_num_seqs=max(args.batches),
+    # the pages of the largest batch at --ctx plus the profiled steps and their warm-up (as make_seqs
+    # asks), with room to spare
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype)
+    kv_bytes = int(1.25 * max(args.batches) * layout.pages_for(args.ctx + args.steps + 8) * layout.page_bytes)
+    config = EngineConfig(model=str(args.folder), dtype=dtype_name, device=args.device,
+                          kv_cache_bytes=kv_bytes + (256 << 20) if args.device == "cuda" else 64 << 20,
+                          max_num_seqs=max(args.batches),
                           max_model_len=args.ctx + args.steps + 64, enforce_eager=args.eager)
     return LLMEngine(config, model=model), spec
 
