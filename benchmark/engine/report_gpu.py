@@ -19,6 +19,13 @@ def ms(x, digits: int = 2) -> str:
     return "-" if x is None else f"{x * 1e3:.{digits}f}"
 
 
+def _decode_points(ours: dict, table: str):
+    """(batch, context, floor seconds, entry) for each "BxC" decode point of ``ours[table]``."""
+    for key, entry in ours[table].items():
+        b, c = (int(x) for x in key.split("x"))
+        yield b, c, ours["floor_s"][key], entry
+
+
 def section(d: dict) -> list[str]:
     env, ceil, ours, hf = d["environment"], d["ceilings"], d["muxserve"], d.get("transformers", {})
     lines = [f"## {d['shape']} ({d['dtype']}, random weights)", "",
@@ -34,12 +41,10 @@ def section(d: dict) -> list[str]:
              "| batch | context | muxserve | floor | muxserve / floor | target (<= 1.3x up to batch 32) "
              "| transformers | transformers / muxserve |",
              "|---:|---:|---:|---:|---:|---|---:|---:|"]
-    for key, t in ours["decode_s"].items():
-        b, c = (int(x) for x in key.split("x"))
-        floor = ours["floor_s"][key]
+    for b, c, floor, t in _decode_points(ours, "decode_s"):
         ratio = t / floor
         target = ("met" if ratio <= DECODE_TARGET else "missed") if b <= 32 else "n/a"
-        h = hf.get("decode_s", {}).get(key)
+        h = hf.get("decode_s", {}).get(f"{b}x{c}")
         lines.append(f"| {b} | {c} | {ms(t)} | {ms(floor)} | {ratio:.2f}x | {target} | {ms(h)} | "
                      f"{'-' if h is None else f'{h / t:.1f}x'} |")
     if ours.get("decode_breakdown"):
@@ -50,9 +55,7 @@ def section(d: dict) -> list[str]:
                   "| batch | context | wall | host prep | graph (GPU) | after graph | outside graph | replay call "
                   "| graph / floor | wall / floor |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for key, part in ours["decode_breakdown"].items():
-            b, c = (int(x) for x in key.split("x"))
-            floor = ours["floor_s"][key]
+        for b, c, floor, part in _decode_points(ours, "decode_breakdown"):
             lines.append(f"| {b} | {c} | {ms(part['wall_s'], 3)} | {ms(part['prep_s'], 3)} | "
                          f"{ms(part['replay_gpu_s'], 3)} | {ms(part['sample_s'], 3)} | {ms(part['host_s'], 3)} | "
                          f"{ms(part['launch_s'], 3)} | {part['replay_gpu_s'] / floor:.2f}x | "

@@ -90,3 +90,15 @@ def test_gemm_and_attention_benchmarks_name_a_missing_shape_and_a_missing_gpu():
         if not torch.cuda.is_available():
             proc = _run(script, "--shape", "llama-3-8b")
             assert proc.returncode == 2 and f"{script}: error: needs a CUDA GPU (and triton)" in proc.stderr
+
+
+def test_report_gpu_tables_of_a_measured_run(tmp_path):
+    out = tmp_path / "engine.md"
+    proc = _run("report_gpu.py", str(REPO / "benchmark/results/engine_gpu_llama-3-8b.json"), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert "| 1 | 512 | 4.66 | 3.54 | 1.31x | missed | 52.68 | 11.3x |" in text  # decode vs floor and transformers
+    assert "| 8 | 2048 | 5.17 | 4.03 | 1.28x | met | 56.64 | 11.0x |" in text
+    assert "| 128 | 2048 | 13.54 | 11.60 | 1.17x | n/a |" in text  # no target past batch 32
+    assert "| 1 | 512 | 4.627 | 0.051 | 4.527 | 0.048 | 0.102 | 0.045 | 1.28x | 1.31x |" in text  # breakdown
+    assert "| 1x2048 | 50.44 | 40606 | 589 | 75% | met | 59.43 |" in text
