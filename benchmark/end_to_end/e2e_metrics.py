@@ -23,7 +23,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2e_common import read_json
+from e2e_common import SYSTEMS, read_json
 from e2e_runs import to_bases, to_records
 
 from muxserve.muxsched.stats import BaseLatency, RequestRecord, summarize
@@ -56,15 +56,9 @@ def load_run(path: Path) -> Run:
 
 
 def load_runs(runs_dir: Path) -> list[Run]:
-    """Every merged statistics file under ``runs_dir/points/*/`` (errors and plans skipped)."""
-    runs = []
-    for path in sorted((runs_dir / "points").glob("*/*.json")):
-        if path.name in ("plan.json",) or path.name.endswith(".idx.json"):
-            continue
-        doc_head = path.stem
-        if doc_head in ("muxserve", "temporal", "spatial"):
-            runs.append(load_run(path))
-    return runs
+    """Every merged statistics file under ``runs_dir/points/*/``: ``<system>.json`` (plans and
+    index maps are other JSON files there)."""
+    return [load_run(path) for path in sorted((runs_dir / "points").glob("*/*.json")) if path.stem in SYSTEMS]
 
 
 def pooled_bases(runs: list[Run], reference: str = "temporal") -> dict[str, BaseLatency]:
