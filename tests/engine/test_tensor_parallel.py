@@ -7,7 +7,6 @@ for several tiny models in one process group, so the process start is paid once.
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -23,12 +22,6 @@ PROMPTS = random_prompts((5, 23, 70), seed=11)
 MAX_TOKENS = 20
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)  # unseeded: ranks must still agree
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _generate(engine: LLMEngine, params: SamplingParams, record_pages: list | None = None) -> list[list[int]]:
@@ -48,11 +41,12 @@ def _generate(engine: LLMEngine, params: SamplingParams, record_pages: list | No
     return [s.output_token_ids for s in seqs]
 
 
-def _rank_main(rank: int, world_size: int, port: int, folders: dict[str, str], out_dir: str) -> None:
+def _rank_main(rank: int, world_size: int, folders: dict[str, str], out_dir: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    # a file rendezvous: a free port picked before the spawn can be taken by another process meanwhile
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world_size)
     try:
         parallel = TensorParallel.from_group()
         result = {}
@@ -80,7 +74,7 @@ def tp2_results(tiny_model, tmp_path_factory):
 
     folders = {arch: str(tiny_model(arch)) for arch in ARCHS}
     out = tmp_path_factory.mktemp("tp2")
-    mp.spawn(_rank_main, args=(2, _free_port(), folders, str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, folders, str(out)), nprocs=2, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
