@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Markdown tables from bench_gpu.py JSON files, with the performance targets marked.
 
-Example: python benchmark/engine/report_gpu.py benchmark/results/engine_gpu_*.json -o benchmark/results/engine_gpu.md
+Example: python benchmark/engine/report_gpu.py benchmark/results/engine_gpu_h100_*.json -o benchmark/results/engine_gpu.md
 """
 
 from __future__ import annotations

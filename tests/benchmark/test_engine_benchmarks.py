@@ -94,7 +94,7 @@ def test_gemm_and_attention_benchmarks_name_a_missing_shape_and_a_missing_gpu():
 
 def test_report_gpu_tables_of_a_measured_run(tmp_path):
     out = tmp_path / "engine.md"
-    proc = _run("report_gpu.py", str(REPO / "benchmark/results/engine_gpu_llama-3-8b.json"), "-o", str(out))
+    proc = _run("report_gpu.py", str(REPO / "benchmark/results/engine_gpu_h200_llama-3-8b.json"), "-o", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = out.read_text()
     assert "| 1 | 512 | 4.66 | 3.54 | 1.31x | missed | 52.68 | 11.3x |" in text  # decode vs floor and transformers
