@@ -27,6 +27,7 @@ Example: python benchmark/engine/bench_gpu.py --shape llama-3-8b --e2e --output-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -53,6 +54,8 @@ from muxserve.engine.sequence import Sequence, SequenceStatus  # noqa: E402
 
 GiB = 1024**3
 REPO = Path(__file__).resolve().parents[2]
+GREEDY = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=10_000, temperature=0.8, top_p=0.95, top_k=50, ignore_eos=True)
 DEV = "cuda"  # --device cpu: a slow dry run of the whole script (tiny shape), for checking it
 
 
@@ -260,13 +263,12 @@ class Ours:
         engine.pool.view(engine.layout).normal_()  # random KV: never time on zeros
         self._ids = 0
 
-    def make_seqs(self, lens: list[int], extra: int, vocab: int) -> list[Sequence]:
+    def make_seqs(self, lens: list[int], extra: int, vocab: int, params: SamplingParams = GREEDY) -> list[Sequence]:
         e = self.engine
         seqs = []
         for n in lens:
             self._ids += 1
             sid = f"bench{self._ids}"
-            params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
             seq = Sequence(sid, torch.randint(256, vocab, (n,)).tolist(), params, frozenset(), None)
             got = e.allocator.allocate(e.model_name, [(sid, n + extra)]).new_pages
             if sid not in got:
@@ -283,8 +285,10 @@ class Ours:
         self.engine.allocator.free(self.engine.model_name, ids)
         self.runner.release(ids)
 
-    def decode_latency(self, batch: int, ctx: int, vocab: int, steps: int = 10, eager: bool = False) -> float:
-        seqs = self.make_seqs([ctx] * batch, steps + 8, vocab)
+    def decode_latency(self, batch: int, ctx: int, vocab: int, steps: int = 20, eager: bool = False,
+                       params: SamplingParams = GREEDY) -> float:
+        """Median wall time of a decode step (of ``steps`` after two warm-up steps)."""
+        seqs = self.make_seqs([ctx] * batch, steps + 8, vocab, params)
         graphs = self.runner.graphs
         if eager:
             self.runner.graphs = None
@@ -359,6 +363,9 @@ def parse_args(argv=None):
                    help="prefill batches as COUNTxLEN (default: %(default)s)")
     p.add_argument("--eager-points", type=str, nargs="*", default=["1x512", "32x512"],
                    help="decode BATCHxCTX points also timed without CUDA graphs")
+    p.add_argument("--sampled-points", type=str, nargs="*", default=["1x512", "32x512", "128x512"],
+                   help="decode BATCHxCTX points also timed with every request sampling (temperature 0.8, "
+                        "top-p 0.95, top-k 50), unseeded and seeded")
     p.add_argument("--step-breakdown", action="store_true",
                    help="time every decode point again, split into host preparation, graph replay (GPU), "
                         "sampling and wall (CUDA graphs only)")
@@ -459,6 +466,11 @@ def main(argv=None) -> None:
         b, c = (int(x) for x in p.split("x"))
         res["decode_eager_s"][p] = t = ours.decode_latency(b, c, vocab, eager=True)
         log(f"ours eager decode {p}: {t * 1e3:.2f} ms")
+    for p in args.sampled_points:
+        b, c = (int(x) for x in p.split("x"))
+        for kind, params in (("unseeded", SAMPLED), ("seeded", dataclasses.replace(SAMPLED, seed=1))):
+            res.setdefault(f"decode_sampled_{kind}_s", {})[p] = t = ours.decode_latency(b, c, vocab, params=params)
+            log(f"ours decode {p}, sampled ({kind}): {t * 1e3:.2f} ms")
     res["graph_sizes_captured"] = ours.runner.graphs.captured if ours.runner.graphs else []
     for cnt, n in prefills:
         key = f"{cnt}x{n}"

@@ -85,7 +85,7 @@ class ModelRunner:
             input_ids, positions, meta, last_index = self._prepare(seqs, is_prefill)
             hidden = self.model(input_ids, positions, self.attention, meta)  # (N, hidden)
             logits = self.model.compute_logits(hidden[last_index])  # (B, vocab)
-            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            tokens = sample(logits, [s.params for s in seqs], [s.step_seed for s in seqs])
         return self.parallel.broadcast_tokens(tokens) if self.parallel.enabled else tokens
 
     def _graph_decode(self, seqs) -> list[int]:
@@ -96,7 +96,7 @@ class ModelRunner:
         self._stage_decode(seqs, self.graphs.stage(batch))
         greedy = self.graph_argmax and all(s.params.greedy for s in seqs)
         out = self.graphs.run(batch, greedy, timer)
-        tokens = out if greedy else sample(out, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = out if greedy else sample(out, [s.params for s in seqs], [s.step_seed for s in seqs])
         if timer is not None:
             timer.end(batch)
         return tokens

@@ -5,9 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
-from muxserve.engine.sampler import step_generator
+from muxserve.engine.sampler import step_seed
 from muxserve.engine.sampling_params import SamplingParams
 
 
@@ -38,8 +36,8 @@ class Sequence:
     num_preemptions: int = 0
 
     @property
-    def generator(self) -> torch.Generator | None:
-        return step_generator(self.params.seed, len(self.output_token_ids))
+    def step_seed(self) -> int | None:
+        return step_seed(self.params.seed, len(self.output_token_ids))
 
     @property
     def token_ids(self) -> list[int]:

@@ -19,7 +19,7 @@ import zmq
 from muxserve.engine.attention import make_attention, select_backend
 from muxserve.engine.parallel import TensorParallel, join_group, leave_group
 from muxserve.engine.runner import ModelRunner
-from muxserve.engine.sampler import step_generator
+from muxserve.engine.sampler import step_seed
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.flexserver import messages as M
 from muxserve.flexstore.client import FlexStoreClient
@@ -35,7 +35,7 @@ class _StepSeq:
     num_tokens: int
     pages: list[int]
     params: SamplingParams
-    generator: torch.Generator | None = None
+    step_seed: int | None = None  # sampler.step_seed of this step (seeded requests)
     seq_id: str | None = None  # keys the runner's device page table of this request
 
 
@@ -125,7 +125,7 @@ class Runtime:
                                         seed=s.seed)
                 self.params[s.req_id] = params
             seqs.append(_StepSeq(s.token_ids, s.num_tokens, pages, params,
-                                 step_generator(s.seed, s.num_output_tokens), s.req_id))
+                                 step_seed(s.seed, s.num_output_tokens), s.req_id))
         tokens = self.runner.step(seqs, job.phase == "prefill")
         if self.attached.device.type == "cuda":
             torch.cuda.synchronize(self.attached.device)

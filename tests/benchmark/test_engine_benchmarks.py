@@ -1,4 +1,4 @@
-"""CPU dry runs of the engine benchmarks that measure on GPUs: tensor parallelism and the decode profile."""
+"""CPU dry runs of the engine benchmarks that measure on GPUs: decode and sampling steps, tensor parallelism, the decode profile."""
 
 from __future__ import annotations
 
@@ -102,3 +102,19 @@ def test_report_gpu_tables_of_a_measured_run(tmp_path):
     assert "| 128 | 2048 | 13.54 | 11.60 | 1.17x | n/a |" in text  # no target past batch 32
     assert "| 1 | 512 | 4.627 | 0.051 | 4.527 | 0.048 | 0.102 | 0.045 | 1.28x | 1.31x |" in text  # breakdown
     assert "| 1x2048 | 50.44 | 40606 | 589 | 75% | met | 59.43 |" in text
+
+
+def test_bench_gpu_dry_run_times_sampled_decode_steps(tmp_path):
+    out = tmp_path / "engine.json"
+    proc = _run("bench_gpu.py", "--device", "cpu", "--shape", "tiny", "--skip-hf", "--batches", "1", "4",
+                "--contexts", "64", "--prefill", "1x64", "--eager-points", "--sampled-points", "4x64",
+                "--kv-cache-gb", "0.05", "--output-json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = json.loads(out.read_text())["muxserve"]
+    assert set(ours["decode_s"]) == {"1x64", "4x64"}
+    for kind in ("unseeded", "seeded"):
+        assert list(ours[f"decode_sampled_{kind}_s"]) == ["4x64"] and ours[f"decode_sampled_{kind}_s"]["4x64"] > 0
+    report = _run("report_gpu.py", str(out))
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "Every request sampling (temperature 0.8, top-p 0.95, top-k 50" in report.stdout
+    assert "batch x context 4x64: " in report.stdout

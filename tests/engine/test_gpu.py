@@ -7,6 +7,7 @@ import torch
 
 from conftest import TINY_KV_BYTES, assert_near_argmax, hf_greedy, load_hf, random_prompts
 from muxserve.engine import LLM, SamplingParams
+from muxserve.engine.sampler import filtered_probs, sample, seeded_exponentials, step_seed
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,11 +43,24 @@ def test_cuda_bfloat16_tokens_are_near_argmax_of_float32_reference(tiny_model, a
 
 
 def test_cuda_seeded_sampling_matches_cpu(tiny_model):
-    # Per-request generators live on the CPU, so a seed draws the same tokens on either device
-    # as long as the probabilities agree (fp32 on both; top_k keeps the draw away from the tail).
+    # Seeded variates come from a hash in integer ops, equal on either device, so a seed draws the
+    # same tokens as long as the probabilities agree (fp32 on both; top_k keeps the draw away from the tail).
     folder = tiny_model("llama-gqa-hd64")
     prompts = random_prompts(PROMPT_LENS)
     params = SamplingParams(max_tokens=16, temperature=0.8, top_k=5, seed=11, ignore_eos=True)
     cpu = LLM(str(folder), kv_cache_bytes=TINY_KV_BYTES).generate(prompts, params)
     cuda = LLM(str(folder), device="cuda", kv_cache_bytes=TINY_KV_BYTES).generate(prompts, params)
     assert [o.token_ids for o in cuda] == [o.token_ids for o in cpu]
+
+
+def test_seeded_variates_and_filters_are_equal_on_cpu_and_cuda():
+    keys = [step_seed(s, t) for s, t in ((0, 0), (1, 5), (2**40 + 3, 17), (123456789, 0))]
+    vocab = 151_936
+    cpu = seeded_exponentials(keys, vocab, "cpu")
+    assert torch.equal(seeded_exponentials(keys, vocab, "cuda").cpu(), cpu)
+    assert abs(cpu.mean().item() - 1.0) < 0.01  # Exp(1): mean 1
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(top_k=40), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.3, top_k=100, top_p=0.5)]
+    torch.testing.assert_close(filtered_probs(logits.cuda(), params).cpu(), filtered_probs(logits, params))
+    assert sample(logits.cuda(), params, keys) == sample(logits, params, keys)
