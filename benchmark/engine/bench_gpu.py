@@ -55,7 +55,15 @@ from muxserve.engine.sequence import Sequence, SequenceStatus  # noqa: E402
 GiB = 1024**3
 REPO = Path(__file__).resolve().parents[2]
 GREEDY = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
-SAMPLED = SamplingParams(max_tokens=10_000, temperature=0.8, top_p=0.95, top_k=50, ignore_eos=True)
+# Sampling settings timed at --sampled-points: what API clients send most (temperature alone, top-p),
+# top-k with top-p, and the same with a seed per request.
+SAMPLED = {
+    "temperature 1": dataclasses.replace(GREEDY, temperature=1.0),
+    "temperature 0.8, top-p 0.95": dataclasses.replace(GREEDY, temperature=0.8, top_p=0.95),
+    "temperature 0.8, top-p 0.95, top-k 50": dataclasses.replace(GREEDY, temperature=0.8, top_p=0.95, top_k=50),
+    "temperature 0.8, top-p 0.95, top-k 50, seeded": dataclasses.replace(GREEDY, temperature=0.8, top_p=0.95, top_k=50,
+                                                                         seed=1),
+}
 DEV = "cuda"  # --device cpu: a slow dry run of the whole script (tiny shape), for checking it
 
 
@@ -364,8 +372,8 @@ def parse_args(argv=None):
     p.add_argument("--eager-points", type=str, nargs="*", default=["1x512", "32x512"],
                    help="decode BATCHxCTX points also timed without CUDA graphs")
     p.add_argument("--sampled-points", type=str, nargs="*", default=["1x512", "32x512", "128x512"],
-                   help="decode BATCHxCTX points also timed with every request sampling (temperature 0.8, "
-                        "top-p 0.95, top-k 50), unseeded and seeded")
+                   help="decode BATCHxCTX points also timed with every request sampling, for each setting of "
+                        "SAMPLED (temperature; top-p; top-k and top-p; seeded)")
     p.add_argument("--step-breakdown", action="store_true",
                    help="time every decode point again, split into host preparation, graph replay (GPU), "
                         "sampling and wall (CUDA graphs only)")
@@ -468,9 +476,10 @@ def main(argv=None) -> None:
         log(f"ours eager decode {p}: {t * 1e3:.2f} ms")
     for p in args.sampled_points:
         b, c = (int(x) for x in p.split("x"))
-        for kind, params in (("unseeded", SAMPLED), ("seeded", dataclasses.replace(SAMPLED, seed=1))):
-            res.setdefault(f"decode_sampled_{kind}_s", {})[p] = t = ours.decode_latency(b, c, vocab, params=params)
-            log(f"ours decode {p}, sampled ({kind}): {t * 1e3:.2f} ms")
+        for name, params in SAMPLED.items():
+            res.setdefault("decode_sampled_s", {}).setdefault(name, {})[p] = t = ours.decode_latency(
+                b, c, vocab, params=params)
+            log(f"ours decode {p}, sampled ({name}): {t * 1e3:.2f} ms")
     res["graph_sizes_captured"] = ours.runner.graphs.captured if ours.runner.graphs else []
     for cnt, n in prefills:
         key = f"{cnt}x{n}"

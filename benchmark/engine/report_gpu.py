@@ -64,12 +64,14 @@ def section(d: dict) -> list[str]:
         lines += ["", "Without CUDA graphs (enforce_eager): " + ", ".join(
             f"batch x context {k}: {ms(v)} ms (graphs {ms(ours['decode_s'].get(k))} ms)"
             for k, v in ours["decode_eager_s"].items())]
-    if ours.get("decode_sampled_unseeded_s"):
-        lines += ["", "Every request sampling (temperature 0.8, top-p 0.95, top-k 50; CUDA graphs, sampling after "
-                  "the graph): " + ", ".join(
-                      f"batch x context {k}: {ms(v)} ms unseeded, {ms(ours['decode_sampled_seeded_s'].get(k))} ms "
-                      f"seeded (greedy {ms(ours['decode_s'].get(k))} ms)"
-                      for k, v in ours["decode_sampled_unseeded_s"].items())]
+    if ours.get("decode_sampled_s"):
+        points = list(next(iter(ours["decode_sampled_s"].values())))
+        lines += ["", "### Decode steps with sampling (every request of the batch; ms)", "",
+                  "| sampling | " + " | ".join(f"batch {p.replace('x', ', context ')}" for p in points) + " |",
+                  "|---|" + "---:|" * len(points),
+                  "| greedy | " + " | ".join(ms(ours["decode_s"].get(p)) for p in points) + " |"]
+        for name, times in ours["decode_sampled_s"].items():
+            lines.append(f"| {name} | " + " | ".join(ms(times.get(p)) for p in points) + " |")
     lines += ["", "### Prefill", "",
               "| prompts x tokens | muxserve ms | tokens/s | TFLOP/s | of matmul peak | target (>= 60 %) "
               "| transformers ms |", "|---|---:|---:|---:|---:|---|---:|"]

@@ -1,12 +1,15 @@
 """Next-token selection: greedy, temperature, top-k, top-p, per-request seeds.
 
-The whole batch is sampled at once on the logits' device, with one synchronization for the
-token ids. A row draws by the exponential race: with ``E_v ~ Exp(1)`` independent, ``argmax_v
-p_v / E_v`` is distributed as ``p`` (what ``torch.multinomial`` draws, without its per-row host
-round trip). Unseeded rows take their ``E`` from the device's random generator. Seeded rows take
-theirs from a hash of (seed, tokens generated so far, token id) in integer tensor ops, which give
-the same bits on every device: a seed draws the same tokens on CPU and GPU, in any batch, and in
-a prefill runtime and a decode runtime (two processes), or after preemption.
+The whole batch is sampled at once on the logits' device, with one synchronization for the token
+ids. Each row draws by inverting its cumulative distribution at one uniform number ``u``: a seeded
+request's ``u`` is a hash of (seed, tokens generated so far), exact in Python integers, so a seed
+draws the same tokens on CPU and GPU, alone or in any batch, in a prefill runtime and a decode
+runtime (two processes), and after preemption. Unseeded rows take ``u`` from torch's CPU generator.
+
+Top-k and top-p only need a row's most likely tokens: they run on ``topk`` candidates (the largest
+top-k of the batch, at least ``TOP_P_CANDIDATES`` for rows with top-p alone) instead of a sort of
+the whole vocabulary, with probabilities normalized over the whole vocabulary. A top-p row whose
+nucleus reaches past its candidates (a nearly flat distribution) makes the batch sort it all.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 
 from muxserve.engine.sampling_params import SamplingParams
 
-_MASK32 = 0xFFFFFFFF
+TOP_P_CANDIDATES = 1024
+_MASK64 = (1 << 64) - 1
 
 
 def step_seed(seed: int | None, step: int) -> int | None:
@@ -29,33 +33,17 @@ def step_seed(seed: int | None, step: int) -> int | None:
     return (seed * 0x9E3779B1 + step) % (1 << 63)
 
 
-def _mix32(x):
-    """lowbias32 (C. Wellons), a 32-bit integer hash, on ints or int64 tensors of values < 2**32.
-
-    The second multiplier is written as its negative residue mod 2**32 so that no product leaves
-    the int64 range (where the result would depend on the device's overflow behaviour).
-    """
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * (0x846CA68B - (1 << 32))) & _MASK32
-    return x ^ (x >> 16)
+def splitmix64(x: int) -> int:
+    """SplitMix64's output function (S. Vigna): a 64-bit hash, on Python ints."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
-def _row_keys(key: int) -> tuple[int, int]:
-    """Two 32-bit keys of a step key (Python ints: exact on every platform)."""
-    lo, hi = key & _MASK32, (key >> 32) & _MASK32
-    k1 = _mix32(lo ^ _mix32(hi ^ 0x243F6A88))
-    return k1, _mix32(k1 ^ 0x85A308D3)
-
-
-def seeded_exponentials(keys: list[int], vocab: int, device: torch.device | str) -> torch.Tensor:
-    """(len(keys), vocab) float32 Exp(1) variates, a pure function of (key, token id)."""
-    k = torch.tensor([_row_keys(key) for key in keys], dtype=torch.int64, device=device)
-    v = torch.arange(vocab, dtype=torch.int64, device=device)
-    bits = _mix32(_mix32(v[None, :] ^ k[:, :1]) ^ k[:, 1:])
-    uniform = (bits.double() + 0.5) * 2.0**-32  # in (0, 1), exact in float64
-    return (-torch.log(uniform)).float()
+def seeded_uniform(key: int) -> float:
+    """A number in [0, 1) of 53 random bits, a pure function of ``step_seed``'s key."""
+    return (splitmix64(key) >> 11) * 2.0**-53
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
@@ -67,50 +55,81 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """(B, vocab) float32 logits -> each row's sampling distribution: its temperature, then its top
-    k, then its top-p nucleus (of what top k left). Greedy rows get temperature 1 (unused)."""
-    vocab = logits.shape[1]
-    settings = torch.tensor([[p.temperature if not p.greedy else 1.0, p.top_p,
-                              p.top_k if 0 < p.top_k < vocab else vocab] for p in params],
-                            dtype=torch.float32).to(logits.device, non_blocking=True)
-    temperature, top_p, top_k = settings.unbind(1)
-    scaled = logits / temperature[:, None]
-    if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params if not p.greedy):
-        scaled = _filter_top_k_top_p(scaled, top_k, top_p)
-    return scaled.softmax(-1)
-
-
-def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set to -inf every logit outside its row's top k, then outside its top-p nucleus. The most
-    likely token always stays; of equal logits the lower token id ranks first."""
-    ordered, order = scaled.sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(scaled.shape[1], device=scaled.device)
-    ordered = ordered.masked_fill(rank[None, :] >= top_k[:, None], float("-inf"))
-    probs = ordered.softmax(-1)
-    # Drop a token once the mass before it already reaches top_p.
-    drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
-    ordered = ordered.masked_fill(drop, float("-inf"))
-    return torch.empty_like(scaled).scatter_(1, order, ordered)
-
-
 def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None]) -> list[int]:
     """logits: (B, vocab) float32 -> one token id per row; ``seeds[i]``: ``step_seed`` of row i."""
     greedy = greedy_tokens(logits)
     if all(p.greedy for p in params):
         return greedy.tolist()
     vocab, dev = logits.shape[1], logits.device
-    probs = filtered_probs(logits, params)
-    seeded = [i for i, s in enumerate(seeds) if s is not None]
-    if not seeded:
-        race = torch.empty_like(probs).exponential_()
+    filtered = [not p.greedy and (_top_k(p, vocab) < vocab or p.top_p < 1.0) for p in params]
+    unseeded = torch.rand(len(params), dtype=torch.float64).tolist()
+    uniform = [r if key is None else seeded_uniform(key) for key, r in zip(seeds, unseeded)]
+    settings = torch.tensor([[p.temperature if not p.greedy else 1.0, p.top_p, _top_k(p, vocab), p.greedy, f, r]
+                             for p, f, r in zip(params, filtered, uniform)],
+                            dtype=torch.float64).to(dev, non_blocking=True)  # one copy to the device
+    temperature, top_p, top_k, is_greedy, is_filtered, u = settings.unbind(1)
+    scaled = logits / temperature[:, None].float()
+    if not any(filtered):
+        drawn = _invert_cdf(scaled.softmax(-1), u)
     else:
-        race = torch.empty_like(probs)
-        race[seeded] = seeded_exponentials([seeds[i] for i in seeded], vocab, dev)
-        unseeded = [i for i, s in enumerate(seeds) if s is None]
-        if unseeded:
-            race[unseeded] = torch.empty(len(unseeded), vocab, device=dev).exponential_()
-    # An exponential variate of exactly 0 (possible in float32) would turn 0 / 0 into NaN.
-    drawn = (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
-    is_greedy = torch.tensor([p.greedy for p in params]).to(dev, non_blocking=True)
-    return torch.where(is_greedy, greedy, drawn).tolist()
+        probs, ids = candidate_probs(scaled, params, top_k, top_p)
+        drawn = ids.gather(1, _invert_cdf(probs, u)[:, None])[:, 0]
+        if not all(filtered):  # rows without filters draw from the whole vocabulary
+            drawn = torch.where(is_filtered.bool(), drawn, _invert_cdf(scaled.softmax(-1), u))
+    return torch.where(is_greedy.bool(), greedy, drawn).tolist()
+
+
+def _top_k(p: SamplingParams, vocab: int) -> int:
+    return p.top_k if 0 < p.top_k < vocab else vocab
+
+
+def candidate_probs(scaled: torch.Tensor, params: list[SamplingParams], top_k: torch.Tensor,
+                    top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each filtering row's distribution after its top k, then its top-p nucleus (of what top k
+    left), on its most likely tokens: (probabilities (B, n), unnormalized and zero outside the
+    filters, in order of decreasing logit; their token ids). The most likely token always stays.
+
+    ``scaled``: logits over temperature; ``top_k`` (vocab where off), ``top_p``: (B,) settings.
+    Rows without filters are not meaningful here.
+    """
+    vocab = scaled.shape[1]
+    rows = [p for p in params if not p.greedy and (_top_k(p, vocab) < vocab or p.top_p < 1.0)]
+    largest_k = max((_top_k(p, vocab) for p in rows if _top_k(p, vocab) < vocab), default=0)
+    top_p_only = any(_top_k(p, vocab) == vocab for p in rows)
+    n = min(vocab, max(TOP_P_CANDIDATES, largest_k)) if top_p_only else largest_k
+    lse = scaled.logsumexp(-1, keepdim=True)
+    if n < vocab:
+        values, ids = scaled.topk(n, dim=-1)
+        probs, fits = _filter(values, lse, top_k, top_p, vocab)
+        if fits:
+            return probs, ids
+    # Some top-p nucleus reaches past the candidates: sort the whole vocabulary.
+    values, ids = scaled.sort(dim=-1, descending=True, stable=True)
+    return _filter(values, lse, top_k, top_p, vocab)[0], ids
+
+
+def _filter(values: torch.Tensor, lse: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+            vocab: int) -> tuple[torch.Tensor, bool]:
+    """Probabilities of the candidates ``values`` (decreasing scaled logits) after the filters, and
+    whether every top-p nucleus lies within them (synchronizes when there are fewer than vocab)."""
+    probs = (values - lse).exp()  # shares of the whole vocabulary
+    rank = torch.arange(values.shape[1], device=values.device)
+    probs = probs.masked_fill(rank[None, :] >= top_k[:, None], 0.0)
+    has_top_k = top_k < vocab
+    kept = probs.sum(-1)
+    fits = values.shape[1] == vocab or not bool((~has_top_k & (top_p < 1.0) & (kept < top_p)).any())
+    # top-p is a share of what top k left; without top k, of the whole vocabulary.
+    mass = torch.where(has_top_k, kept, 1.0)
+    drop = ((probs.cumsum(-1) - probs) >= (top_p * mass)[:, None]) & (top_p < 1.0)[:, None]
+    return probs.masked_fill(drop, 0.0), fits
+
+
+def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B, n) unnormalized probabilities, (B,) uniforms in [0, 1) -> (B,) int64 index of each draw.
+
+    The first index whose cumulative mass (float64) exceeds ``u`` times the row's total: a token
+    of zero probability is never drawn.
+    """
+    cdf = probs.double().cumsum(-1)
+    target = (u * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max_(probs.shape[1] - 1)

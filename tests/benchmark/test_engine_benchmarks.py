@@ -112,9 +112,12 @@ def test_bench_gpu_dry_run_times_sampled_decode_steps(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ours = json.loads(out.read_text())["muxserve"]
     assert set(ours["decode_s"]) == {"1x64", "4x64"}
-    for kind in ("unseeded", "seeded"):
-        assert list(ours[f"decode_sampled_{kind}_s"]) == ["4x64"] and ours[f"decode_sampled_{kind}_s"]["4x64"] > 0
+    sampled = ours["decode_sampled_s"]
+    assert list(sampled) == ["temperature 1", "temperature 0.8, top-p 0.95", "temperature 0.8, top-p 0.95, top-k 50",
+                             "temperature 0.8, top-p 0.95, top-k 50, seeded"]
+    assert all(list(times) == ["4x64"] and times["4x64"] > 0 for times in sampled.values())
     report = _run("report_gpu.py", str(out))
     assert report.returncode == 0, report.stderr[-2000:]
-    assert "Every request sampling (temperature 0.8, top-p 0.95, top-k 50" in report.stdout
-    assert "batch x context 4x64: " in report.stdout
+    assert "| sampling | batch 4, context 64 |" in report.stdout
+    assert f"| greedy | {ours['decode_s']['4x64'] * 1e3:.2f} |" in report.stdout
+    assert f"| temperature 1 | {sampled['temperature 1']['4x64'] * 1e3:.2f} |" in report.stdout

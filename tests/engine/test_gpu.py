@@ -7,7 +7,8 @@ import torch
 
 from conftest import TINY_KV_BYTES, assert_near_argmax, hf_greedy, load_hf, random_prompts
 from muxserve.engine import LLM, SamplingParams
-from muxserve.engine.sampler import filtered_probs, sample, seeded_exponentials, step_seed
+from muxserve.engine import sampler
+from muxserve.engine.sampler import candidate_probs, sample, step_seed
 
 pytestmark = [
     pytest.mark.gpu,
@@ -53,14 +54,20 @@ def test_cuda_seeded_sampling_matches_cpu(tiny_model):
     assert [o.token_ids for o in cuda] == [o.token_ids for o in cpu]
 
 
-def test_seeded_variates_and_filters_are_equal_on_cpu_and_cuda():
-    keys = [step_seed(s, t) for s, t in ((0, 0), (1, 5), (2**40 + 3, 17), (123456789, 0))]
+@pytest.mark.parametrize("scale, candidates", [(10, 1024), (3, 151_936)], ids=["topk", "sort-fallback"])
+def test_batched_sampling_is_equal_on_cpu_and_cuda(scale, candidates):
+    # Peaked logits: every top-p nucleus within the 1024 candidates; flatter ones: some reach
+    # past them and the batch sorts the whole vocabulary.
     vocab = 151_936
-    cpu = seeded_exponentials(keys, vocab, "cpu")
-    assert torch.equal(seeded_exponentials(keys, vocab, "cuda").cpu(), cpu)
-    assert abs(cpu.mean().item() - 1.0) < 0.01  # Exp(1): mean 1
-    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
-    params = [SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(top_k=40), SamplingParams(temperature=0),
-              SamplingParams(temperature=1.3, top_k=100, top_p=0.5)]
-    torch.testing.assert_close(filtered_probs(logits.cuda(), params).cpu(), filtered_probs(logits, params))
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(0)) * scale
+    params = [SamplingParams(temperature=0.7, top_p=0.9, seed=1), SamplingParams(top_k=40, seed=2),
+              SamplingParams(temperature=0), SamplingParams(temperature=1.3, top_k=100, top_p=0.5, seed=3),
+              SamplingParams(temperature=1.0, seed=4), SamplingParams(top_p=0.95, seed=5)]
+    keys = [step_seed(p.seed, 9) for p in params]
+    top_k = torch.tensor([float(sampler._top_k(p, vocab)) for p in params], dtype=torch.float64)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
+    cpu_probs, cpu_ids = candidate_probs(logits, params, top_k, top_p)
+    cuda_probs, cuda_ids = candidate_probs(logits.cuda(), params, top_k.cuda(), top_p.cuda())
+    assert cpu_ids.shape == (6, candidates) and torch.equal(cuda_ids.cpu(), cpu_ids)
+    torch.testing.assert_close(cuda_probs.cpu(), cpu_probs)
     assert sample(logits.cuda(), params, keys) == sample(logits, params, keys)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from muxserve.engine import SamplingParams
-from muxserve.engine.sampler import _mix32, filtered_probs, sample, seeded_exponentials, step_seed
+from muxserve.engine import sampler
+from muxserve.engine.sampler import candidate_probs, sample, seeded_uniform, splitmix64, step_seed
 
 
 @pytest.mark.parametrize("field, value", [
@@ -69,8 +70,37 @@ PROBS = torch.tensor([0.05, 0.5, 0.15, 0.3])
 LOGITS = PROBS.log()
 
 
+def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``candidate_probs`` of logits over each row's temperature."""
+    vocab = logits.shape[1]
+    top_k = torch.tensor([float(sampler._top_k(p, vocab)) for p in params], dtype=torch.float64)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
+    temperature = torch.tensor([p.temperature or 1.0 for p in params])
+    return candidate_probs(logits / temperature[:, None], params, top_k, top_p)
+
+
+def distribution(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The whole-vocabulary distribution each (filtering) row draws from."""
+    probs, ids = candidates(logits, params)
+    full = torch.zeros_like(logits).scatter_(1, ids, probs)
+    return full / full.sum(-1, keepdim=True)
+
+
+def reference(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """One row's distribution, the plain way: a full sort per row."""
+    x = logits / (p.temperature or 1.0)
+    if 0 < p.top_k < x.numel():
+        x = x.masked_fill(x < torch.topk(x, p.top_k).values[-1], float("-inf"))
+    if p.top_p < 1.0:
+        ordered, order = x.sort(descending=True)
+        probs = ordered.softmax(-1)
+        ordered = ordered.masked_fill(probs.cumsum(-1) - probs >= p.top_p, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(0, order, ordered)
+    return x.softmax(-1)
+
+
 def one_row(params: SamplingParams) -> torch.Tensor:
-    return filtered_probs(LOGITS[None], [params])[0]
+    return distribution(LOGITS[None], [params])[0]
 
 
 def test_top_k_keeps_the_k_most_likely():
@@ -91,22 +121,39 @@ def test_top_p_applies_to_what_top_k_left():
                                torch.tensor([0.0, 0.5 / 0.95, 0.15 / 0.95, 0.3 / 0.95]))
 
 
-def test_temperature_scales_logits():
-    probs = one_row(SamplingParams(temperature=0.5))
-    expected = PROBS**2 / (PROBS**2).sum()
-    torch.testing.assert_close(probs, expected)
-    assert math.isclose(probs.sum().item(), 1.0, rel_tol=1e-6)
+def test_temperature_scales_before_the_filters():
+    # At temperature 0.5 the probabilities are PROBS**2 renormalized: 0.0068, 0.6803, 0.0612, 0.2449;
+    # top_p=0.9 keeps the first two (mass before the third: 0.925).
+    sharp = PROBS**2 / (PROBS**2).sum()
+    torch.testing.assert_close(one_row(SamplingParams(temperature=0.5, top_p=0.9)),
+                               torch.tensor([0.0, sharp[1] / (sharp[1] + sharp[3]), 0.0, sharp[3] / (sharp[1] + sharp[3])]))
+
+
+@pytest.mark.parametrize("vocab", [3000, 40])
+def test_candidates_give_the_distribution_of_a_full_sort(vocab, monkeypatch):
+    # Peaked rows (their top-p nucleus lies within 64 candidates) and flat rows (it does not, so
+    # the batch falls back to sorting everything), with top k, top p, both, at several temperatures.
+    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", 64)
+    gen = torch.Generator().manual_seed(0)
+    peaked = torch.randn(4, vocab, generator=gen) * 4
+    flat = torch.randn(2, vocab, generator=gen) * 0.1
+    settings = [SamplingParams(top_p=0.9), SamplingParams(top_k=20, top_p=0.5, temperature=0.7),
+                SamplingParams(top_k=7), SamplingParams(top_p=0.3, temperature=1.5)]
+    for logits, count in ((peaked, min(vocab, 64)), (torch.cat([peaked[:2], flat]), vocab)):
+        got = distribution(logits, settings)
+        for row, p in enumerate(settings):
+            torch.testing.assert_close(got[row], reference(logits[row], p), atol=1e-6, rtol=1e-4)
+        assert candidates(logits, settings)[1].shape == (4, count)
 
 
 def test_each_row_of_a_batch_keeps_its_own_settings():
-    settings = [SamplingParams(top_k=2), SamplingParams(top_p=0.7, temperature=0.5), SamplingParams(temperature=0),
-                SamplingParams(top_k=1), SamplingParams()]
-    logits = torch.stack([LOGITS, LOGITS.flip(0), LOGITS, LOGITS.roll(1), LOGITS])
-    batched = filtered_probs(logits, settings)
-    for row, params in zip(range(len(settings)), settings):
-        assert torch.equal(batched[row], filtered_probs(logits[row:row + 1], [params])[0])
-    assert batched[3].tolist() == [0.0, 0.0, 1.0, 0.0]  # top_k=1: the argmax of the rolled row
-    torch.testing.assert_close(batched[4], PROBS)
+    settings = [SamplingParams(top_k=2), SamplingParams(top_p=0.7, temperature=0.5), SamplingParams(top_k=1),
+                SamplingParams(top_k=3, top_p=0.9)]
+    logits = torch.stack([LOGITS, LOGITS.flip(0), LOGITS.roll(1), LOGITS])
+    batched = distribution(logits, settings)
+    for row, params in enumerate(settings):
+        torch.testing.assert_close(batched[row], reference(logits[row], params))
+    assert batched[2].tolist() == [0.0, 0.0, 1.0, 0.0]  # top_k=1: the argmax of the rolled row
 
 
 def test_sample_mixes_greedy_and_seeded_rows():
@@ -124,43 +171,37 @@ def test_sample_mixes_greedy_and_seeded_rows():
 
 
 @pytest.mark.parametrize("seeded", [True, False], ids=["seeded", "unseeded"])
-def test_draws_follow_the_filtered_distribution(seeded):
-    # 4000 draws of one row: every frequency within 4 standard deviations of its probability
-    # (seeded: the same 4000 keys every run, so this cannot flake).
+@pytest.mark.parametrize("params, expected", [
+    (SamplingParams(temperature=0.5, top_k=3), [0.0, 0.25 / 0.3625, 0.0225 / 0.3625, 0.09 / 0.3625]),
+    (SamplingParams(temperature=1.0), PROBS.tolist()),
+    (SamplingParams(temperature=1.0, top_p=0.9), [0.0, 0.5 / 0.95, 0.15 / 0.95, 0.3 / 0.95]),
+], ids=["top_k", "plain", "top_p"])
+def test_draws_follow_the_distribution(seeded, params, expected):
+    # 4000 draws of one row (next to a greedy and a plain row, so the batch mixes paths): every
+    # frequency within 4 standard deviations of its probability. Seeded: the same keys every run.
     n = 4000
-    params = SamplingParams(temperature=0.5, top_k=3)  # probabilities 0.25/0.35, 0.0225/0.35, 0.09/0.35
-    logits = LOGITS[None].expand(n, 4).contiguous()
+    rows = [params, SamplingParams(temperature=0), SamplingParams(temperature=2.0)] * n
+    logits = LOGITS[None].expand(len(rows), 4).contiguous()
     torch.manual_seed(0)
-    draws = sample(logits, [params] * n, [step_seed(7, i) if seeded else None for i in range(n)])
+    draws = sample(logits, rows, [step_seed(7, i) if seeded else None for i in range(len(rows))])[::3]
     freq = torch.bincount(torch.tensor(draws), minlength=4).double() / n
-    expected = one_row(params).double()
-    assert freq[0] == 0  # filtered out by top_k
+    expected = torch.tensor(expected, dtype=torch.float64)
+    assert (freq[expected == 0] == 0).all()  # filtered out
     assert ((freq - expected).abs() <= 4 * (expected * (1 - expected) / n).sqrt()).all(), (freq, expected)
 
 
-def test_seeded_draws_depend_only_on_seed_step_and_token():
-    row = SamplingParams(temperature=1.0, seed=3)
+def test_seeded_draws_depend_only_on_seed_and_step():
+    rows = [SamplingParams(temperature=1.0, seed=3), SamplingParams(top_p=0.8, seed=3), SamplingParams(top_k=9, seed=3)]
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    params = [rows[i % 3] for i in range(6)]
     keys = [step_seed(3, i) for i in range(6)]
-    batched = sample(logits, [row] * 6, keys)
-    assert batched == [sample(logits[i:i + 1], [row], [keys[i]])[0] for i in range(6)]
-    noise = seeded_exponentials(keys, 50, "cpu")
-    assert torch.equal(noise[2:4], seeded_exponentials(keys[2:4], 50, "cpu"))
-    assert torch.equal(noise[:, :20], seeded_exponentials(keys, 20, "cpu"))  # a token's variate is its own
-    assert not torch.equal(noise[0], noise[1])
+    batched = sample(logits, params, keys)
+    assert batched == [sample(logits[i:i + 1], [params[i]], [keys[i]])[0] for i in range(6)]
+    assert sample(logits, params, keys) == batched
+    assert len({seeded_uniform(k) for k in keys}) == 6 and all(0 <= seeded_uniform(k) < 1 for k in keys)
 
 
-def test_the_seeded_hash_is_exact_in_int64_tensors():
-    # The same 32-bit hash on Python ints (exact) and on int64 tensors (where an overflowing
-    # product would differ): equal on values up to 2**32 - 1.
-    values = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]
-    assert _mix32(torch.tensor(values, dtype=torch.int64)).tolist() == [_mix32(v) for v in values]
-
-    def lowbias32(x: int) -> int:  # the textbook form, modulo 2**32 on unbounded ints
-        x ^= x >> 16
-        x = x * 0x7FEB352D % 2**32
-        x ^= x >> 15
-        x = x * 0x846CA68B % 2**32
-        return x ^ (x >> 16)
-
-    assert [_mix32(v) for v in values] == [lowbias32(v) for v in values]
+def test_splitmix64_matches_its_reference_values():
+    # The first outputs of SplitMix64 seeded with 0 (state advanced by the golden gamma each call).
+    assert [hex(splitmix64(i * 0x9E3779B97F4A7C15 % 2**64)) for i in range(3)] == [
+        "0xe220a8397b1dcdaf", "0x6e789e6aa1b965f4", "0x6c45d188009454f"]
