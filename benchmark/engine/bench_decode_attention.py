@@ -26,8 +26,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
 import bench_gpu  # noqa: E402
+from bench_gemm import graph_time_us  # noqa: E402
 
-from muxserve.engine.gpu_timing import graph_time_us  # noqa: E402
 from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES  # noqa: E402
 
 LAUNCHES = [(32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2),

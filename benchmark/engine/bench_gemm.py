@@ -30,7 +30,6 @@ sys.path.insert(0, str(HERE))
 
 import bench_gpu  # noqa: E402
 
-from muxserve.engine.gpu_timing import graph_time_us  # noqa: E402
 from muxserve.engine.model_config import ModelSpec  # noqa: E402
 
 
@@ -39,6 +38,31 @@ def layer_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     h = spec.hidden_size
     return {"qkv": (spec.q_size + 2 * spec.kv_size, h), "o": (h, spec.q_size),
             "gate_up": (2 * spec.intermediate_size, h), "down": (h, spec.intermediate_size)}
+
+
+def graph_time_us(fn, reps: int = 20) -> float:
+    """Median GPU microseconds of one replay of a graph that runs ``fn`` once."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
 
 
 def main(argv=None) -> None:

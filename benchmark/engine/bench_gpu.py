@@ -31,7 +31,6 @@ import dataclasses
 import datetime
 import gc
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -446,13 +445,6 @@ def main(argv=None) -> None:
     wbytes = weight_bytes(model, spec)
     kv_per_token = spec.num_layers * spec.num_kv_heads * spec.head_dim * 2 * 2
     ours = Ours(model, folder, args.kv_cache_gb, max(256, max(args.batches)))
-    if DEV == "cuda":
-        from muxserve.engine import skinny_gemm
-
-        result["decode_gemm_choices"] = {f"N{n} K{k} M<={m}": str(c) if c else "cuBLAS"
-                                         for (n, k, m), c in skinny_gemm.TUNED.items()}
-        log(f"decode GEMM choices (MUXSERVE_SKINNY_GEMM={os.environ.get('MUXSERVE_SKINNY_GEMM', '1')}): "
-            f"{result['decode_gemm_choices']}")
     res: dict = {"decode_s": {}, "decode_eager_s": {}, "floor_s": {}, "prefill_s": {}, "weight_bytes": wbytes,
                  "kv_bytes_per_token": kv_per_token}
     result["muxserve"] = res

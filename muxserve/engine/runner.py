@@ -61,11 +61,6 @@ class ModelRunner:
         self.device = torch.device(device)
         if getattr(attention, "name", "") == "triton" and hasattr(model, "fused_ops"):
             model.fused_ops = True  # Triton RMSNorm, residual add, SiLU*mul and small-batch GEMMs
-            if self.device.type == "cuda" and hasattr(model, "decode_gemm_weights"):
-                from muxserve.engine import skinny_gemm
-
-                if skinny_gemm.ENABLED and skinny_gemm.TUNING:  # before any graph bakes in a choice
-                    skinny_gemm.tune(model.decode_gemm_weights(), max_m=max_num_seqs)
         max_tokens = max_model_len or getattr(getattr(model, "spec", None), "max_position_embeddings", 4096)
         self.tables = PageTables.for_limits(layout, self.device, max_num_seqs, max_tokens)
         self._needs_block_tables = getattr(attention, "needs_block_tables", True)

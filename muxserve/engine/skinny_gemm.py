@@ -8,20 +8,14 @@ programs, and streams W through a deep software pipeline. x is padded to 16 rows
 all 16 padded rows and the whole K, about 29 M exponentials per GEMM of the Llama-3-8B shape by
 estimate, more than the separate kernel's 2 us.)
 
-``linear`` is what the model calls: the kernel where ``pick`` has a configuration, ``F.linear``
-otherwise. Which is faster depends on the GPU, the shape and M (on one H100 the kernel reads
-Qwen2.5-7B's gate_up weights 9 % faster than cuBLAS at M = 16, Llama-3-8B's 2 % slower at M = 32),
-so ``tune`` times both on the model's own weights when a runner starts on a GPU and ``pick`` follows
-what it measured; shapes it did not time follow ``POLICY`` (measured on an H200).
-``MUXSERVE_SKINNY_GEMM=0`` (or ``ENABLED = False``) turns the kernel off, ``=static`` skips the
-timing, for comparisons.
+``linear`` is what the model calls: the kernel where ``pick`` has a configuration (M <= 16 on the
+layers where it beat cuBLAS on an H200), ``F.linear`` otherwise. ``MUXSERVE_SKINNY_GEMM=0`` (or
+``ENABLED = False``) turns the kernel off, for comparisons.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -29,12 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from muxserve.engine.gpu_timing import graph_time_us
-
 ENABLED = os.environ.get("MUXSERVE_SKINNY_GEMM", "1") != "0"
-TUNING = os.environ.get("MUXSERVE_SKINNY_GEMM", "1") != "static"
-
-logger = logging.getLogger(__name__)
 
 
 class Config(NamedTuple):
@@ -98,70 +87,23 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, config: Config, bias: torch.Tens
 POLICY = {"qkv": Config(64, 128, 6), "o": Config(32, 256, 6), "down": Config(32, 256, 6)}
 MAX_M = 16
 
-# What ``tune`` measured: (N, K, M bucket) -> the faster configuration, or None for cuBLAS.
-BUCKETS = (1, 8, 16, 32, 64)
-TUNED: dict[tuple[int, int, int], Config | None] = {}
-# Configurations ``tune`` tries, by the kernel's padded row block (16 rows up to M = 16).
-TUNE_CONFIGS = {16: (Config(64, 128, 6), Config(32, 256, 6)), 32: (Config(32, 128, 6), Config(64, 128, 4)),
-                64: (Config(32, 128, 6), Config(64, 128, 6))}
-# The kernel replaces cuBLAS only where it is at least this much faster (timings vary by ~1 %).
-MARGIN = 0.98
 
-
-def bucket(m: int) -> int | None:
-    """The smallest tuned batch size >= m (None past the largest)."""
-    return next((b for b in BUCKETS if m <= b), None)
-
-
-def pick(m: int, n: int, k: int, kind: str, dtype: torch.dtype, device: torch.device | str) -> Config | None:
-    """The kernel's configuration for ``x (m, k) @ W (n, k)^T`` of a layer ``kind`` ("qkv", "o",
-    "gate_up", "down"), or None where ``F.linear`` should run."""
-    if (not ENABLED or m <= 0 or dtype not in (torch.bfloat16, torch.float16)
-            or torch.device(device).type != "cuda"):
-        return None
-    key = (n, k, bucket(m))
-    config = TUNED[key] if key in TUNED else (POLICY.get(kind) if m <= MAX_M else None)
-    if config is None or k % config.block_k:
+def pick(m: int, k: int, kind: str, dtype: torch.dtype, device: torch.device | str) -> Config | None:
+    """The kernel's configuration for ``x (m, .) @ W (., k)^T`` of a layer ``kind`` ("qkv", "o",
+    "down", ...), or None where ``F.linear`` should run."""
+    config = POLICY.get(kind)
+    if (not ENABLED or config is None or not 0 < m <= MAX_M or k % config.block_k
+            or dtype not in (torch.bfloat16, torch.float16) or torch.device(device).type != "cuda"):
         return None
     return config
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kind: str = "") -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the kernel where ``pick`` says so."""
-    config = pick(x.shape[0], weight.shape[0], weight.shape[1], kind, x.dtype, x.device)
+    config = pick(x.shape[0], weight.shape[1], kind, x.dtype, x.device)
     if config is not None and x.stride(1) == 1 and weight.stride(1) == 1:
         return gemm(x, weight, config, bias)
     return F.linear(x, weight, bias)
-
-
-def tune(weights: dict[str, list[torch.Tensor]], max_m: int = BUCKETS[-1],
-         time_us: Callable[[Callable[[], object]], float] = graph_time_us) -> dict[tuple[int, int, int], Config | None]:
-    """Time cuBLAS and ``TUNE_CONFIGS`` for every layer kind's weights (all layers in turn, as a
-    decode step reads them, so none is served from L2) at each bucket up to ``max_m``; record the
-    faster in ``TUNED`` and return what was recorded. A configuration the GPU cannot run is skipped.
-    """
-    chosen = {}
-    for kind, ws in weights.items():
-        n, k = ws[0].shape
-        for m in BUCKETS[: BUCKETS.index(bucket(min(max(max_m, 1), BUCKETS[-1]))) + 1]:
-            x = torch.randn(m, k, device=ws[0].device, dtype=ws[0].dtype)
-            best, best_us = None, time_us(lambda: [F.linear(x, w) for w in ws]) * MARGIN
-            for config in TUNE_CONFIGS[max(16, triton.next_power_of_2(m))]:
-                if k % config.block_k:
-                    continue
-                try:
-                    us = time_us(lambda: [gemm(x, w, config) for w in ws])
-                except Exception as e:  # e.g. more shared memory than the GPU has
-                    logger.debug("skinny GEMM %s on %s (%d x %d, M %d) skipped: %s", config, kind, n, k, m, e)
-                    continue
-                if us < best_us:
-                    best, best_us = config, us
-            chosen[(n, k, m)] = best
-    TUNED.update(chosen)
-    logger.info("decode GEMMs: %s", ", ".join(
-        f"{kind} M<={m}: {chosen[(ws[0].shape[0], ws[0].shape[1], m)] or 'cuBLAS'}"
-        for kind, ws in weights.items() for m in BUCKETS if (ws[0].shape[0], ws[0].shape[1], m) in chosen))
-    return chosen
 
 
 def candidate_configs(m: int, n: int, k: int) -> list[Config]:

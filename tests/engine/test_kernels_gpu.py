@@ -239,60 +239,20 @@ def test_skinny_gemm_policy(monkeypatch):
 
     bf16, Config = torch.bfloat16, skinny_gemm.Config
     monkeypatch.setattr(skinny_gemm, "ENABLED", True)
-    monkeypatch.setattr(skinny_gemm, "TUNED", {})
-    # Untuned shapes: the static policy, M <= 16 only.
-    assert skinny_gemm.pick(1, 6144, 4096, "qkv", bf16, "cuda") == Config(64, 128, 6)
-    assert skinny_gemm.pick(16, 4096, 4096, "o", torch.float16, "cuda") == Config(32, 256, 6)
-    assert skinny_gemm.pick(8, 4096, 14336, "down", bf16, torch.device("cuda", 0)) == Config(32, 256, 6)
-    assert skinny_gemm.pick(17, 4096, 4096, "o", bf16, "cuda") is None  # M > 16: cuBLAS
-    assert skinny_gemm.pick(8, 4096, 4096 + 128, "o", bf16, "cuda") is None  # K not a multiple of block_k
-    assert skinny_gemm.pick(8, 28672, 4096, "gate_up", bf16, "cuda") is None
-    assert skinny_gemm.pick(8, 4096, 4096, "o", torch.float32, "cuda") is None
-    assert skinny_gemm.pick(8, 4096, 4096, "o", bf16, "cpu") is None
-    # Tuned shapes follow the measurement of their bucket, cuBLAS included, at any M up to 64.
-    skinny_gemm.TUNED.update({(4096, 4096, 8): None, (4096, 4096, 32): Config(32, 128, 6),
-                              (28672, 4096, 16): Config(64, 128, 6)})
-    assert skinny_gemm.pick(5, 4096, 4096, "o", bf16, "cuda") is None  # bucket 8 measured cuBLAS faster
-    assert skinny_gemm.pick(24, 4096, 4096, "o", bf16, "cuda") == Config(32, 128, 6)
-    assert skinny_gemm.pick(9, 28672, 4096, "gate_up", bf16, "cuda") == Config(64, 128, 6)
-    assert skinny_gemm.pick(65, 4096, 4096, "o", bf16, "cuda") is None
-    assert skinny_gemm.bucket(1) == 1 and skinny_gemm.bucket(9) == 16 and skinny_gemm.bucket(65) is None
+    assert skinny_gemm.pick(1, 4096, "qkv", bf16, "cuda") == Config(64, 128, 6)
+    assert skinny_gemm.pick(16, 4096, "o", torch.float16, "cuda") == Config(32, 256, 6)
+    assert skinny_gemm.pick(8, 14336, "down", bf16, torch.device("cuda", 0)) == Config(32, 256, 6)
+    assert skinny_gemm.pick(17, 4096, "o", bf16, "cuda") is None  # M > 16: cuBLAS
+    assert skinny_gemm.pick(8, 4096 + 128, "o", bf16, "cuda") is None  # K not a multiple of block_k
+    assert skinny_gemm.pick(8, 4096, "gate_up", bf16, "cuda") is None
+    assert skinny_gemm.pick(8, 4096, "o", torch.float32, "cuda") is None
+    assert skinny_gemm.pick(8, 4096, "o", bf16, "cpu") is None
     monkeypatch.setattr(skinny_gemm, "ENABLED", False)
-    assert skinny_gemm.pick(24, 4096, 4096, "o", bf16, "cuda") is None
+    assert skinny_gemm.pick(1, 4096, "qkv", bf16, "cuda") is None
     # where pick says no, linear is F.linear
     x = torch.randn(3, 256).to(_dt(bf16)).to(DEVICE)
     w = torch.randn(64, 256).to(x.dtype).to(DEVICE)
     assert torch.equal(skinny_gemm.linear(x, w, kind="o"), F.linear(x, w))
-
-
-def test_tune_takes_the_kernel_only_where_clearly_faster(monkeypatch):
-    from muxserve.engine import skinny_gemm
-
-    Config = skinny_gemm.Config
-    monkeypatch.setattr(skinny_gemm, "TUNED", {})
-    ran = []
-    monkeypatch.setattr(skinny_gemm, "gemm", lambda x, w, config, bias=None: ran.append((x.shape[0], config)))
-    monkeypatch.setattr(skinny_gemm.F, "linear", lambda x, w, bias=None: ran.append((x.shape[0], None)))
-    # Microseconds by (M bucket, configuration); None is cuBLAS. At M <= 8 Config(32, 256, 6) is 10 %
-    # faster; at 16 Config(64, 128, 6) only 1 % (inside the margin); at 32 one configuration cannot run.
-    table = {None: 10.0, Config(64, 128, 6): 9.9, Config(32, 256, 6): 9.0, Config(32, 128, 6): 9.5}
-
-    def time_us(fn):
-        ran.clear()
-        fn()
-        m, config = ran[0]
-        assert all(r == (m, config) for r in ran) and len(ran) == 3  # every layer's weight, the same way
-        if config == Config(64, 128, 4):
-            raise RuntimeError("out of resources")
-        return table[config] + (2.0 if m == 16 and config == Config(32, 256, 6) else 0.0)
-
-    weights = {"o": [torch.zeros(64, 256) for _ in range(3)]}
-    chosen = skinny_gemm.tune(weights, max_m=32, time_us=time_us)
-    assert chosen == {(64, 256, 1): Config(32, 256, 6), (64, 256, 8): Config(32, 256, 6), (64, 256, 16): None,
-                      (64, 256, 32): Config(32, 128, 6)}
-    assert skinny_gemm.TUNED == chosen
-    # max_m bounds the buckets timed (a runner never steps more sequences)
-    assert list(skinny_gemm.tune(weights, max_m=5, time_us=time_us)) == [(64, 256, 1), (64, 256, 8)]
 
 
 def test_decode_split_policy():

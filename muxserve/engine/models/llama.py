@@ -108,9 +108,9 @@ class LlamaForCausalLM(nn.Module):
     """Token ids of a flat batch (N,) -> hidden states (N, hidden); logits only where asked.
 
     ``fused_ops`` (set by the runner with the Triton backend, CUDA only) runs RMSNorm with the
-    residual add and SiLU*mul as Triton kernels, and the projections through ``skinny_gemm.linear``
-    (its kernel for small batches where it is faster than cuBLAS); the arithmetic and its roundings
-    are the same, up to the order of the GEMMs' sums.
+    residual add and SiLU*mul as Triton kernels, and the qkv, o and down projections of small
+    batches through ``skinny_gemm``; the arithmetic and its roundings are the same, up to the order
+    of the GEMMs' sums.
     """
 
     def __init__(self, spec: ModelSpec, parallel: TensorParallel | None = None):
@@ -149,17 +149,9 @@ class LlamaForCausalLM(nn.Module):
             a = layer.self_attn(h, positions, self.rotary, attn, meta, skinny_gemm.linear)
             post = layer.post_attention_layernorm
             h, residual = rmsnorm(a, post.weight, post.eps, residual)  # residual += a; h = norm(residual)
-            gate_up = skinny_gemm.linear(h, layer.mlp.gate_up_proj.weight, kind="gate_up")
-            m = layer.mlp.down_proj(silu_mul(gate_up), down)
+            m = layer.mlp.down_proj(silu_mul(layer.mlp.gate_up_proj(h)), down)
             h, residual = rmsnorm(m, next_norm.weight, next_norm.eps, residual)
         return h
-
-    def decode_gemm_weights(self) -> dict[str, list[torch.Tensor]]:
-        """Every layer's weight of each projection that ``_forward_fused`` runs through ``skinny_gemm``."""
-        return {"qkv": [layer.self_attn.qkv_proj.weight for layer in self.layers],
-                "o": [layer.self_attn.o_proj.weight for layer in self.layers],
-                "gate_up": [layer.mlp.gate_up_proj.weight for layer in self.layers],
-                "down": [layer.mlp.down_proj.weight for layer in self.layers]}
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
