@@ -64,7 +64,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int |
     filtered = [not p.greedy and (_top_k(p, vocab) < vocab or p.top_p < 1.0) for p in params]
     unseeded = torch.rand(len(params), dtype=torch.float64).tolist()
     uniform = [r if key is None else seeded_uniform(key) for key, r in zip(seeds, unseeded)]
-    settings = torch.tensor([[p.temperature if not p.greedy else 1.0, p.top_p, _top_k(p, vocab), p.greedy, f, r]
+    # Greedy rows get neutral settings (their filters must not send the batch to a full sort).
+    settings = torch.tensor([[1.0, 1.0, vocab, 1, 0, r] if p.greedy else
+                             [p.temperature, p.top_p, _top_k(p, vocab), 0, f, r]
                              for p, f, r in zip(params, filtered, uniform)],
                             dtype=torch.float64).to(dev, non_blocking=True)  # one copy to the device
     temperature, top_p, top_k, is_greedy, is_filtered, u = settings.unbind(1)

@@ -205,3 +205,17 @@ def test_splitmix64_matches_its_reference_values():
     # The first outputs of SplitMix64 seeded with 0 (state advanced by the golden gamma each call).
     assert [hex(splitmix64(i * 0x9E3779B97F4A7C15 % 2**64)) for i in range(3)] == [
         "0xe220a8397b1dcdaf", "0x6e789e6aa1b965f4", "0x6c45d188009454f"]
+
+
+def test_a_greedy_rows_top_p_does_not_widen_the_candidates(monkeypatch):
+    # A greedy request may carry top_p; it must not count as a top-p row whose nucleus (over a flat
+    # row) reaches past the candidates, which would make the whole batch sort its vocabulary.
+    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", 8)
+    sorted_rows = []
+    real_sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **k: sorted_rows.append(self.shape) or real_sort(self, *a, **k))
+    logits = torch.zeros(2, 100)
+    logits[1, 7] = 50.0
+    params = [SamplingParams(temperature=0, top_p=0.5), SamplingParams(top_k=3)]
+    assert sample(logits, params, [None, step_seed(1, 0)]) == [0, 7]
+    assert sorted_rows == []
