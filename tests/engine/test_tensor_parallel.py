@@ -7,6 +7,7 @@ for several tiny models in one process group, so the process start is paid once.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -73,8 +74,17 @@ def tp2_results(tiny_model, tmp_path_factory):
     import torch.multiprocessing as mp
 
     folders = {arch: str(tiny_model(arch)) for arch in ARCHS}
-    out = tmp_path_factory.mktemp("tp2")
-    mp.spawn(_rank_main, args=(2, folders, str(out)), nprocs=2, join=True)
+    for attempt in range(2):
+        out = tmp_path_factory.mktemp("tp2")
+        try:
+            mp.spawn(_rank_main, args=(2, folders, str(out)), nprocs=2, join=True)
+            break
+        except mp.ProcessExitedException as e:
+            # gloo's TCP transport now and then aborts a rank (SIGABRT, "terminate called without an
+            # active exception") on a loaded 2-core machine; a rank that fails again is a real failure.
+            if e.signal_name != "SIGABRT" or attempt:
+                raise
+            warnings.warn(f"tensor-parallel ranks: {e}; spawning them once more")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
