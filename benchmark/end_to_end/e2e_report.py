@@ -64,15 +64,20 @@ def _muxserve_thresholds(runs_dir: Path, flag: int) -> str:
 
 def _setup(summary: dict, runs_dir: Path) -> list[str]:
     exp = summary.get("experiment", {})
-    dev = exp.get("device_info", {})
+    infos = exp.get("device_infos") or [exp.get("device_info", {})]
     m = exp.get("machine", {})
     lines = ["## Setup", ""]
-    gpu = "; ".join(dev.get("nvidia_smi", [])) or ", ".join(dev.get("gpus", [])) or dev.get("host_cpu", "?")
-    lines.append(f"- device: {dev.get('device', m.get('device', '?'))}: {gpu}; {dev.get('cpu_count', '?')} CPU cores")
-    lines.append(f"- versions: python {dev.get('python', '?')}, torch {dev.get('torch', '?')}"
-                 + (f" (CUDA {dev['cuda']})" if dev.get("cuda") else "")
-                 + (f", triton {dev['triton']}" if dev.get("triton") else "")
-                 + f", transformers {dev.get('transformers', '?')}; muxserve commit {dev.get('muxserve_commit', '?')}")
+    if len(infos) > 1:
+        lines.append(f"- the {len(infos)} devices and software the calls that filled this run folder ran on "
+                     "(every call: `commands.txt` there):")
+    for dev in infos:
+        gpu = "; ".join(dev.get("nvidia_smi", [])) or ", ".join(dev.get("gpus", [])) or dev.get("host_cpu", "?")
+        lines.append(f"- device: {dev.get('device', m.get('device', '?'))}: {gpu}; {dev.get('cpu_count', '?')} CPU cores")
+        lines.append(f"  - versions: python {dev.get('python', '?')}, torch {dev.get('torch', '?')}"
+                     + (f" (CUDA {dev['cuda']})" if dev.get("cuda") else "")
+                     + (f", triton {dev['triton']}" if dev.get("triton") else "")
+                     + f", transformers {dev.get('transformers', '?')}; muxserve commit "
+                     f"{dev.get('muxserve_commit', '?')}")
     if m:
         kv = f"{m['kv_cache_gb']:g} GiB per GPU" if m.get("kv_cache_gb") else (
             f"GPU x {m['memory_fraction']:g} - weights - {m['reserve_gb']:g} GiB per LLM")

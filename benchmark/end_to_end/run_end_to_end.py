@@ -218,12 +218,15 @@ def grid_options(args, machine: Machine, out: Path, cost_file: Path | None, dura
 
 def merged_experiment(path: Path, new: dict) -> dict:
     """The description after one more call on a run folder that earlier calls filled with other
-    parts of the grid: alphas, rate scales, systems and points are the union of all calls'; the
-    rest (machine, lanes, versions) is this call's."""
+    parts of the grid: alphas, rate scales, systems and points are the union of all calls';
+    ``device_infos`` lists every distinct device and versions the calls ran on; the rest (machine,
+    lanes, ``device_info``) is this call's."""
     if not path.exists():
-        return new
+        return new | {"device_infos": [new["device_info"]]}
     old = read_json(path)
     merged = dict(new)
+    infos = old.get("device_infos") or [old["device_info"]]
+    merged["device_infos"] = infos + [new["device_info"]] * (new["device_info"] not in infos)
     for key in ("alphas", "rate_scales"):
         if key in old and key in new:
             merged[key] = sorted(set(old[key]) | set(new[key]))

@@ -111,6 +111,18 @@ def test_a_call_for_some_systems_keeps_the_others_plans_and_description(e2e, tmp
     assert sorted(plan["systems"]) == sorted(SYSTEMS)
     experiment = json.loads((runs / "experiment.json").read_text())
     assert experiment["systems"] == list(SYSTEMS) and experiment["alphas"] == [1.3]
+    assert experiment["device_infos"] == [experiment["device_info"]]  # the same machine twice: listed once
+    # a call on another machine adds its description, and the report lists both
+    first = dict(experiment["device_info"], cpu_count=64, muxserve_commit="abc1234")
+    (runs / "experiment.json").write_text(json.dumps(dict(experiment, device_infos=[first])))
+    proc = run_script(E2E / "run_end_to_end.py", *again)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    experiment = json.loads((runs / "experiment.json").read_text())
+    assert experiment["device_infos"] == [first, experiment["device_info"]]
+    assert analyze.main(["--runs-dir", str(runs), "--output-dir", str(tmp_path / "report")]) == 0
+    setup = (tmp_path / "report" / "report.md").read_text()
+    assert "- the 2 devices and software the calls that filled this run folder ran on" in setup
+    assert "64 CPU cores" in setup and "muxserve commit abc1234" in setup
 
 
 def test_analyze_writes_report_plots_and_rows(e2e):
