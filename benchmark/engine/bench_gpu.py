@@ -362,16 +362,24 @@ class Ours:
         return elapsed
 
 
+def count_x_len(text: str) -> tuple[int, int]:
+    """``--prefill`` / ``--eager-points`` / ``--sampled-points`` values: "AxB" with positive integers."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not COUNTxLEN (two positive integers, e.g. 32x512)")
+    return int(parts[0]), int(parts[1])
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", required=True, choices=sorted(SHAPES))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
-    p.add_argument("--prefill", type=str, nargs="+", default=["1x2048", "8x256"],
+    p.add_argument("--prefill", type=count_x_len, nargs="+", default=["1x2048", "8x256"],
                    help="prefill batches as COUNTxLEN (default: %(default)s)")
-    p.add_argument("--eager-points", type=str, nargs="*", default=["1x512", "32x512"],
+    p.add_argument("--eager-points", type=count_x_len, nargs="*", default=["1x512", "32x512"],
                    help="decode BATCHxCTX points also timed without CUDA graphs")
-    p.add_argument("--sampled-points", type=str, nargs="*", default=["1x512", "32x512", "128x512"],
+    p.add_argument("--sampled-points", type=count_x_len, nargs="*", default=["1x512", "32x512", "128x512"],
                    help="decode BATCHxCTX points also timed with every request sampling, for each setting of "
                         "SAMPLED (temperature; top-p; top-k and top-p; seeded)")
     p.add_argument("--step-breakdown", action="store_true",
@@ -409,7 +417,6 @@ def main(argv=None) -> None:
     hf, folder = build_hf(args.shape, args.seed)
     vocab = hf.config.vocab_size
     points = [(b, c) for c in args.contexts for b in args.batches]
-    prefills = [tuple(int(x) for x in p.split("x")) for p in args.prefill]
     ns = argparse.Namespace(num_prompts=args.e2e_requests, input_len=0, output_len=0, sharegpt_lengths=True,
                             seed=args.seed)
     hf_res: dict = {"decode_s": {}, "prefill_s": {}}
@@ -419,7 +426,7 @@ def main(argv=None) -> None:
             hf_res["decode_s"][f"{b}x{c}"] = t = hf_decode_latency(hf, b, c, vocab)
             log(f"hf decode b={b} ctx={c}: {t}")
             save()
-        for cnt, n in prefills:
+        for cnt, n in args.prefill:
             hf_res["prefill_s"][f"{cnt}x{n}"] = hf_prefill_time(hf, [n] * cnt, vocab)
         log(f"hf prefill {hf_res['prefill_s']}")
         save()
@@ -470,18 +477,18 @@ def main(argv=None) -> None:
                 f"floor) + after graph {d['sample_s'] * 1e3:.3f} ms (medians); replay call {d['launch_s'] * 1e3:.3f} ms, "
                 f"outside the graph {d['host_s'] * 1e3:.3f} ms")
             save()
-    for p in args.eager_points:
-        b, c = (int(x) for x in p.split("x"))
+    for b, c in args.eager_points:
+        p = f"{b}x{c}"
         res["decode_eager_s"][p] = t = ours.decode_latency(b, c, vocab, eager=True)
         log(f"ours eager decode {p}: {t * 1e3:.2f} ms")
-    for p in args.sampled_points:
-        b, c = (int(x) for x in p.split("x"))
+    for b, c in args.sampled_points:
+        p = f"{b}x{c}"
         for name, params in SAMPLED.items():
             res.setdefault("decode_sampled_s", {}).setdefault(name, {})[p] = t = ours.decode_latency(
                 b, c, vocab, params=params)
             log(f"ours decode {p}, sampled ({name}): {t * 1e3:.2f} ms")
     res["graph_sizes_captured"] = ours.runner.graphs.captured if ours.runner.graphs else []
-    for cnt, n in prefills:
+    for cnt, n in args.prefill:
         key = f"{cnt}x{n}"
         t = ours.prefill_time([n] * cnt, vocab)
         flops = prefill_flops(spec, [n] * cnt)

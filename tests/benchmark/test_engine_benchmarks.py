@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .helpers import REPO
 
 ENGINE = REPO / "benchmark" / "engine"
@@ -121,3 +123,10 @@ def test_bench_gpu_dry_run_times_sampled_decode_steps(tmp_path):
     assert "| sampling | batch 4, context 64 |" in report.stdout
     assert f"| greedy | {ours['decode_s']['4x64'] * 1e3:.2f} |" in report.stdout
     assert f"| temperature 1 | {sampled['temperature 1']['4x64'] * 1e3:.2f} |" in report.stdout
+
+
+@pytest.mark.parametrize("flag, value", [("--sampled-points", "32"), ("--eager-points", "0x512"), ("--prefill", "8xabc")])
+def test_bench_gpu_names_a_bad_point(flag, value):
+    proc = _run("bench_gpu.py", "--device", "cpu", "--shape", "tiny", flag, value)
+    assert proc.returncode == 2
+    assert f"argument {flag}: {value!r} is not COUNTxLEN (two positive integers, e.g. 32x512)" in proc.stderr
