@@ -61,7 +61,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int |
     if all(p.greedy for p in params):
         return greedy.tolist()
     vocab, dev = logits.shape[1], logits.device
-    filtered = [not p.greedy and (_top_k(p, vocab) < vocab or p.top_p < 1.0) for p in params]
+    filtered = [_filtering(p, vocab) for p in params]
     unseeded = torch.rand(len(params), dtype=torch.float64).tolist()
     uniform = [r if key is None else seeded_uniform(key) for key, r in zip(seeds, unseeded)]
     # Greedy rows get neutral settings (their filters must not send the batch to a full sort).
@@ -85,6 +85,11 @@ def _top_k(p: SamplingParams, vocab: int) -> int:
     return p.top_k if 0 < p.top_k < vocab else vocab
 
 
+def _filtering(p: SamplingParams, vocab: int) -> bool:
+    """Whether a row samples through top-k or top-p (not greedy, not the whole distribution)."""
+    return not p.greedy and (_top_k(p, vocab) < vocab or p.top_p < 1.0)
+
+
 def candidate_probs(scaled: torch.Tensor, params: list[SamplingParams], top_k: torch.Tensor,
                     top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each filtering row's distribution after its top k, then its top-p nucleus (of what top k
@@ -95,9 +100,9 @@ def candidate_probs(scaled: torch.Tensor, params: list[SamplingParams], top_k: t
     Rows without filters are not meaningful here.
     """
     vocab = scaled.shape[1]
-    rows = [p for p in params if not p.greedy and (_top_k(p, vocab) < vocab or p.top_p < 1.0)]
-    largest_k = max((_top_k(p, vocab) for p in rows if _top_k(p, vocab) < vocab), default=0)
-    top_p_only = any(_top_k(p, vocab) == vocab for p in rows)
+    ks = [_top_k(p, vocab) for p in params if _filtering(p, vocab)]
+    largest_k = max((k for k in ks if k < vocab), default=0)
+    top_p_only = vocab in ks
     n = min(vocab, max(TOP_P_CANDIDATES, largest_k)) if top_p_only else largest_k
     lse = scaled.logsumexp(-1, keepdim=True)
     if n < vocab:
