@@ -24,6 +24,7 @@ Example (GPU): bench_offline.py --random-shape llama-3-8b --device cuda --shareg
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import gc
 import importlib.metadata
@@ -132,6 +133,13 @@ def timed(run, repeats: int, device: str):
     return times, result
 
 
+def scratch_folder(shape: str) -> Path:
+    """A temporary folder for a generated checkpoint of ``shape``, removed when the script exits."""
+    folder = Path(tempfile.mkdtemp(prefix=f"muxserve-bench-{shape}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def build_random_model(shape: str, dtype: str, device: str, seed: int) -> Path:
     """Seeded random weights (normal, std 0.02; norms 1, biases 0) of a real shape, saved as a HF folder."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -147,7 +155,7 @@ def build_random_model(shape: str, dtype: str, device: str, seed: int) -> Path:
                 torch.nn.init.normal_(param, std=0.02)
             elif name.endswith(".bias"):
                 param.zero_()
-    folder = Path(tempfile.mkdtemp(prefix=f"muxserve-bench-{shape}-"))
+    folder = scratch_folder(shape)
     model.save_pretrained(folder)
     del model, param
     free_memory(device)
