@@ -19,6 +19,8 @@ import msgspec
 from tqdm import tqdm
 
 from muxserve.config import ConfigError, MuxServeConfig, load_config
+from muxserve.engine.model_config import ModelSpec
+from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.instance import Instance
 from muxserve.instance_cli import (
@@ -66,6 +68,19 @@ def check_requests_fit(workload: Workload, max_tokens: dict[str, int], source: s
     if too_big:
         raise ConfigError(f"requests {too_big[:10]} of {source} need more KV cache than the pool holds for their "
                           f"LLM (at most {max_tokens} tokens); raise kv_cache_bytes / gpu_memory_utilization")
+
+
+def check_token_ids(workload: Workload, config: MuxServeConfig, source: str) -> None:
+    """Every prompt token id inside its LLM's vocabulary, checked before anything starts (a runtime
+    would refuse the request only at replay)."""
+    vocab = {m.name: ModelSpec.from_folder(resolve_model(m.model)).vocab_size for m in config.models}
+    for r in workload.requests:
+        size = vocab[r.llm]
+        bad = next((t for t in r.prompt_token_ids if not 0 <= t < size), None)
+        if bad is not None:
+            raise ConfigError(f"workload {source}: request idx {r.idx} of LLM {r.llm!r} has prompt token id {bad}, "
+                              f"outside the vocabulary of its model {config.model(r.llm).model!r} (ids 0..{size - 1}); "
+                              "was the workload tokenized for another model?")
 
 
 def check_args(args, config: MuxServeConfig, device: str) -> None:
@@ -139,6 +154,7 @@ def run(args) -> int:
         raise ConfigError(f"no workload: give --workload-file or workloads.workload_file in {args.model_config}")
     workload = load_workload(workload_path)
     config, workload = select(config, workload, args.split_by_model, workload_path)
+    check_token_ids(workload, config, workload_path)
     device = resolve_device(args.device)
     check_args(args, config, device)
     options = instance_options(args, config, device, rates=workload.rates(), avg_seq_len=average_seq_len(workload))

@@ -135,9 +135,33 @@ class Tokenizers:
         return self._by_name[name]
 
 
+def model_vocab_size(who: str, model: str) -> int:
+    from muxserve.engine.model_config import ModelSpec
+    from muxserve.engine.model_hub import resolve_model
+
+    try:
+        return ModelSpec.from_folder(resolve_model(model.removeprefix("random:"))).vocab_size
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"{who} (model {model!r}): cannot read the model's vocabulary size: {e}") from None
+
+
+def check_vocabulary(who: str, model: str, tokenizer_name: str, tokenizer) -> None:
+    """Refuse a tokenizer whose token ids the model cannot embed (the launcher would refuse the
+    workload only at replay, after start-up)."""
+    vocab, ids = model_vocab_size(who, model), len(tokenizer)
+    if ids > vocab:
+        raise InputError(f"{who} (model {model!r}): the {tokenizer_name!r} tokenizer used for its prompts has a "
+                         f"vocabulary of {ids} tokens, more than the model's {vocab}; choose a tokenizer that fits "
+                         "the model with --tokenizer")
+
+
 def generate(llms: list[LLMEntry], tokenizers: Tokenizers, options: GenerateOptions) -> tuple[dict, list[WorkloadRequest]]:
     """Arrivals and ShareGPT requests for every LLM; returns (info, requests)."""
     llms = sorted(llms, key=lambda m: natural_key(m.name))
+    for m in llms:  # every vocabulary, before the first request is drawn
+        if m.rate > 0:
+            name, dialogs = tokenizers.for_model(m.name, m.model)
+            check_vocabulary(f"LLM {m.name!r}", m.model, name, dialogs.tokenizer)
     rates = {m.name: m.rate for m in llms}
     if options.duration is None:
         num = options.num_requests or DEFAULT_NUM_REQUESTS
@@ -404,6 +428,8 @@ def _run_power_law(args, out: Path) -> tuple[dict, list[WorkloadRequest]]:
 def _run_lmsys(args, out: Path) -> tuple[dict, list[WorkloadRequest]]:
     yaml_out = check_writable(args.models_yaml_out, args.overwrite) if args.models_yaml_out else None
     tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER)
+    if yaml_out is not None:
+        check_vocabulary("every LLM of --models-yaml-out", args.model, args.tokenizer or DEFAULT_TOKENIZER, tokenizer)
     info, requests = translate_lmsys(read_json_records(args.trace, "trace"), tokenizer, source=args.trace,
                                      start_day=args.start_day, end_day=args.end_day, condense=args.condense,
                                      length_filter=_length_filter(args), max_output_len=args.max_output_len)
