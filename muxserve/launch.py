@@ -16,8 +16,6 @@ from collections import deque
 from pathlib import Path
 
 import msgspec
-from tqdm import tqdm
-
 from muxserve.config import ConfigError, MuxServeConfig, load_config
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
@@ -32,6 +30,7 @@ from muxserve.instance_cli import (
     run_instance_command,
 )
 from muxserve.muxsched.stats import format_stats, summarize_run
+from muxserve.progress import Progress
 from muxserve.muxsched.workload import Workload, WorkloadError, load_workload
 
 logger = logging.getLogger("muxserve.launch")
@@ -123,7 +122,7 @@ def replay(instance: Instance, workload: Workload, max_drain_s: float | None = N
     requests = []
     aborted = False
     t0 = time.monotonic()
-    with tqdm(total=len(pending), desc="requests", unit="req", file=sys.stderr) as bar:
+    with Progress(len(pending), "requests", "req") as bar:
         while pending or instance.scheduler.has_work():
             now = time.monotonic() - t0
             while pending and pending[0].arrival <= now:

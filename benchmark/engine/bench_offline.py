@@ -45,6 +45,7 @@ import torch
 from muxserve.engine import LLM, SamplingParams
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
+from muxserve.progress import quiet_library_bars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Real shapes (each checkpoint's config.json), to be filled with seeded random weights.
@@ -329,6 +330,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    quiet_library_bars()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     random_model = bool(args.random_shape)

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from muxserve.muxsched.arrivals import DISTRIBUTIONS, ArrivalProcess
 from muxserve.muxsched.datasets import (SHAREGPT_FILE, LengthFilter, Sample, TokenizedDialogs, dialog_of,
@@ -46,6 +45,7 @@ from muxserve.muxsched.datasets import (SHAREGPT_FILE, LengthFilter, Sample, Tok
 from muxserve.muxsched.models_file import (InputError, LLMEntry, ModelsFile, load_models_file, models_file_text,
                                            natural_key)
 from muxserve.muxsched.workload import WorkloadError, WorkloadRequest, write_workload
+from muxserve.progress import Progress
 
 logger = logging.getLogger("muxserve.workload_utils")
 
@@ -171,7 +171,7 @@ def generate(llms: list[LLMEntry], tokenizers: Tokenizers, options: GenerateOpti
         counts, duration = {}, options.duration
     requests: list[WorkloadRequest] = []
     used_tokenizers = {}
-    bar = tqdm(total=sum(counts.values()) or None, desc="sampling requests", unit="req", disable=None)
+    bar = Progress(sum(counts.values()) or None, "sampling requests", "req")
     for m in llms:
         if m.rate > 0:
             process = ArrivalProcess(options.distribution, m.rate, options.cv)
@@ -252,8 +252,11 @@ def translate_lmsys(records: list[Any], tokenizer, *, source: str, start_day: fl
     window = [r for r in rows if lo <= r[0] < hi and r[3].num_turns >= length_filter.min_turns]
     dialogs = TokenizedDialogs([r[3] for r in window], tokenizer, length_filter)
     samples: list[Sample | None] = []
-    for start in tqdm(range(0, len(window), 256), desc="tokenizing trace", unit="chunk", disable=None):
-        samples.extend(dialogs.get(list(range(start, min(start + 256, len(window))))))
+    with Progress(len(window), "tokenizing trace", "record") as bar:
+        for start in range(0, len(window), 256):
+            chunk = list(range(start, min(start + 256, len(window))))
+            samples.extend(dialogs.get(chunk))
+            bar.update(len(chunk))
     kept = [(r, s) for r, s in zip(window, samples) if s is not None]
     if not kept:
         raise InputError(f"trace {source}: no request in days [{start_day}, {end_day}) passes the filters")

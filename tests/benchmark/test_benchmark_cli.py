@@ -122,9 +122,10 @@ def test_bench_gpu_on_cpu_times_its_default_eager_points(tmp_path):
 
 def test_bench_offline_on_cpu_measures_both_systems(tiny_model, tmp_path):
     out = tmp_path / "offline.json"
-    _run("engine/bench_offline.py", "--model", str(tiny_model("llama-gqa-hd64")), "--num-prompts", "2",
-         "--input-len", "8", "--output-len", "4", "--hf-batch-size", "2", "--output-json", str(out),
-         tmp_path=tmp_path)
+    proc = _run("engine/bench_offline.py", "--model", str(tiny_model("llama-gqa-hd64")), "--num-prompts", "2",
+                "--input-len", "8", "--output-len", "4", "--hf-batch-size", "2", "--output-json", str(out),
+                tmp_path=tmp_path)
+    assert "\r" not in proc.stderr  # no weight-loading bars of transformers in a log
     result = json.loads(out.read_text())
     assert list(result["systems"]) == ["muxserve", "transformers"]
     assert all(s["output_tokens_per_s"] > 0 for s in result["systems"].values())

@@ -42,6 +42,13 @@ def test_adbs_serves_every_request_with_offline_tokens(setup, tmp_path):
         assert stats["summary"]["per_model"][llm]["scheduler"]["decode_jobs"] > 0
     assert set(stats["base_latency"]) == {"llm-0", "llm-1", "llm-2"}
     assert stats["summary"]["overall"]["slo_attainment"]["20"] > 0
+    # Progress in a log file: plain lines, one per 15 s of replay at most and one at the end; no redraws.
+    assert "\r" not in proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("requests: ")]
+    n = len(setup.requests)
+    assert progress[-1].startswith(f"requests: {n}/{n} req (100 %), done in ")
+    replay_s = float(progress[-1].rsplit(" ", 2)[-2])
+    assert len(progress) <= 1 + replay_s // 15
 
 
 def test_small_pool_preempts_and_still_matches(setup, tmp_path):

@@ -391,3 +391,12 @@ def test_a_model_whose_vocabulary_cannot_hold_the_token_ids_is_refused(tmp_path,
         "has a vocabulary of 49152 tokens, more than the model's 32000; choose a tokenizer that fits the model with "
         "--tokenizer")
     assert not out.exists() and not yaml_out.exists()
+
+
+def test_progress_on_a_redirected_stderr_is_plain_lines(tmp_path, dataset, smollm2_folder, capsys):
+    rc, _ = generate(tmp_path, dataset, {"llm-0": 2, "llm-1": 1}, "--num-requests", "4")
+    assert rc == 0
+    err = capsys.readouterr().err  # not a terminal: no bar redraws, one line at the end
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("sampling requests")]
+    assert len(lines) == 1 and lines[0].startswith("sampling requests: 6/6 req (100 %), done in ")
