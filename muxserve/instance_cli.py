@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from muxserve.config import ConfigError, MuxServeConfig
-from muxserve.engine.kv_cache import KVLayout
+from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES, KVLayout
 from muxserve.engine.llm_engine import parse_dtype
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
@@ -43,8 +43,9 @@ def add_instance_arguments(parser: argparse.ArgumentParser, default_log_dir: str
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="prompt tokens in one prefill job at most (default: 2048)")
     g.add_argument("--block-size", type=int, default=None,
-                   help="tokens per KV page for the LLM with the widest K/V; sets the page size "
-                        "(default: 16 KiB pages, e.g. 32 tokens of 128-dim bf16)")
+                   help="tokens per KV page for the LLM with the widest K/V per token; sets the page size "
+                        "(rounded up to a multiple of 64 B; default: 16 KiB pages, e.g. 32 tokens of "
+                        "128-dim bf16, 51 of 80-dim bf16)")
     g.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences per LLM at most; overrides the config's instance-wide max_num_seqs")
 
@@ -85,17 +86,29 @@ def check_instance_args(args: argparse.Namespace, config: MuxServeConfig, device
                           f"{server_port}..{server_port + groups - 1}")
 
 
+PAGE_ALIGN = 64  # FlexStore's page sizes are multiples of 64 bytes (FlexStoreConfig checks it)
+
+
 def page_bytes_for(config: MuxServeConfig, block_size: int | None) -> int:
-    """16 KiB by default; with --block-size, the page that holds that many tokens of the widest LLM."""
+    """16 KiB by default; with --block-size, the page that holds that many tokens of the widest LLM.
+
+    The widest LLM is the one whose token of K+V (of one layer and kv-head) takes the most bytes;
+    its page is rounded up to a multiple of 64 bytes, which still holds exactly ``block_size`` of
+    its tokens whenever one token takes at least 64 bytes (narrower LLMs hold more per page, and
+    any remainder of a page is unused).
+    """
     specs = {m.name: (ModelSpec.from_folder(resolve_model(m.model)), parse_dtype(m.torch_dtype_name))
              for m in config.models}
     if block_size is None:
-        page = 16 * 1024
+        page = DEFAULT_PAGE_BYTES
     else:
         if block_size < 1:
             raise ConfigError(f"--block-size must be >= 1, got {block_size}")
-        widest = max(spec.head_dim * dtype.itemsize for spec, dtype in specs.values())
-        page = block_size * 2 * widest
+        widest = max(2 * spec.head_dim * dtype.itemsize for spec, dtype in specs.values())
+        page = -(-block_size * widest // PAGE_ALIGN) * PAGE_ALIGN
+        if config.kv_cache_bytes is not None and page > config.kv_cache_bytes:
+            raise ConfigError(f"--block-size {block_size} makes pages of {page} B, more than the whole KV pool "
+                              f"(kv_cache_bytes {config.kv_cache_bytes})")
     for name, (spec, dtype) in specs.items():
         try:
             KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, page)

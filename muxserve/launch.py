@@ -16,9 +16,9 @@ from collections import deque
 from pathlib import Path
 
 import msgspec
-from tqdm import tqdm
-
 from muxserve.config import ConfigError, MuxServeConfig, load_config
+from muxserve.engine.model_config import ModelSpec
+from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.instance import Instance
 from muxserve.instance_cli import (
@@ -30,6 +30,7 @@ from muxserve.instance_cli import (
     run_instance_command,
 )
 from muxserve.muxsched.stats import format_stats, summarize_run
+from muxserve.progress import Progress
 from muxserve.muxsched.workload import Workload, WorkloadError, load_workload
 
 logger = logging.getLogger("muxserve.launch")
@@ -66,6 +67,19 @@ def check_requests_fit(workload: Workload, max_tokens: dict[str, int], source: s
     if too_big:
         raise ConfigError(f"requests {too_big[:10]} of {source} need more KV cache than the pool holds for their "
                           f"LLM (at most {max_tokens} tokens); raise kv_cache_bytes / gpu_memory_utilization")
+
+
+def check_token_ids(workload: Workload, config: MuxServeConfig, source: str) -> None:
+    """Every prompt token id inside its LLM's vocabulary, checked before anything starts (a runtime
+    would refuse the request only at replay)."""
+    vocab = {m.name: ModelSpec.from_folder(resolve_model(m.model)).vocab_size for m in config.models}
+    for r in workload.requests:
+        size = vocab[r.llm]
+        bad = next((t for t in r.prompt_token_ids if not 0 <= t < size), None)
+        if bad is not None:
+            raise ConfigError(f"workload {source}: request idx {r.idx} of LLM {r.llm!r} has prompt token id {bad}, "
+                              f"outside the vocabulary of its model {config.model(r.llm).model!r} (ids 0..{size - 1}); "
+                              "was the workload tokenized for another model?")
 
 
 def check_args(args, config: MuxServeConfig, device: str) -> None:
@@ -108,7 +122,7 @@ def replay(instance: Instance, workload: Workload, max_drain_s: float | None = N
     requests = []
     aborted = False
     t0 = time.monotonic()
-    with tqdm(total=len(pending), desc="requests", unit="req", file=sys.stderr) as bar:
+    with Progress(len(pending), "requests", "req") as bar:
         while pending or instance.scheduler.has_work():
             now = time.monotonic() - t0
             while pending and pending[0].arrival <= now:
@@ -139,6 +153,7 @@ def run(args) -> int:
         raise ConfigError(f"no workload: give --workload-file or workloads.workload_file in {args.model_config}")
     workload = load_workload(workload_path)
     config, workload = select(config, workload, args.split_by_model, workload_path)
+    check_token_ids(workload, config, workload_path)
     device = resolve_device(args.device)
     check_args(args, config, device)
     options = instance_options(args, config, device, rates=workload.rates(), avg_seq_len=average_seq_len(workload))

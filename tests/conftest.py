@@ -52,10 +52,17 @@ def _tiny_config(arch: str):
         return Qwen2Config(**common, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
     if arch == "qwen3":  # q/k RMSNorm per head; head_dim 64 != hidden / heads = 32
         return Qwen3Config(**common, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    if arch.startswith("llama-hd"):  # head sizes whose K+V need not divide a 16 KiB page
+        head_dim = int(arch.removeprefix("llama-hd"))
+        return LlamaConfig(**common, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=head_dim)
     raise KeyError(arch)
 
 
 TINY_ARCHS = ("llama-gqa-hd64", "llama-hd128-tied", "llama3-rope", "llama-attn-bias", "mistral", "qwen2", "qwen3")
+# Llama with 4 heads over 2 KV heads of these sizes (``llama-hd80`` ...): in 16 KiB pages, 80 and
+# 96 (bf16 and fp32), 100 (both) and 48 (fp32) leave part of every page unused.
+ODD_HEAD_DIMS = (48, 80, 96, 100)
 
 
 def build_tiny_model(arch: str, folder: Path, seed: int = 0, max_shard_size: str | None = None) -> Path:

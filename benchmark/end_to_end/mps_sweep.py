@@ -55,6 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def sweep_rows(table: dict, key: str) -> tuple[list[int], list[dict]]:
     """(SM percentages, rows): one row per (phase, batch, length) with ms and slowdown vs 100 % per percentage."""
     by_sm = table[key]["1"]
@@ -126,6 +132,12 @@ def plot(path: Path, key: str, sms: list[int], rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.device == "cuda" and not args.from_table and not _cuda_available():
+        # Measuring would fail in the profiler; re-plotting the stored table would overwrite the
+        # GPU results' notes with this machine's description.
+        print("error: --device cuda needs a CUDA GPU (none is visible); --device cpu checks the pipeline at "
+              "100 %, --from-table re-plots a cost table", file=sys.stderr)
+        return 2
     out = (REPO / args.output_dir if args.output_dir == DEFAULT_OUT else Path(args.output_dir)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     command = None

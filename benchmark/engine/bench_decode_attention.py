@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 import bench_gpu  # noqa: E402
 from bench_gemm import graph_time_us  # noqa: E402
 
-from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES  # noqa: E402
+from muxserve.engine.kv_cache import KVLayout, KVPool  # noqa: E402
 
 LAUNCHES = [(32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2),
             (128, 8, 2), (128, 8, 3)]
@@ -46,7 +46,8 @@ def main(argv=None) -> None:
     from muxserve.engine.attention import triton_kernels as K
 
     layers, heads, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
-    t = DEFAULT_PAGE_BYTES // (2 * d * 2)
+    layout = KVLayout(layers, heads, d, torch.bfloat16)  # the engine's 16 KiB pages, any head size
+    t = layout.page_tokens
     bw = bench_gpu.ceilings()["copy_bandwidth_GBps"]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name(0)}; copy bandwidth {bw:.0f} GB/s; {sms} SMs; {layers} layers, "
@@ -57,7 +58,8 @@ def main(argv=None) -> None:
         for b in args.batches:
             blocks = -(-(ctx + 1) // t)
             num_pages = b * blocks * layers * heads
-            kv = torch.randn(num_pages, 2, t, d, device="cuda", dtype=torch.bfloat16)
+            # the pool as the engine sees it: strided by the page size
+            kv = KVPool.allocate(num_pages * layout.page_bytes, "cuda").view(layout).normal_()
             tables = torch.randperm(num_pages, generator=gen).to(torch.int32).view(b, blocks, layers * heads).cuda()
             slots = torch.arange(b, device="cuda")
             seq_lens = torch.full((b,), ctx + 1, device="cuda", dtype=torch.int32)

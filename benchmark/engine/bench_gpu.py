@@ -34,14 +34,13 @@ import json
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_offline import SHAPES, environment, hf_generate, make_requests  # noqa: E402
+from bench_offline import SHAPES, environment, hf_generate, make_requests, scratch_folder  # noqa: E402
 
 from muxserve.engine.cuda_graph import StepTimer  # noqa: E402
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
@@ -132,7 +131,7 @@ def build_hf(shape: str, seed: int):
                 p.normal_(std=0.02)
             elif name.endswith(".bias"):
                 p.zero_()
-    folder = Path(tempfile.mkdtemp(prefix=f"muxserve-bench-{shape}-"))
+    folder = scratch_folder(shape)
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)  # config only: our engine reads shapes from it
     return model.eval(), folder
@@ -166,6 +165,12 @@ def cuda_shape(p: argparse.ArgumentParser, shape: str) -> tuple[Path, ModelSpec]
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (and triton)")
     return folder, ModelSpec.from_folder(folder)
+
+
+def check_device(p: argparse.ArgumentParser, device: str) -> None:
+    """``--device cuda`` on a machine without CUDA is a usage error, not a traceback mid-run."""
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda needs a CUDA GPU (none is visible); --device cpu runs a dry run of the script")
 
 
 def random_model(folder: Path, dtype: torch.dtype, device: torch.device, parallel: TensorParallel = SINGLE):
@@ -370,18 +375,23 @@ def count_x_len(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def points(*texts: str) -> list[tuple[int, int]]:
+    return [count_x_len(t) for t in texts]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", required=True, choices=sorted(SHAPES))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
-    p.add_argument("--prefill", type=count_x_len, nargs="+", default=["1x2048", "8x256"],
-                   help="prefill batches as COUNTxLEN (default: %(default)s)")
-    p.add_argument("--eager-points", type=count_x_len, nargs="*", default=["1x512", "32x512"],
-                   help="decode BATCHxCTX points also timed without CUDA graphs")
-    p.add_argument("--sampled-points", type=count_x_len, nargs="*", default=["1x512", "32x512", "128x512"],
+    # argparse converts a string default with ``type`` but not a list of them: the defaults are parsed here.
+    p.add_argument("--prefill", type=count_x_len, nargs="+", default=points("1x2048", "8x256"),
+                   help="prefill batches as COUNTxLEN (default: 1x2048 8x256)")
+    p.add_argument("--eager-points", type=count_x_len, nargs="*", default=points("1x512", "32x512"),
+                   help="decode BATCHxCTX points also timed without CUDA graphs (default: 1x512 32x512)")
+    p.add_argument("--sampled-points", type=count_x_len, nargs="*", default=points("1x512", "32x512", "128x512"),
                    help="decode BATCHxCTX points also timed with every request sampling, for each setting of "
-                        "SAMPLED (temperature; top-p; top-k and top-p; seeded)")
+                        "SAMPLED (temperature; top-p; top-k and top-p; seeded; default: 1x512 32x512 128x512)")
     p.add_argument("--step-breakdown", action="store_true",
                    help="time every decode point again, split into host preparation, graph replay (GPU), "
                         "sampling and wall (CUDA graphs only)")
@@ -395,7 +405,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: dry run for checking the script")
     p.add_argument("--output-json", type=Path)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_device(p, args.device)
+    return args
 
 
 def main(argv=None) -> None:

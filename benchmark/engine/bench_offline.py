@@ -24,6 +24,7 @@ Example (GPU): bench_offline.py --random-shape llama-3-8b --device cuda --shareg
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import gc
 import importlib.metadata
@@ -44,6 +45,7 @@ import torch
 from muxserve.engine import LLM, SamplingParams
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
+from muxserve.progress import quiet_library_bars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Real shapes (each checkpoint's config.json), to be filled with seeded random weights.
@@ -132,6 +134,13 @@ def timed(run, repeats: int, device: str):
     return times, result
 
 
+def scratch_folder(shape: str) -> Path:
+    """A temporary folder for a generated checkpoint of ``shape``, removed when the script exits."""
+    folder = Path(tempfile.mkdtemp(prefix=f"muxserve-bench-{shape}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def build_random_model(shape: str, dtype: str, device: str, seed: int) -> Path:
     """Seeded random weights (normal, std 0.02; norms 1, biases 0) of a real shape, saved as a HF folder."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -147,7 +156,7 @@ def build_random_model(shape: str, dtype: str, device: str, seed: int) -> Path:
                 torch.nn.init.normal_(param, std=0.02)
             elif name.endswith(".bias"):
                 param.zero_()
-    folder = Path(tempfile.mkdtemp(prefix=f"muxserve-bench-{shape}-"))
+    folder = scratch_folder(shape)
     model.save_pretrained(folder)
     del model, param
     free_memory(device)
@@ -321,6 +330,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    quiet_library_bars()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     random_model = bool(args.random_shape)

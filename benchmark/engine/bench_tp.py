@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.ctx + 64 > context or args.prefill + 8 > context:
         p.error(f"--ctx {args.ctx} / --prefill {args.prefill} do not fit the context of {args.shape} "
                 f"({context} tokens, with room for the timed steps)")
+    bench_gpu.check_device(p, args.device)
     if args.device == "cuda":
         count = torch.cuda.device_count()
         too_big = [t for t in args.tp if t > count]

@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
     args.folder = bench_gpu.parsed_shape(p, args.shape)
+    bench_gpu.check_device(p, args.device)
     return args
 
 

@@ -1,8 +1,13 @@
 """Head-wise paged KV cache: one byte pool of pages shared by every model, and its allocator.
 
 A page holds K and V of one (layer, kv-head) for ``page_tokens`` tokens, so models with
-different layer counts, head counts, head sizes and dtypes share one pool. A request of
-a model owns its pages as a flat list in block-major order::
+different layer counts, head counts, head sizes and dtypes share one pool. ``page_tokens`` is
+``floor(page_bytes / (2 * head_dim * dtype_bytes))``: a page starts with the K of its tokens,
+V follows right after them, and whatever bytes remain at the end of the page stay unused
+(80-dim bf16 in 16 KiB: 51 tokens, 64 bytes unused). So a model's view of the pool is strided:
+one page is ``page_bytes`` apart from the next, whatever its head size.
+
+A request of a model owns its pages as a flat list in block-major order::
 
     pages[b * L * H + l * H + h]  = page of token block b, layer l, kv-head h
 
@@ -33,20 +38,33 @@ class KVLayout:
     page_bytes: int = DEFAULT_PAGE_BYTES
 
     def __post_init__(self) -> None:
-        token_bytes = 2 * self.head_dim * self.dtype_bytes
-        if self.page_bytes % token_bytes:
-            raise ValueError(
-                f"page size {self.page_bytes} B is not a multiple of one token's K+V "
-                f"({token_bytes} B for head_dim {self.head_dim}, {self.dtype})"
-            )
+        if self.head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {self.head_dim}")
+        # Pages are views of one byte buffer: each must start on an element of the dtype.
+        if self.page_bytes % self.dtype_bytes:
+            raise ValueError(f"page size {self.page_bytes} B is not a multiple of the {self.dtype_bytes}-byte "
+                             f"elements of {self.dtype}")
+        if self.page_tokens < 1:
+            raise ValueError(f"page size {self.page_bytes} B holds no token of K+V "
+                             f"({self.token_bytes} B for head_dim {self.head_dim}, {self.dtype})")
 
     @property
     def dtype_bytes(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
+
+    @property
+    def token_bytes(self) -> int:
+        """K and V of one token of one (layer, kv-head)."""
+        return 2 * self.head_dim * self.dtype_bytes
 
     @property
     def page_tokens(self) -> int:
-        return self.page_bytes // (2 * self.head_dim * self.dtype_bytes)
+        return self.page_bytes // self.token_bytes
+
+    @property
+    def page_elements(self) -> int:
+        """Elements of ``dtype`` from one page to the next (the page stride of ``KVPool.view``)."""
+        return self.page_bytes // self.dtype_bytes
 
     @property
     def pages_per_block(self) -> int:
@@ -79,10 +97,18 @@ class KVPool:
         return cls(torch.zeros(num_pages * page_bytes, dtype=torch.uint8, device=device), page_bytes)
 
     def view(self, layout: KVLayout) -> torch.Tensor:
-        """(num_pages, 2, page_tokens, head_dim) tensor of ``layout.dtype``; index 0 is K, 1 is V."""
+        """(num_pages, 2, page_tokens, head_dim) tensor of ``layout.dtype``; index 0 is K, 1 is V.
+
+        Strided: pages are ``layout.page_elements`` apart, which is more than 2 * page_tokens *
+        head_dim when the head size does not divide the page. Within a page, K and V of a
+        token are rows of ``head_dim`` contiguous elements and V starts ``page_tokens`` rows after K.
+        """
         if layout.page_bytes != self.page_bytes:
             raise ValueError(f"layout page size {layout.page_bytes} != pool page size {self.page_bytes}")
-        return self.buffer.view(layout.dtype).view(self.num_pages, 2, layout.page_tokens, layout.head_dim)
+        flat = self.buffer.view(layout.dtype)
+        t, d = layout.page_tokens, layout.head_dim
+        return flat.as_strided((self.num_pages, 2, t, d), (layout.page_elements, t * d, d, 1),
+                               flat.storage_offset())
 
 
 @dataclass

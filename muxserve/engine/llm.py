@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence as Seq
 
-from tqdm import tqdm
-
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine
 from muxserve.engine.sampling_params import SamplingParams
+from muxserve.progress import Progress
 
 # Files of which at least one is present in a folder that carries a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -77,10 +76,9 @@ class LLM:
         for ids in token_ids:
             self.engine.check_request(ids, params)
         seqs = [self.engine.add_request(ids, params) for ids in token_ids]
-        bar = tqdm(total=len(seqs), desc="generating", disable=not use_tqdm)
-        while self.engine.has_unfinished():
-            bar.update(len(self.engine.step()))
-        bar.close()
+        with Progress(len(seqs), "generating", "req", enabled=use_tqdm) as bar:
+            while self.engine.has_unfinished():
+                bar.update(len(self.engine.step()))
         return [
             RequestOutput(text, s.prompt_token_ids, list(s.output_token_ids),
                           tokenizer.decode(s.output_token_ids, skip_special_tokens=True) if tokenizer else "",

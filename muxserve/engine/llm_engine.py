@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from muxserve import jsonfile
 from muxserve.engine.attention import make_attention, select_backend
 from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES, KVLayout, KVPool, PageAllocator
 from muxserve.engine.loader import iter_weights
@@ -221,7 +221,7 @@ def _generation_eos(folder) -> frozenset[int]:
     path = Path(folder) / "generation_config.json"
     if not path.is_file():
         return frozenset()
-    eos = json.loads(path.read_text()).get("eos_token_id")
+    eos = jsonfile.load(path).get("eos_token_id")
     if eos is None:
         return frozenset()
     return frozenset(eos if isinstance(eos, list) else [eos])

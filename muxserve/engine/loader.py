@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from safetensors import safe_open
+
+from muxserve import jsonfile
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -17,7 +18,7 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     index = folder / INDEX_FILE
     if index.is_file():
-        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shard_names = sorted(set(jsonfile.load(index)["weight_map"].values()))
         files = [folder / name for name in shard_names]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from muxserve import jsonfile
 
 # Architectures served by the one Llama-family implementation, and what differs between them.
 SUPPORTED_ARCHITECTURES = {
@@ -111,7 +112,7 @@ class ModelSpec:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"model folder {folder} has no config.json")
-        return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        return cls.from_dict(jsonfile.load(path), source=str(path))
 
 
 def _rope_spec(cfg: dict[str, Any], source: str) -> RopeSpec:

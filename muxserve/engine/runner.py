@@ -56,7 +56,7 @@ class ModelRunner:
         self.model = model
         self.parallel = parallel or SINGLE
         self.layout = layout
-        self._page_tokens = layout.page_tokens  # a property that builds a tensor: read it once
+        self._page_tokens = layout.page_tokens  # a computed property: read it once
         self.attention = attention
         self.device = torch.device(device)
         if getattr(attention, "name", "") == "triton" and hasattr(model, "fused_ops"):

@@ -30,7 +30,6 @@ prompt length for a prefill, batch for a decode step). The defaults are NVLink-c
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from muxserve import jsonfile
 from muxserve.muxsched.models_file import InputError
 
 LEVELS = ("num_gpus", "sm_percent", "batch_size", "seq_len")
@@ -81,10 +81,7 @@ def load_cost_table(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"cost table {path} does not exist")
-    try:
-        table = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"cost table {path} is not valid JSON: {e}") from None
+    table = jsonfile.load(path, "cost table", InputError)
     return validate_cost_table(table, str(path))
 
 

@@ -179,13 +179,15 @@ class Profiler:
         return out
 
     def grid(self, progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
-        from tqdm import tqdm
+        from muxserve.progress import Progress
 
         s = self.settings
         cells = [(bs, sl) for bs in s.batch_sizes for sl in s.seq_lens]
         table: dict[str, dict[str, dict[str, float]]] = {}
-        for bs, sl in tqdm(cells, desc=f"profiling {s.key}", unit="cell", disable=None if progress else True):
-            table.setdefault(str(bs), {})[str(sl)] = self.cell(bs, sl)
+        with Progress(len(cells), f"profiling {s.key}", "cell", enabled=progress) as bar:
+            for bs, sl in cells:
+                table.setdefault(str(bs), {})[str(sl)] = self.cell(bs, sl)
+                bar.update()
         return table
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import msgspec
 
+from muxserve import jsonfile
+
 
 class WorkloadError(ValueError):
     """A workload file that cannot be replayed, with the file and the bad value named."""
@@ -74,12 +76,7 @@ def load_workload(path: str | Path) -> Workload:
     path = Path(path)
     if not path.is_file():
         raise WorkloadError(f"workload file {path} does not exist")
-    try:
-        raw = msgspec.json.decode(path.read_bytes(), type=_File)
-    except msgspec.ValidationError as e:
-        raise WorkloadError(f"{path}: {e}") from None
-    except msgspec.DecodeError as e:
-        raise WorkloadError(f"{path}: not valid JSON: {e}") from None
+    raw = jsonfile.decode(path.read_bytes(), _File, f"workload file {path}", WorkloadError)
     if len(raw.arrivals) != len(raw.requests):
         raise WorkloadError(f"{path}: {len(raw.arrivals)} arrivals for {len(raw.requests)} requests")
     requests = []

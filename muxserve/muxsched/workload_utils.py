@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from muxserve.muxsched.arrivals import DISTRIBUTIONS, ArrivalProcess
 from muxserve.muxsched.datasets import (SHAREGPT_FILE, LengthFilter, Sample, TokenizedDialogs, dialog_of,
@@ -46,6 +45,7 @@ from muxserve.muxsched.datasets import (SHAREGPT_FILE, LengthFilter, Sample, Tok
 from muxserve.muxsched.models_file import (InputError, LLMEntry, ModelsFile, load_models_file, models_file_text,
                                            natural_key)
 from muxserve.muxsched.workload import WorkloadError, WorkloadRequest, write_workload
+from muxserve.progress import Progress
 
 logger = logging.getLogger("muxserve.workload_utils")
 
@@ -135,9 +135,33 @@ class Tokenizers:
         return self._by_name[name]
 
 
+def model_vocab_size(who: str, model: str) -> int:
+    from muxserve.engine.model_config import ModelSpec
+    from muxserve.engine.model_hub import resolve_model
+
+    try:
+        return ModelSpec.from_folder(resolve_model(model.removeprefix("random:"))).vocab_size
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"{who} (model {model!r}): cannot read the model's vocabulary size: {e}") from None
+
+
+def check_vocabulary(who: str, model: str, tokenizer_name: str, tokenizer) -> None:
+    """Refuse a tokenizer whose token ids the model cannot embed (the launcher would refuse the
+    workload only at replay, after start-up)."""
+    vocab, ids = model_vocab_size(who, model), len(tokenizer)
+    if ids > vocab:
+        raise InputError(f"{who} (model {model!r}): the {tokenizer_name!r} tokenizer used for its prompts has a "
+                         f"vocabulary of {ids} tokens, more than the model's {vocab}; choose a tokenizer that fits "
+                         "the model with --tokenizer")
+
+
 def generate(llms: list[LLMEntry], tokenizers: Tokenizers, options: GenerateOptions) -> tuple[dict, list[WorkloadRequest]]:
     """Arrivals and ShareGPT requests for every LLM; returns (info, requests)."""
     llms = sorted(llms, key=lambda m: natural_key(m.name))
+    for m in llms:  # every vocabulary, before the first request is drawn
+        if m.rate > 0:
+            name, dialogs = tokenizers.for_model(m.name, m.model)
+            check_vocabulary(f"LLM {m.name!r}", m.model, name, dialogs.tokenizer)
     rates = {m.name: m.rate for m in llms}
     if options.duration is None:
         num = options.num_requests or DEFAULT_NUM_REQUESTS
@@ -147,7 +171,7 @@ def generate(llms: list[LLMEntry], tokenizers: Tokenizers, options: GenerateOpti
         counts, duration = {}, options.duration
     requests: list[WorkloadRequest] = []
     used_tokenizers = {}
-    bar = tqdm(total=sum(counts.values()) or None, desc="sampling requests", unit="req", disable=None)
+    bar = Progress(sum(counts.values()) or None, "sampling requests", "req")
     for m in llms:
         if m.rate > 0:
             process = ArrivalProcess(options.distribution, m.rate, options.cv)
@@ -228,8 +252,11 @@ def translate_lmsys(records: list[Any], tokenizer, *, source: str, start_day: fl
     window = [r for r in rows if lo <= r[0] < hi and r[3].num_turns >= length_filter.min_turns]
     dialogs = TokenizedDialogs([r[3] for r in window], tokenizer, length_filter)
     samples: list[Sample | None] = []
-    for start in tqdm(range(0, len(window), 256), desc="tokenizing trace", unit="chunk", disable=None):
-        samples.extend(dialogs.get(list(range(start, min(start + 256, len(window))))))
+    with Progress(len(window), "tokenizing trace", "record") as bar:
+        for start in range(0, len(window), 256):
+            chunk = list(range(start, min(start + 256, len(window))))
+            samples.extend(dialogs.get(chunk))
+            bar.update(len(chunk))
     kept = [(r, s) for r, s in zip(window, samples) if s is not None]
     if not kept:
         raise InputError(f"trace {source}: no request in days [{start_day}, {end_day}) passes the filters")
@@ -404,6 +431,8 @@ def _run_power_law(args, out: Path) -> tuple[dict, list[WorkloadRequest]]:
 def _run_lmsys(args, out: Path) -> tuple[dict, list[WorkloadRequest]]:
     yaml_out = check_writable(args.models_yaml_out, args.overwrite) if args.models_yaml_out else None
     tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER)
+    if yaml_out is not None:
+        check_vocabulary("every LLM of --models-yaml-out", args.model, args.tokenizer or DEFAULT_TOKENIZER, tokenizer)
     info, requests = translate_lmsys(read_json_records(args.trace, "trace"), tokenizer, source=args.trace,
                                      start_day=args.start_day, end_day=args.end_day, condense=args.condense,
                                      length_filter=_length_filter(args), max_output_len=args.max_output_len)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_KV_BYTES, assert_near_argmax, load_hf, random_prompts
+from muxserve.engine.kv_cache import KVLayout, KVPool
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -38,9 +39,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def make_pool(num_pages, page_tokens, head_dim, dtype, gen):
-    kv = torch.randn(num_pages, 2, page_tokens, head_dim, generator=gen).to(dtype)
-    return kv.to(DEVICE)
+def make_pool(num_pages, head_dim, dtype, gen, page_bytes=16384):
+    """A random pool seen as the engine sees it: ``KVPool.view``, strided by ``page_bytes`` (wider
+    than its K+V when the head size does not divide the page)."""
+    pool = KVPool(torch.zeros(num_pages * page_bytes, dtype=torch.uint8, device=DEVICE), page_bytes)
+    kv = pool.view(KVLayout(1, 1, head_dim, dtype, page_bytes))
+    kv.copy_(torch.randn(kv.shape, generator=gen).to(dtype))
+    return kv
+
+
+def page_tokens(head_dim, dtype, page_bytes=16384):
+    return KVLayout(1, 1, head_dim, dtype, page_bytes).page_tokens
 
 
 def make_tables(seq_lens, layers, heads, page_tokens, num_pages, gen, num_slots=None, max_blocks=None):
@@ -87,6 +96,11 @@ DECODE_CASES = [  # (head_dim, Hq, H, dtype, seq_lens, splits)
     (64, 4, 2, torch.float16, [1, 63, 64, 65, 129], 3),
     (64, 9, 3, torch.bfloat16, [17, 250], 16),
     (128, 8, 8, torch.float32, [3, 40, 77], 2),
+    # head sizes that leave the end of each 16 KiB page unused (page stride > 2 * T * D)
+    (80, 8, 2, torch.bfloat16, [1, 50, 51, 52, 300], 1),
+    (100, 4, 2, torch.bfloat16, [39, 40, 41, 170], 3),
+    (96, 6, 2, torch.float32, [20, 21, 22, 90], 2),
+    (48, 4, 1, torch.float32, [41, 42, 43, 130], 1),
 ]
 
 
@@ -97,12 +111,13 @@ def test_decode_attention_matches_reference(case):
     d, hq, h, dtype, lens, splits = DECODE_CASES[case]
     dtype = _dt(dtype)
     gen = torch.Generator().manual_seed(case)
-    t = 16384 // (2 * d * torch.empty((), dtype=dtype).element_size())
+    t = page_tokens(d, dtype)
     layers, layer = 3, 1
     if INTERPRET and not CUDA:
         lens = [min(n, 2 * t + 3) for n in lens]
     blocks = sum(-(-n // t) for n in lens)
-    kv = make_pool(blocks * layers * h + 7, t, d, dtype, gen)
+    kv = make_pool(blocks * layers * h + 7, d, dtype, gen)
+    assert kv.shape[2] == t
     tables, slots = make_tables(lens, layers, h, t, kv.shape[0], gen)
     q = torch.randn(len(lens), hq, d, generator=gen).to(dtype).to(DEVICE)
     seq_lens = torch.tensor(lens, device=DEVICE)
@@ -117,7 +132,7 @@ def test_decode_padding_rows_are_zero_and_write_nothing():
     from muxserve.engine.attention import triton_kernels as K
 
     gen = torch.Generator().manual_seed(5)
-    kv = make_pool(64, 64, 64, torch.float16, gen)
+    kv = make_pool(64, 64, torch.float16, gen)
     tables, slots = make_tables([70], 2, 2, 64, 64, gen)
     q = torch.randn(3, 4, 64, generator=gen).half().to(DEVICE)
     slots3 = torch.tensor([int(slots[0]), -1, -1], device=DEVICE)
@@ -133,7 +148,8 @@ def test_decode_padding_rows_are_zero_and_write_nothing():
 
 
 @pytest.mark.parametrize("d,hq,h,dtype", [(128, 8, 2, torch.bfloat16), (64, 4, 2, torch.float32),
-                                          (64, 6, 3, torch.float16)])
+                                          (64, 6, 3, torch.float16), (80, 4, 2, torch.bfloat16),
+                                          (100, 4, 2, torch.float32), (48, 2, 1, torch.float32)])
 def test_rope_write_matches_reference(d, hq, h, dtype):
     dtype = _dt(dtype)
     from muxserve.engine.attention import triton_kernels as K
@@ -143,10 +159,10 @@ def test_rope_write_matches_reference(d, hq, h, dtype):
     from muxserve.engine.models.rotary import RotaryEmbedding
 
     gen = torch.Generator().manual_seed(d + hq)
-    t = 16384 // (2 * d * torch.empty((), dtype=dtype).element_size())
+    t = page_tokens(d, dtype)
     layers, layer = 2, 1
     lens = [t + 5, 3, 2 * t]
-    kv = make_pool(40 * layers * h, t, d, dtype, gen)
+    kv = make_pool(40 * layers * h, d, dtype, gen)
     tables, slots = make_tables(lens, layers, h, t, kv.shape[0], gen)
     positions = torch.cat([torch.arange(n) for n in lens])
     token_slots = torch.repeat_interleave(slots.cpu(), torch.tensor(lens))
@@ -167,11 +183,16 @@ def test_rope_write_matches_reference(d, hq, h, dtype):
     meta = AttentionMetadata(False, None, [], None, None, write_pages.contiguous(), (positions % t).to(DEVICE), t)
     write_kv(expect_kv, layer, k_out, v, meta)
     assert rel_err(kv.cpu(), expect_kv.cpu()) < 1e-7
+    # Nothing is written past a page's K+V: the unused end of every page stays zero.
+    pages = torch.empty(0, dtype=torch.uint8, device=DEVICE).set_(kv.untyped_storage()).view(-1, 16384)
+    assert pages[:, 2 * t * d * kv.element_size():].eq(0).all()
 
 
 @pytest.mark.parametrize("d,hq,h,dtype,lens", [(128, 8, 2, torch.bfloat16, [1, 100, 257, 64]),
                                                (64, 4, 4, torch.float32, [5, 70]),
-                                               (64, 14, 2, torch.float16, [130, 3])])
+                                               (64, 14, 2, torch.float16, [130, 3]),
+                                               (80, 4, 2, torch.bfloat16, [60, 7]),
+                                               (100, 6, 3, torch.float32, [33, 2])])
 def test_prefill_attention_matches_sdpa(d, hq, h, dtype, lens):
     dtype = _dt(dtype)
     from muxserve.engine.attention import triton_kernels as K
@@ -272,7 +293,7 @@ def test_decode_split_policy():
 
 
 # -- the engine with the triton backend -----------------------------------------------------------
-ARCHS = ("llama-gqa-hd64", "llama-hd128-tied", "qwen3", "qwen2")
+ARCHS = ("llama-gqa-hd64", "llama-hd128-tied", "qwen3", "qwen2", "llama-hd80", "llama-hd100")
 PROMPT_LENS = (1, 7, 33, 50, 130)
 
 
@@ -297,7 +318,7 @@ def test_triton_backend_float32_greedy_equals_torch_backend(tiny_model, arch, ea
 
 
 @needs_cuda
-@pytest.mark.parametrize("arch", ("llama-gqa-hd64", "llama-hd128-tied"))
+@pytest.mark.parametrize("arch", ("llama-gqa-hd64", "llama-hd128-tied", "llama-hd80", "llama-hd96"))
 def test_triton_backend_bfloat16_tokens_are_near_argmax(tiny_model, arch):
     from muxserve.engine import LLM, SamplingParams
 

@@ -19,6 +19,13 @@ KiB = 1024
     (128, torch.bfloat16, 32),
     (64, torch.bfloat16, 64),
     (128, torch.float32, 16),
+    # head sizes whose K+V do not divide 16 KiB: whole tokens, the rest of the page unused
+    (80, torch.bfloat16, 51),
+    (96, torch.bfloat16, 42),
+    (100, torch.bfloat16, 40),
+    (48, torch.float32, 42),
+    (80, torch.float32, 25),
+    (100, torch.float32, 20),
 ])
 def test_page_tokens_of_16kib_pages(head_dim, dtype, page_tokens):
     layout = KVLayout(num_layers=30, num_kv_heads=3, head_dim=head_dim, dtype=dtype, page_bytes=16 * KiB)
@@ -28,11 +35,17 @@ def test_page_tokens_of_16kib_pages(head_dim, dtype, page_tokens):
     assert layout.num_blocks(page_tokens + 1) == 2
     assert layout.pages_for(page_tokens + 1) == 180
     assert layout.pages_for(0) == 0
+    assert layout.page_elements * layout.dtype_bytes == 16 * KiB
 
 
-def test_page_size_must_hold_whole_tokens():
-    with pytest.raises(ValueError, match=r"page size 1000 B is not a multiple of one token's K\+V \(512 B"):
-        KVLayout(1, 1, 64, torch.float32, page_bytes=1000)
+def test_page_size_must_hold_a_token_and_whole_elements():
+    with pytest.raises(ValueError, match=r"page size 448 B holds no token of K\+V \(512 B for head_dim 64, "
+                                         r"torch.float32\)"):
+        KVLayout(1, 1, 64, torch.float32, page_bytes=448)
+    with pytest.raises(ValueError, match=r"page size 1001 B is not a multiple of the 4-byte elements of "
+                                         r"torch.float32"):
+        KVLayout(1, 1, 64, torch.float32, page_bytes=1001)
+    assert KVLayout(1, 1, 64, torch.float32, page_bytes=1000).page_tokens == 1
 
 
 def test_pool_views_pages_per_layout():
@@ -46,6 +59,40 @@ def test_pool_views_pages_per_layout():
     assert bf16[3].ne(0).all() and bf16[2].eq(0).all() and bf16[4].eq(0).all()
     with pytest.raises(ValueError, match="holds no page"):
         KVPool.allocate(100)
+
+
+@pytest.mark.parametrize("head_dim, dtype", [(80, torch.bfloat16), (100, torch.bfloat16), (48, torch.float32)])
+def test_a_head_size_that_does_not_divide_the_page_is_a_strided_view(head_dim, dtype):
+    """Page p of the view is bytes [p * 16 KiB, p * 16 KiB + 2 * T * D * size): K of T tokens, then V;
+    the end of the page is never part of the view."""
+    pool = KVPool.allocate(6 * 16 * KiB)
+    layout = KVLayout(1, 1, head_dim, dtype)
+    t, size = layout.page_tokens, dtype.itemsize
+    kv = pool.view(layout)
+    assert kv.shape == (6, 2, t, head_dim)
+    assert kv.stride() == (16 * KiB // size, t * head_dim, head_dim, 1)
+    kv[4, 1, t - 1].fill_(3.0)  # V of the page's last token: its last bytes are the last used ones
+    kv[2].fill_(1.0)
+    pages = pool.buffer.view(6, 16 * KiB)
+    used = 2 * t * head_dim * size
+    assert 0 < 16 * KiB - used < 2 * head_dim * size  # less than one more token is left over
+    assert pages[:, used:].eq(0).all()
+    assert pages.ne(0).any(1).nonzero().flatten().tolist() == [2, 4]
+    assert pages[4, : used - head_dim * size].eq(0).all()
+    assert torch.equal(pages[4, used - head_dim * size: used].view(dtype), torch.full((head_dim,), 3.0, dtype=dtype))
+    assert torch.equal(pages[2, :used].view(dtype), torch.ones(2 * t * head_dim, dtype=dtype))
+
+
+def test_views_of_two_head_sizes_share_pages_byte_for_byte():
+    """An 80-dim fp32 view and a 64-dim fp32 view of one pool address page p at the same byte."""
+    pool = KVPool.allocate(4 * 16 * KiB)
+    wide = pool.view(KVLayout(1, 1, 80, torch.float32))  # 25 tokens, 384 B unused per page
+    narrow = pool.view(KVLayout(1, 1, 64, torch.float32))  # 32 tokens, the whole page
+    wide[2, 0, 0, 0] = 7.0
+    wide[3, 1, 24, 79] = 9.0  # the last used element of page 3
+    assert narrow[2, 0, 0, 0].item() == 7.0
+    assert narrow[3].flatten()[(2 * 25 * 80) - 1].item() == 9.0
+    assert narrow[1].eq(0).all() and narrow[3].count_nonzero().item() == 1
 
 
 # -- PageAllocator -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine, load_model
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.sampling_params import SamplingParams
-from muxserve.flexstore import FlexStoreClient, attached_engine
+from muxserve.flexstore import FlexStoreClient, FlexStoreConfig, ModelEntry, attached_engine
 
 from .helpers import PAGE_BYTES, ipc_address, kv_pattern, make_config, run_worker, start_flexstore
 
@@ -102,3 +102,38 @@ def test_two_engines_share_one_pool(client, tiny_models):
         assert [s.output_token_ids for s in seqs[name]] == expected
         assert all(s.num_preemptions == 0 for s in seqs[name])
     assert client.num_free == 256
+
+
+def test_a_head_size_that_does_not_divide_the_page_shares_flexstore_s_pool(tiny_models, tiny_model, tmp_path):
+    """head_dim 80 in fp32 pages of 4 KiB: 6 tokens of 640 B each and 256 B unused per page, next to
+    llama-a (head_dim 16: 32 tokens, no remainder). FlexStore reports that geometry and both engines
+    on its pool generate what they generate in process."""
+    folders = {"hd80": tiny_model("llama-hd80"), "llama-a": tiny_models["llama-a"]}
+    page_bytes, num_pages = 4096, 128
+    config = FlexStoreConfig(models=tuple(ModelEntry(n, str(f)) for n, f in folders.items()),
+                             address=ipc_address(tmp_path), kv_cache_bytes=num_pages * page_bytes,
+                             page_bytes=page_bytes)
+    runs = {}
+    for name, vocab in (("hd80", 512), ("llama-a", 256)):
+        prompts = _prompts(vocab, 3, seed=13)
+        reference = LLMEngine(EngineConfig(model=str(folders[name]), kv_cache_bytes=num_pages * page_bytes,
+                                           page_bytes=page_bytes))
+        runs[name] = (prompts, _generate(reference, prompts, 12)[0])
+    store = start_flexstore(config, tmp_path / "flexstore.log")
+    try:
+        with FlexStoreClient(config.address) as fs:
+            info = fs.info()
+            assert [(m.name, m.layout.page_tokens, m.layout.pages_per_block, m.max_tokens) for m in info.models] == [
+                ("hd80", 6, 4, 128 // 4 * 6), ("llama-a", 32, 4, 128 // 4 * 32)]
+            engines = {name: attached_engine(fs, name) for name in folders}
+            assert engines["hd80"].pool.view(engines["hd80"].layout).stride(0) == page_bytes // 4
+            params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+            seqs = {name: [engines[name].add_request(p, params) for p in runs[name][0]] for name in folders}
+            while any(e.has_unfinished() for e in engines.values()):
+                for e in engines.values():  # interleaved steps on one pool
+                    e.step()
+            for name, (_, expected) in runs.items():
+                assert [s.output_token_ids for s in seqs[name]] == expected, name
+            assert fs.num_free == num_pages
+    finally:
+        assert store.stop() == 0

@@ -87,10 +87,14 @@ def launch_args(config: Path, workload: Path, tmp: Path, *extra: str) -> list[st
 
 
 def run_launch(config: Path, workload: Path, tmp: Path, *extra: str, timeout: float = 300):
-    """Run the launcher to completion; returns (completed process, stats dict or None)."""
+    """Run the launcher to completion, its stderr into a file as in a logged run; returns (completed
+    process with that file's text as ``stderr``, stats dict or None)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(launch_args(config, workload, tmp, *extra), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    with open(tmp / "launch.stderr", "w+") as err:
+        proc = subprocess.run(launch_args(config, workload, tmp, *extra), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=err, text=True, timeout=timeout)
+        err.seek(0)
+        proc.stderr = err.read()
     stats_path = tmp / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
     return proc, stats

@@ -42,6 +42,13 @@ def test_adbs_serves_every_request_with_offline_tokens(setup, tmp_path):
         assert stats["summary"]["per_model"][llm]["scheduler"]["decode_jobs"] > 0
     assert set(stats["base_latency"]) == {"llm-0", "llm-1", "llm-2"}
     assert stats["summary"]["overall"]["slo_attainment"]["20"] > 0
+    # Progress in a log file: plain lines, one per 15 s of replay at most and one at the end; no redraws.
+    assert "\r" not in proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("requests: ")]
+    n = len(setup.requests)
+    assert progress[-1].startswith(f"requests: {n}/{n} req (100 %), done in ")
+    replay_s = float(progress[-1].rsplit(" ", 2)[-2])
+    assert len(progress) <= 1 + replay_s // 15
 
 
 def test_small_pool_preempts_and_still_matches(setup, tmp_path):
@@ -144,6 +151,31 @@ def test_workload_naming_an_unknown_llm_is_refused(setup, tmp_path):
     proc, _ = run_launch(config, setup.workload, tmp_path)
     assert proc.returncode == 2
     assert "names LLMs that the config lacks: ['llm-2']" in proc.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused_before_start(setup, tmp_path):
+    from muxserve.muxsched.workload import WorkloadRequest, write_workload
+
+    # The tiny LLMs have a vocabulary of 512; request 3 holds an id of a bigger tokenizer.
+    requests = [WorkloadRequest(i, f"llm-{i % 3}", 0.1 * i, [7, 8, 511 if i != 3 else 40000, 9], 4) for i in range(5)]
+    workload = tmp_path / "big_ids.json"
+    write_workload(workload, {}, requests)
+    proc, stats = run_launch(setup.config(), workload, tmp_path)
+    assert proc.returncode == 2 and stats is None
+    assert (f"workload {workload}: request idx 3 of LLM 'llm-0' has prompt token id 40000, outside the vocabulary "
+            f"of its model '{setup.models['llm-0']}' (ids 0..511); was the workload tokenized for another model?"
+            in proc.stderr)
+    assert not (tmp_path / "logs").exists()  # nothing was started
+
+
+def test_a_truncated_workload_file_is_named_as_such(setup, tmp_path):
+    workload = tmp_path / "cut.json"
+    workload.write_text("[1,2")
+    proc, _ = run_launch(setup.config(), workload, tmp_path)
+    assert proc.returncode == 2
+    assert (f"workload file {workload}: not valid JSON (truncated?): the text ends at byte 4 before the document is "
+            "complete") in proc.stderr
     assert not (tmp_path / "logs").exists()
 
 

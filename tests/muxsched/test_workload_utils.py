@@ -357,3 +357,46 @@ def test_readme_command_on_the_real_dataset(tmp_path, smollm2_folder):
     # the second run refuses to overwrite, with exit code 2 and no traceback
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "Traceback" not in again.stderr
+
+
+def test_a_model_whose_vocabulary_cannot_hold_the_token_ids_is_refused(tmp_path, dataset, smollm2_folder, capsys):
+    shape = REPO / "examples" / "shapes" / "llama-2-7b"  # config only (vocabulary 32000): SmolLM2's tokenizer
+    refusal = (f"error: LLM 'llm-1' (model '{shape}'): the 'smollm2-135m' tokenizer used for its prompts has a "
+               "vocabulary of 49152 tokens, more than the model's 32000; choose a tokenizer that fits the model with "
+               "--tokenizer")
+    models = tmp_path / "models.yaml"
+    models.write_text(f"models:\n- {{name: llm-0, model: smollm2-135m, rate: 2}}\n"
+                      f"- {{name: llm-1, model: '{shape}', rate: 1}}\n")
+    out = tmp_path / "w.json"
+    args = ["--dataset-source", str(dataset), "--model-yaml", str(models), "--output-file", str(out),
+            "--num-requests", "4"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == refusal
+    assert main(args + ["--tokenizer", "smollm2-135m"]) == 2  # the same tokenizer, chosen explicitly
+    assert capsys.readouterr().err.strip().splitlines()[-1] == refusal
+    assert not out.exists()
+
+    yaml_out = tmp_path / "power.yaml"
+    assert main(["power-law", "--alpha", "1", "--llms", "smollm2-135m", str(shape), "--models-yaml-out",
+                 str(yaml_out), "--dataset-source", str(dataset), "--num-requests", "4", "--output-file", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == refusal
+    assert not out.exists() and not yaml_out.exists()
+
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join(json.dumps(r) for r in lmsys_trace()) + "\n")
+    assert main(["lmsys", "--trace", str(trace), "--output-file", str(out), "--models-yaml-out", str(yaml_out),
+                 "--model", str(shape)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: every LLM of --models-yaml-out (model '{shape}'): the 'smollm2-135m' tokenizer used for its prompts "
+        "has a vocabulary of 49152 tokens, more than the model's 32000; choose a tokenizer that fits the model with "
+        "--tokenizer")
+    assert not out.exists() and not yaml_out.exists()
+
+
+def test_progress_on_a_redirected_stderr_is_plain_lines(tmp_path, dataset, smollm2_folder, capsys):
+    rc, _ = generate(tmp_path, dataset, {"llm-0": 2, "llm-1": 1}, "--num-requests", "4")
+    assert rc == 0
+    err = capsys.readouterr().err  # not a terminal: no bar redraws, one line at the end
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("sampling requests")]
+    assert len(lines) == 1 and lines[0].startswith("sampling requests: 6/6 req (100 %), done in ")

@@ -1,7 +1,10 @@
 """Triton kernels over the head-wise paged KV pool (DESIGN.md §4).
 
-Layout they read: ``kv`` is the model's view of the pool, (num_pages, 2, page_tokens, head_dim)
-contiguous, so a page of (layer, kv-head) holds K at ``page * 2*T*D`` and V ``T*D`` after it.
+Layout they read: ``kv`` is the model's view of the pool, (num_pages, 2, page_tokens, head_dim),
+strided as ``KVPool.view`` makes it: token ``i`` of a page holds K at ``page * stride(0) + i *
+stride(2)`` and V ``stride(1)`` after it, each a contiguous row of ``head_dim``. The page stride is
+the page size, which can exceed ``2*T*D`` elements (a head size that does not divide the page
+leaves the rest of the page unused), so the kernels take every stride and assume none.
 Page tables are per slot: ``tables`` (S, max_blocks, L*H) int32, the page of token block ``blk``
 of layer ``l`` and kv-head ``h`` being ``tables[slot, blk, l*H + h]`` (block-major, as the
 allocator hands pages out). Each sequence of a batch names its slot (``slots``, (B,)).
@@ -29,6 +32,14 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def _check_pool(kv: torch.Tensor, head_dim: int) -> int:
+    """Tokens per page of the pool view ``kv``; its rows of ``head_dim`` must be contiguous."""
+    if kv.dim() != 4 or kv.shape[1] != 2 or kv.shape[3] != head_dim or kv.stride(3) != 1:
+        raise ValueError(f"KV pool view must be (pages, 2, page_tokens, {head_dim}) with contiguous rows, got "
+                         f"shape {tuple(kv.shape)} strides {kv.stride()}")
+    return kv.shape[2]
+
+
 # --------------------------------------------------------------------------------------------
 # rotary + page write
 # --------------------------------------------------------------------------------------------
@@ -51,7 +62,7 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, kv_ptr, tables
                        cos_ptr, sin_ptr, layer,
                        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                        stride_qon, stride_qoh, stride_kon, stride_koh,
-                       stride_ts, stride_tb, stride_page, stride_cos,
+                       stride_ts, stride_tb, stride_page, stride_kv, stride_tok, stride_cos,
                        HQ: tl.constexpr, H: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_H: tl.constexpr,
                        D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, T: tl.constexpr,
                        ROTATE: tl.constexpr):
@@ -101,13 +112,13 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, kv_ptr, tables
     if slot >= 0:
         blk = pos // T
         page = tl.load(tables_ptr + slot * stride_ts + blk * stride_tb + layer * H + offs_h, mask=offs_h < H, other=0)
-        base = page.to(tl.int64) * stride_page + (pos % T) * D
+        base = page.to(tl.int64) * stride_page + (pos % T) * stride_tok
         dst = kv_ptr + base[:, None] + offs_j[None, :]
         kvt = kv_ptr.dtype.element_ty
         tl.store(dst, k1.to(kvt), mask=mk)
         tl.store(dst + HALF, k2.to(kvt), mask=mk)
-        tl.store(dst + T * D, v1.to(kvt), mask=mk)
-        tl.store(dst + T * D + HALF, v2.to(kvt), mask=mk)
+        tl.store(dst + stride_kv, v1.to(kvt), mask=mk)
+        tl.store(dst + stride_kv + HALF, v2.to(kvt), mask=mk)
 
 
 def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor,
@@ -115,12 +126,13 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tens
                cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q, k (cos/sin None: no rotation) and store k, v into their pages.
 
-    q: (N, Hq, D), k, v: (N, H, D), any row strides, last dim contiguous; kv: (P, 2, T, D);
-    tables: (S, MB, L*H) int32; token_slots, positions: (N,). Returns rotated q and k, contiguous.
+    q: (N, Hq, D), k, v: (N, H, D), any row strides, last dim contiguous; kv: (P, 2, T, D), last
+    dim contiguous (a ``KVPool.view``); tables: (S, MB, L*H) int32; token_slots, positions: (N,).
+    Returns rotated q and k, contiguous.
     """
     n, hq, d = q.shape
     h = k.shape[1]
-    t = kv.shape[2]
+    t = _check_pool(kv, d)
     q_out = torch.empty((n, hq, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty((n, h, d), dtype=k.dtype, device=k.device)
     if n == 0:
@@ -133,7 +145,7 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tens
         q, k, v, q_out, k_out, kv, tables, token_slots, positions, cos, sin, layer,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-        tables.stride(0), tables.stride(1), kv.stride(0), cos.stride(0),
+        tables.stride(0), tables.stride(1), kv.stride(0), kv.stride(1), kv.stride(2), cos.stride(0),
         HQ=hq, H=h, BLOCK_HQ=_pow2(hq), BLOCK_H=_pow2(h), D=d, HALF=half, BLOCK_HALF=_pow2(half), T=t,
         ROTATE=rotate, num_warps=4 if hq * d >= 2048 else 2,
     )
@@ -146,8 +158,8 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tens
 @triton.jit
 def _decode_kernel(q_ptr, kv_ptr, tables_ptr, slots_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                    layer, scale, num_splits,
-                   stride_qb, stride_qh, stride_ob, stride_oh, stride_ts, stride_tb, stride_page,
-                   H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                   stride_qb, stride_qh, stride_ob, stride_oh, stride_ts, stride_tb, stride_page, stride_kv,
+                   stride_tok, H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT: tl.constexpr, IEEE: tl.constexpr):
     # num_splits is a runtime value (one compiled kernel for every split count); SPLIT: it is > 1
@@ -177,10 +189,10 @@ def _decode_kernel(q_ptr, kv_ptr, tables_ptr, slots_ptr, seq_lens_ptr, out_ptr, 
         offs_n = t0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         page = tl.load(row + (offs_n // T) * stride_tb, mask=mask_n, other=0)
-        base = page.to(tl.int64) * stride_page + (offs_n % T) * D  # (N,)
+        base = page.to(tl.int64) * stride_page + (offs_n % T) * stride_tok  # (N,)
         mkv = mask_n[:, None] & mask_d[None, :]
         k = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=mkv, other=0.0)  # (N, D)
-        v = tl.load(kv_ptr + base[:, None] + T * D + offs_d[None, :], mask=mkv, other=0.0)
+        v = tl.load(kv_ptr + base[:, None] + stride_kv + offs_d[None, :], mask=mkv, other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -260,7 +272,7 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, sl
     ``launch``: (tokens per iteration, warps, pipeline stages) instead of the defaults.
     """
     b, hq, d = q.shape
-    t = kv.shape[2]
+    t = _check_pool(kv, d)
     group = hq // num_kv_heads
     if out is None:
         out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
@@ -282,7 +294,7 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, sl
     _decode_kernel[(b, num_kv_heads, num_splits)](
         q, kv, tables, slots, seq_lens, out, part_o, part_lse, layer, scale, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0), tables.stride(1), kv.stride(0),
-        H=num_kv_heads, GROUP=group, BLOCK_G=max(16, _pow2(group)), D=d, BLOCK_D=block_d, T=t,
+        kv.stride(1), kv.stride(2), H=num_kv_heads, GROUP=group, BLOCK_G=max(16, _pow2(group)), D=d, BLOCK_D=block_d, T=t,
         BLOCK_N=block_n, SPLIT=num_splits > 1, IEEE=ieee, num_warps=warps, num_stages=stages,
     )
     if num_splits > 1:
