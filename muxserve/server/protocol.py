@@ -2,31 +2,44 @@
 
 Unknown fields are accepted and ignored (as vLLM does), so clients that send more than this
 server reads still work; fields that would change the answer and are not supported
-(``logprobs``, ``echo``, penalties, ``n`` > 1, ...) are refused with a 400 naming them.
+(``logprobs``, ``echo``, penalties, ``n`` > 1, tools, ``response_format``, ``logit_bias``,
+guided decoding, ...) are refused with a 400 naming them (``prompts.refuse_unsupported``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from muxserve.engine.sampling_params import SEED_MAX, SEED_MIN, TOP_K_MAX
 
 
 class ApiError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with HTTP ``status``."""
 
-    TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
+    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+             405: "MethodNotAllowedError", 413: "RequestTooLargeError", 500: "InternalServerError",
              503: "ServiceUnavailableError"}
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        message, param = _printable(message), _printable(param)
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "APIError"),
                           "param": self.param, "code": self.status}}
+
+
+def _printable(text: str | None) -> str | None:
+    """``text`` with any lone surrogate (from a JSON ``\\ud800`` escape) written out as ``\\ud800``:
+    an error that quotes a bad value must itself encode as UTF-8."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class StreamOptions(BaseModel):
@@ -44,8 +57,8 @@ class _GenerationRequest(BaseModel):
     max_tokens: int | None = None
     temperature: float | None = None  # default 1.0, as OpenAI and vLLM
     top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
+    top_k: int | None = Field(default=None, ge=-1, le=TOP_K_MAX)  # -1 or 0: off
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)  # what the sampler takes, one stream each
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
