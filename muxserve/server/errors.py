@@ -33,9 +33,11 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> Response:
-        # Starlette re-raises it after this answer, so uvicorn logs the traceback.
+        # Starlette re-raises it after this answer: uvicorn logs the traceback and closes the
+        # connection, which the client must know so as not to send its next request on it.
         return _error_response(ApiError(500, f"internal error while handling {request.method} "
-                                             f"{request.url.path}: {type(exc).__name__}: {exc}"))
+                                             f"{request.url.path}: {type(exc).__name__}: {exc}",
+                                        headers={"Connection": "close"}))
 
 
 def _error_response(exc: ApiError) -> Response:

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from muxserve.server.protocol import ApiError
+from muxserve.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 
 
 class ErrorDetail(BaseModel):
@@ -132,8 +132,15 @@ def install_openapi(app: FastAPI) -> None:
             for path in schema["paths"].values():
                 for operation in path.values():
                     operation["responses"].pop("422", None)
+            components = schema["components"]["schemas"]
             for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+                components.pop(name, None)
+            # FastAPI's OpenAPI model holds bounds as floats, which cannot say 2**63 - 1 (the
+            # largest seed): the request bodies are declared as pydantic writes them.
+            for model in (CompletionRequest, ChatCompletionRequest):
+                own = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(own.pop("$defs", {}))
+                components[model.__name__] = own
             app.openapi_schema = schema
         return app.openapi_schema
 
