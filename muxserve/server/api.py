@@ -212,7 +212,7 @@ def create_app(state: ServerState, lifespan=None, api_key: str | None = None,
     app.state.mux = state
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     add_error_handlers(app)
-    schema.install_openapi(app)
+    schema.install_openapi(app, list(state.models))
 
     @app.get("/health", responses={200: {"model": schema.Health, "description": "serving"}, **schema.errors(503)})
     async def health() -> Response:

@@ -119,11 +119,18 @@ def streamed(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """A 200 that is ``model`` as JSON, or with ``stream: true`` a server-sent event stream."""
     return {200: {"model": model, "description": "the answer; with `stream: true` an SSE stream of chunks "
                                                  "(`data: {...}`), then `data: [DONE]`",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                  "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
 
 
-def install_openapi(app: FastAPI) -> None:
-    """Build the schema once, without FastAPI's 422 responses (this API answers 400)."""
+# One server-sent event (OpenAPI 3.1: the schema of an event stream describes each event).
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "description": "a chunk as JSON, an error object as "
+                                                                        "JSON, or `[DONE]`"}}}
+
+
+def install_openapi(app: FastAPI, model_names: list[str]) -> None:
+    """Build the schema once, without FastAPI's 422 responses (this API answers 400); ``model``
+    is one of ``model_names`` (another one gets a 404)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -139,6 +146,7 @@ def install_openapi(app: FastAPI) -> None:
             # largest seed): the request bodies are declared as pydantic writes them.
             for model in (CompletionRequest, ChatCompletionRequest):
                 own = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                own["properties"]["model"]["enum"] = model_names
                 components.update(own.pop("$defs", {}))
                 components[model.__name__] = own
             app.openapi_schema = schema

@@ -6,6 +6,8 @@ generating exactly what it generated before.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -143,6 +145,13 @@ def _json(body) -> bytes:
     ("/v1/completions", b'{"model": "tiny", "prompt": "hi"', error(
         400, "the request body is not valid JSON: Expecting ',' delimiter", None)),
     ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, error(400, "There was an error parsing the body", None)),
+    # JSON types are strict: false is not the token id 0, true is not top_k 1
+    ("/v1/completions", _json({**CMPL, "prompt": [[False]]}),
+     error(400, "invalid value for prompt: [[False]] (Input should be a valid string)", "prompt")),
+    ("/v1/completions", _json({**CMPL, "top_k": True}),
+     error(400, "invalid value for top_k: True (Input should be a valid integer)", "top_k")),
+    ("/v1/chat/completions", _json({**CHAT, "stream": "yes"}),
+     error(400, "invalid value for stream: 'yes' (Input should be a valid boolean)", "stream")),
 ])
 def test_malformed_bodies_get_a_json_400(client, probe_ids, path, content, expected):
     r = client.post(path, content=content, headers={"Content-Type": "application/json"})
@@ -346,3 +355,17 @@ def test_a_wrong_method_gets_405_with_allow(client):
     assert r.headers["allow"] == "POST"
     r = client.post("/health")
     assert (r.status_code, r.headers["allow"]) == (405, "GET")
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(server, client, probe_ids, tmp_path):
+    pytest.importorskip("schemathesis")
+    # Every check but positive_data_acceptance: the schema cannot state every rule a valid request
+    # follows (token ids within the vocabulary, a prompt and max_tokens that fit the context).
+    proc = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
+         "-H", f"Authorization: Bearer {KEY}", "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--max-examples", "120",
+         "--workers", "1", "--seed", "1", "--request-timeout", "60", "--continue-on-failure"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert "6 selected / 6 total" in proc.stdout and " passed" in proc.stdout
+    assert_still_serving(client, probe_ids)
