@@ -6,6 +6,7 @@ generating exactly what it generated before.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -16,9 +17,10 @@ import openai
 import pytest
 
 from muxserve.engine import LLM, SamplingParams
+from muxserve.muxsched.workload import WorkloadRequest, write_workload
 from muxserve.serve import build_parser
 
-from .helpers import start_server, write_config
+from .helpers import REPO, start_server, write_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -369,3 +371,21 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(server, clien
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert "6 selected / 6 total" in proc.stdout and " passed" in proc.stdout
     assert_still_serving(client, probe_ids)
+
+
+def test_bench_serve_sends_the_api_key(server, tmp_path):
+    reqs = [WorkloadRequest(i, "tiny", 0.0, [i + 1, i + 2, i + 3], 4) for i in range(3)]
+    workload = tmp_path / "workload.json"
+    write_workload(workload, {}, reqs)
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "benchmark/serve/bench_serve.py", "--base-url", server.url, "--workload-file",
+               str(workload), "--result-file", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("MUXSERVE_API_KEY", "OPENAI_API_KEY")}
+    proc = subprocess.run(command, cwd=REPO, env={**env, "MUXSERVE_API_KEY": KEY}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert (result["completed"], result["failed"], result["total_output_tokens"]) == (3, 0, 12)
+    subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = json.loads(out.read_text())
+    assert (result["completed"], result["failed"]) == (0, 3)  # without the key: 401s
