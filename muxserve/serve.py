@@ -112,7 +112,8 @@ def serve(args) -> int:
         raise ConfigError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if args.max_request_bytes < 1:
         raise ConfigError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
-    if args.api_key is not None and not (args.api_key.isprintable() and args.api_key.strip() == args.api_key != ""):
+    key = args.api_key
+    if key is not None and (not key or not key.isprintable() or key.strip() != key):
         raise ConfigError("--api-key (or MUXSERVE_API_KEY) must be non-empty printable text without spaces "
                           "around it")
     if args.api_key is None and not _is_loopback(args.host):

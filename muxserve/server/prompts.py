@@ -203,8 +203,8 @@ def _text_of(content: Any, i: int) -> str:
         parts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"messages[{i}].content[{j}]: only text parts are supported, got {short_repr(part)}",
-                               f"messages[{i}].content")
+                raise ApiError(400, f"messages[{i}].content[{j}]: only text parts are supported, got "
+                                    f"{short_repr(part)}", f"messages[{i}].content")
             parts.append(part["text"])
         return "".join(parts)
     raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, got {short_repr(content)}",

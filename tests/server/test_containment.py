@@ -91,7 +91,8 @@ def test_an_engine_thread_bug_fails_one_request_while_the_others_finish(server, 
     assert (bad.status_code, bad.json()) == (500, {"error": {"message": message, "type": "InternalServerError",
                                                              "param": None, "code": 500}})
     # the stream had sent two tokens when its third failed: then the error chunk and [DONE]
-    assert [e["choices"][0]["token_ids"] for e in streamed[:2]] == [[t] for t in offline_ids(tiny_llm, [ENGINE_BUG, 3], 2)]
+    first_two = offline_ids(tiny_llm, [ENGINE_BUG, 3], 2)
+    assert [e["choices"][0]["token_ids"] for e in streamed[:2]] == [[t] for t in first_two]
     assert streamed[2:] == [{"error": {"message": message, "type": "InternalServerError", "param": None,
                                        "code": 500}}, "[DONE]"]
     for r, (prompt, n) in zip(good, others):

@@ -252,6 +252,20 @@ def test_the_api_key_flag_and_environment_variable(monkeypatch):
     assert build_parser().parse_args(["cfg.yaml", "--api-key", "k1"]).api_key == "k1"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--api-key", " key"], "error: --api-key (or MUXSERVE_API_KEY) must be non-empty printable text without spaces "
+                            "around it"),
+    (["--api-key", ""], "error: --api-key (or MUXSERVE_API_KEY) must be non-empty printable text without spaces "
+                        "around it"),
+    (["--max-request-bytes", "0"], "error: --max-request-bytes must be >= 1, got 0"),
+])
+def test_bad_flags_are_refused_before_anything_starts(tmp_path, tiny_tok_folder, flags, message):
+    config = write_config(tmp_path / "cfg.yaml", {"tiny": str(tiny_tok_folder)})
+    proc = subprocess.run([sys.executable, "-m", "muxserve.serve", str(config), *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (2, message)
+
+
 # -- size and time --------------------------------------------------------------------------------
 class HealthProbe:
     """Polls /health on its own connection; records (start, latency) of every answer."""
@@ -365,8 +379,8 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(server, clien
     # follows (token ids within the vocabulary, a prompt and max_tokens that fit the context).
     proc = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
-         "-H", f"Authorization: Bearer {KEY}", "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--max-examples", "120",
-         "--workers", "1", "--seed", "1", "--request-timeout", "60", "--continue-on-failure"],
+         "-H", f"Authorization: Bearer {KEY}", "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+         "--max-examples", "120", "--workers", "1", "--seed", "1", "--request-timeout", "60", "--continue-on-failure"],
         cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert "6 selected / 6 total" in proc.stdout and " passed" in proc.stdout
