@@ -10,7 +10,9 @@ process is stopped and the server exits 0.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
 import signal
 import sys
 import time
@@ -31,6 +33,7 @@ from muxserve.instance_cli import (
     resolve_device,
     run_instance_command,
 )
+from muxserve.server.guards import DEFAULT_MAX_REQUEST_BYTES
 
 logger = logging.getLogger("muxserve.serve")
 
@@ -48,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds to let running requests finish before they are aborted (default: 120)")
     g.add_argument("--split-by-model", help="serve only this LLM of the config (spatial partitioning)")
     g.add_argument("--no-access-log", action="store_true", help="do not log each HTTP request")
+    g.add_argument("--api-key", default=os.environ.get("MUXSERVE_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every /v1 route (401 otherwise); /health, "
+                        "/version and /metrics stay open. Default: $MUXSERVE_API_KEY, which unlike the flag "
+                        "does not show in the process list; unset: no key")
+    g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="largest request body accepted; larger ones get 413 before they are read "
+                        f"(default: {DEFAULT_MAX_REQUEST_BYTES} = {DEFAULT_MAX_REQUEST_BYTES >> 20} MiB)")
     g = p.add_argument_group("mesh")
     g.add_argument("--server-port", type=int, default=50060,
                    help="base port of the tensor-parallel runtimes' torch.distributed groups (default: 50060)")
@@ -100,6 +110,15 @@ def serve(args) -> int:
         raise ConfigError(f"--port must be a TCP port (1-65535), got {args.port}")
     if args.drain_timeout < 0:
         raise ConfigError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    if args.max_request_bytes < 1:
+        raise ConfigError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    key = args.api_key
+    if key is not None and (not key or not key.isprintable() or key.strip() != key):
+        raise ConfigError("--api-key (or MUXSERVE_API_KEY) must be non-empty printable text without spaces "
+                          "around it")
+    if args.api_key is None and not _is_loopback(args.host):
+        logger.warning("listening on %s without --api-key: anyone who reaches this address can use every LLM",
+                       args.host)
     device = resolve_device(args.device)
     check_instance_args(args, config, device, args.model_config)
     instance = Instance(config, instance_options(args, config, device))
@@ -128,7 +147,7 @@ def serve(args) -> int:
         logger.info("serving %s at http://%s:%d/v1", ", ".join(models), args.host, args.port)
         yield
 
-    app = create_app(state, lifespan)
+    app = create_app(state, lifespan, api_key=args.api_key, max_request_bytes=args.max_request_bytes)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                                access_log=not args.no_access_log, lifespan="on",
                                timeout_graceful_shutdown=30)  # after the drain: idle connections only
@@ -146,6 +165,15 @@ def serve(args) -> int:
         return 1
     logger.info("stopped")
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 class _Server(uvicorn.Server):

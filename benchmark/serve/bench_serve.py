@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import socket
 import sys
 import time
@@ -113,7 +114,8 @@ async def replay(args, requests: list[WorkloadRequest], models: dict[str, str]) 
     url = args.base_url.rstrip("/") + args.endpoint
     sem = asyncio.Semaphore(args.max_concurrency)
     connector = aiohttp.TCPConnector(limit=args.max_concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         t0 = time.perf_counter()
 
         async def one(req: WorkloadRequest) -> Result:
@@ -205,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop the run after this many seconds; unfinished requests count as failed (default: 3600)")
     p.add_argument("--metric-percentiles", default="99", help="comma-separated percentiles (default: 99)")
     p.add_argument("--result-file", help="write the summary (overall and per model) and every request as JSON")
+    p.add_argument("--api-key", default=os.environ.get("MUXSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+                   help="sent as 'Authorization: Bearer KEY' (default: $MUXSERVE_API_KEY, else $OPENAI_API_KEY)")
     return p
 
 

@@ -23,14 +23,17 @@ _MASK64 = (1 << 64) - 1
 
 
 def step_seed(seed: int | None, step: int) -> int | None:
-    """The key of one sampling step of a seeded request: (seed, tokens generated so far).
+    """The 64-bit key of one sampling step of a seeded request: (seed, tokens generated so far).
 
     Derived rather than carried along, so every process that samples the request's next token
-    derives the same key.
+    derives the same key. For a given step the key is a bijection of the seed's 64 bits (SplitMix64
+    of its two's complement, then XOR the step), so the seeds of ``SamplingParams`` (the signed
+    64-bit range) never share a stream; hashing the seed first keeps two seeds' key sequences
+    from being shifts of each other.
     """
     if seed is None:
         return None
-    return (seed * 0x9E3779B1 + step) % (1 << 63)
+    return splitmix64(seed & _MASK64) ^ step
 
 
 def splitmix64(x: int) -> int:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Seeds are signed 64-bit integers: what msgpack carries to the runtimes, and a range that
+# ``sampler.step_seed`` maps one-to-one onto its keys (distinct seeds, distinct sampling streams).
+SEED_MIN = -(1 << 63)
+SEED_MAX = (1 << 63) - 1
+TOP_K_MAX = (1 << 63) - 1  # any k at least the vocabulary size keeps every token
 
 @dataclass
 class SamplingParams:
@@ -13,8 +18,9 @@ class SamplingParams:
         max_tokens: upper bound on generated tokens (the prompt is not counted).
         temperature: 0 means greedy decoding; larger values flatten the distribution.
         top_p: nucleus sampling mass in (0, 1].
-        top_k: keep only the k most likely tokens; -1 disables the filter.
-        seed: per-request random seed; equal seeds give equal samples.
+        top_k: keep only the k most likely tokens (at most 2**63 - 1); -1 disables the filter.
+        seed: per-request random seed in [-2**63, 2**63 - 1]; equal seeds give equal samples,
+            distinct seeds distinct ones.
         stop_token_ids: extra token ids that end the request (the stop token is kept).
         ignore_eos: keep generating past EOS until ``max_tokens`` (benchmarks).
     """
@@ -34,10 +40,12 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not (self.top_k == -1 or self.top_k >= 1):
-            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                or not (self.top_k == -1 or 1 <= self.top_k <= TOP_K_MAX)):
+            raise ValueError(f"top_k must be -1 (disabled) or in [1, {TOP_K_MAX}], got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be None or an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         bad = [t for t in self.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0]
         if bad:
             raise ValueError(f"stop_token_ids must be non-negative integers, got {bad!r}")

@@ -2,33 +2,40 @@
 /health, /version and /metrics.
 
 Handlers run on the event loop and talk to the engine thread only through the EngineDriver.
-A generation yields one delta per generated token (streams flush each as its own SSE chunk,
-which is what TTFT/ITL benchmarks measure); a client that goes away aborts its request.
+Checking a request, rendering its chat template and tokenizing its prompt run on a worker
+thread, so a large prompt does not hold up other requests (or /health). A generation yields one
+delta per generated token (streams flush each as its own SSE chunk, which is what TTFT/ITL
+benchmarks measure); a client that goes away aborts its request. An exception while handling
+one request is that request's 500; the engine thread and the other requests go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 import msgspec
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response
 from starlette.responses import StreamingResponse
 
 import muxserve
-from muxserve.server import prompts
+from muxserve.server import prompts, schema
 from muxserve.server.detokenizer import IncrementalDetokenizer
 from muxserve.server.driver import EngineDriver, ErrorEvent, RequestHandle, ServedModel
+from muxserve.server.errors import add_error_handlers
+from muxserve.server.guards import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit, api_key_check
 from muxserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from muxserve.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _GenerationRequest
+
+logger = logging.getLogger(__name__)
 
 _json = msgspec.json.Encoder()
 
@@ -43,6 +50,10 @@ class ServerState:
     draining: bool = False  # SIGTERM: new requests get 503 while the running ones finish
     active: int = 0  # generations in progress
     created: int = field(default_factory=lambda: int(time.time()))
+    # One thread, as vLLM does: a tokenizer is not meant for concurrent calls, and one large
+    # prompt at a time bounds the memory tokenization takes (about 130 bytes per prompt byte).
+    prepare_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="muxserve-tokenize"))
 
     def check_accepting(self) -> None:
         if self.draining:
@@ -89,10 +100,19 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 
 # -- running a generation ------------------------------------------------------------------------
-def start_generation(state: ServerState, body: _GenerationRequest, model: ServedModel, prompt_ids: list[int],
-                     max_tokens: int | None, prompt_field: str) -> Generation:
-    params = prompts.sampling_params(body, model, len(prompt_ids), max_tokens, prompt_field)
-    stop = prompts.stop_strings(body)
+async def prepare(state: ServerState, body: _GenerationRequest,
+                  prompt_of: Callable[[Any, ServedModel], list[int]], max_tokens: int | None,
+                  prompt_field: str) -> Generation:
+    """Check ``body`` and tokenize its prompt (``prompt_of``) on the worker thread; an ApiError if refused."""
+
+    def work():
+        prompts.check_body(body)
+        model = prompts.find_model(state.models, body.model)
+        prompt_ids = prompt_of(body, model)
+        params = prompts.sampling_params(body, model, len(prompt_ids), max_tokens, prompt_field)
+        return model, prompt_ids, params, prompts.stop_strings(body)
+
+    model, prompt_ids, params, stop = await asyncio.get_running_loop().run_in_executor(state.prepare_pool, work)
     detok = IncrementalDetokenizer(model.tokenizer, prompt_ids, stop)
     return Generation(model, prompt_ids, RequestHandle(model.name, prompt_ids, params), detok)
 
@@ -180,51 +200,52 @@ class SSEResponse(StreamingResponse):
 
 
 # -- the app -------------------------------------------------------------------------------------
-def create_app(state: ServerState, lifespan=None) -> FastAPI:
-    """The API over ``state``; ``lifespan`` (an async context manager factory) runs around serving."""
+def create_app(state: ServerState, lifespan=None, api_key: str | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    """The API over ``state``; ``lifespan`` (an async context manager factory) runs around serving.
+
+    ``api_key``: every /v1 route then needs ``Authorization: Bearer <api_key>``; /health,
+    /version and /metrics stay open. Request bodies over ``max_request_bytes`` get a 413.
+    """
     app = FastAPI(title="MuxServe", version=muxserve.__version__, docs_url=None, redoc_url=None,
                   lifespan=lifespan)
     app.state.mux = state
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    add_error_handlers(app)
+    schema.install_openapi(app, list(state.models))
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> Response:
-        return json_response(exc.body(), exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> Response:
-        return json_response(validation_error(exc).body(), 400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
-        return json_response(ApiError(exc.status_code, str(exc.detail)).body(), exc.status_code)
-
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": schema.Health, "description": "serving"}, **schema.errors(503)})
     async def health() -> Response:
         state.check_accepting()
-        return Response(status_code=200)
+        return json_response({"status": "ok"})
 
-    @app.get("/version")
+    @app.get("/version", responses={200: {"model": schema.Version, "description": "the server's version"}})
     async def version() -> Response:
         return json_response({"version": muxserve.__version__})
 
-    @app.get("/v1/models")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format"}})
+    async def metrics() -> Response:
+        await state.driver.refresh_metrics()
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    auth = [401] if api_key else []
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(api_key))] if api_key else [])
+
+    @v1.get("/models", responses={200: {"model": schema.ModelList, "description": "every LLM served"},
+                                  **schema.errors(*auth, 500)})
     async def models() -> Response:
         data = [{"id": m.name, "object": "model", "created": state.created, "owned_by": "muxserve",
                  "root": m.root, "parent": None, "max_model_len": m.max_model_len, "permission": []}
                 for m in state.models.values()]
         return json_response({"object": "list", "data": data})
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        await state.driver.refresh_metrics()
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+    generation_errors = schema.errors(400, *auth, 404, 413, 500, 503)
 
-    @app.post("/v1/completions")
+    @v1.post("/completions", responses={**schema.streamed(schema.CompletionResponse), **generation_errors})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         state.check_accepting()
-        model = prompts.find_model(state.models, body.model)
-        prompt_ids = prompts.completion_prompt(body, model)
-        gen = start_generation(state, body, model, prompt_ids, body.max_tokens, "prompt")
+        gen = await prepare(state, body, prompts.completion_prompt, body.max_tokens, "prompt")
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return SSEResponse(completion_stream(state, gen, body, rid, created))
@@ -233,16 +254,14 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
                   "stop_reason": gen.stop_reason}
         if body.return_token_ids:
             choice.update(prompt_token_ids=gen.prompt_token_ids, token_ids=gen.token_ids)
-        return json_response({"id": rid, "object": "text_completion", "created": created, "model": model.name,
+        return json_response({"id": rid, "object": "text_completion", "created": created, "model": gen.model.name,
                               "choices": [choice], "usage": gen.usage()})
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions", responses={**schema.streamed(schema.ChatCompletionResponse), **generation_errors})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         state.check_accepting()
-        model = prompts.find_model(state.models, body.model)
-        prompt_ids = prompts.chat_prompt(body, model)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        gen = start_generation(state, body, model, prompt_ids, max_tokens, "messages")
+        gen = await prepare(state, body, prompts.chat_prompt, max_tokens, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return SSEResponse(chat_stream(state, gen, body, rid, created))
@@ -251,12 +270,13 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
                   "finish_reason": gen.finish_reason, "stop_reason": gen.stop_reason}
         if body.return_token_ids:
             choice.update(token_ids=gen.token_ids)
-        out = {"id": rid, "object": "chat.completion", "created": created, "model": model.name,
+        out = {"id": rid, "object": "chat.completion", "created": created, "model": gen.model.name,
                "choices": [choice], "usage": gen.usage()}
         if body.return_token_ids:
             out["prompt_token_ids"] = gen.prompt_token_ids
         return json_response(out)
 
+    app.include_router(v1)
     return app
 
 
@@ -310,24 +330,10 @@ async def _token_chunks(state: ServerState, gen: Generation, body, head: dict, c
                 first = False
     except ApiError as exc:
         yield sse(exc.body())
+    except Exception as exc:  # noqa: BLE001 - a bug while streaming one request ends that stream only
+        logger.exception("stream %s failed", head["id"])
+        yield sse(ApiError(500, f"internal error while streaming: {type(exc).__name__}: {exc}").body())
     else:
         if body.include_usage:
             yield sse({**head, "choices": [], "usage": gen.usage()})
     yield SSE_DONE
-
-
-def validation_error(exc: RequestValidationError) -> ApiError:
-    """The first problem of a body that does not parse, as a 400 naming the field and its value."""
-    errors = exc.errors()
-    if not errors:
-        return ApiError(400, "invalid request body")
-    err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    if err.get("type") == "json_invalid":
-        return ApiError(400, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
-    param = loc[0] if loc else None
-    if err.get("type") == "missing":
-        return ApiError(400, f"field {param!r} is required", param)
-    if param is None:
-        return ApiError(400, f"invalid request body: {err['msg']}")
-    return ApiError(400, f"invalid value for {param}: {err.get('input')!r} ({err['msg']})", param)

@@ -5,6 +5,9 @@ stop) on a thread-safe queue and write one byte to a pipe that wakes the engine 
 its wait for runtime results. The engine thread answers through each request's asyncio queue,
 one batch of events per poll, with ``loop.call_soon_threadsafe``. Requests are scheduled by the
 same MuxScheduler as the offline launcher; the scheduler's ``on_token`` hook feeds the streams.
+
+An exception while handling one request's command or token fails that request alone (a 500 for
+its client); only a failure of the instance itself (a runtime or FlexStore gone) ends the engine.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class EngineDriver:
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
         self._by_handle: dict[int, str] = {}  # id(handle) -> req_id, engine thread only
         self._outbox: list[tuple[RequestHandle, Any]] = []  # engine thread only
+        self._failed: list[str] = []  # requests whose token handling failed: aborted after the poll
         instance.scheduler.on_token = self._on_token
 
     # -- event loop side --------------------------------------------------------------------------
@@ -173,6 +177,7 @@ class EngineDriver:
                 wait = BUSY_WAIT_S if self.instance.scheduler.has_work() else IDLE_WAIT_S
                 self.instance.poll(wait, wake_fd=self._wake_r)
                 self.instance.scheduler.finished.clear()  # the server keeps no history
+                self._abort_failed()
                 self._flush()
         except BaseException as exc:  # noqa: BLE001 - any failure ends the engine; report it
             logger.exception("engine failed")
@@ -199,18 +204,24 @@ class EngineDriver:
             except queue.Empty:
                 return True
             kind = cmd[0]
-            if kind == "submit":
-                self._submit(cmd[1])
-            elif kind == "abort":
-                self._abort(cmd[1], cmd[2])
-            elif kind == "abort_all":
-                self._fail_all(503, cmd[1])
-            elif kind == "refresh":
-                self._refresh(cmd[1])
-            elif kind == "stop":
+            if kind == "stop":
                 self._fail_all(503, "the server is shutting down")
                 self._flush()
                 return False
+            try:
+                if kind == "submit":
+                    self._submit(cmd[1])
+                elif kind == "abort":
+                    self._abort(cmd[1], cmd[2])
+                elif kind == "abort_all":
+                    self._fail_all(503, cmd[1])
+                elif kind == "refresh":
+                    self._refresh(cmd[1])
+            except Exception as exc:  # noqa: BLE001 - a bug with one request fails that request only
+                if kind not in ("submit", "abort"):
+                    raise
+                logger.exception("%s of a request failed", kind)
+                self._fail(cmd[1], exc)
 
     def _submit(self, handle: RequestHandle) -> None:
         if handle.closed:  # aborted before it reached us
@@ -222,6 +233,22 @@ class EngineDriver:
             return
         self._tracked[req.req_id] = _Tracked(handle, req)
         self._by_handle[id(handle)] = req.req_id
+
+    def _fail(self, handle: RequestHandle, exc: Exception) -> None:
+        """Answer ``handle`` with a 500 and forget it (the engine side, if any, is aborted after the poll)."""
+        req_id = self._by_handle.pop(id(handle), None)
+        if req_id is not None and self._tracked.pop(req_id, None) is not None:
+            self._failed.append(req_id)
+        self._outbox.append((handle, ErrorEvent(500, f"internal error while handling the request: "
+                                                     f"{type(exc).__name__}: {exc}")))
+
+    def _abort_failed(self) -> None:
+        for req_id in self._failed:
+            try:
+                self.instance.abort(req_id)
+            except Exception:  # noqa: BLE001 - its client has its error; keep serving the others
+                logger.exception("abort of failed request %s failed", req_id)
+        self._failed.clear()
 
     def _abort(self, handle: RequestHandle, reason: str) -> None:
         req_id = self._by_handle.pop(id(handle), None)
@@ -246,6 +273,13 @@ class EngineDriver:
         tracked = self._tracked.get(req.req_id)
         if tracked is None:
             return  # calibration or an already aborted request
+        try:
+            self._deliver_token(tracked, req, token)
+        except Exception as exc:  # noqa: BLE001 - called inside the scheduler: fail this request only
+            logger.exception("request %s: handling a token failed", req.req_id)
+            self._fail(tracked.handle, exc)
+
+    def _deliver_token(self, tracked: _Tracked, req: Request, token: int) -> None:
         now = time.monotonic()
         self.metrics.on_token(req, now, tracked.last_token)
         if tracked.first_token is None:

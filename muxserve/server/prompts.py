@@ -7,11 +7,60 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.server.driver import ServedModel
 from muxserve.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _GenerationRequest
 
 _PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+
+# Fields of OpenAI's and vLLM's APIs that would change the answer and are not implemented: refused
+# (ignoring them would answer something other than what was asked). name -> (values that ask for
+# nothing, how to say them, why).
+_NOT_IMPLEMENTED = {
+    "tools": ((None, []), "", "this server does not call tools"),
+    "tool_choice": ((None, "none"), ' must be "none" or absent', "this server does not call tools"),
+    "functions": ((None, []), "", "this server does not call functions"),
+    "function_call": ((None, "none"), ' must be "none" or absent', "this server does not call functions"),
+    "response_format": ((None, {"type": "text"}), ' must be {"type": "text"} or absent',
+                        "structured output is not implemented"),
+    "logit_bias": ((None, {}), "", "logit biases are not implemented"),
+    "structured_outputs": ((None,), "", "guided decoding is not implemented"),
+}
+_GUIDED = ((None,), "", "guided decoding is not implemented")  # vLLM's guided_json, guided_regex, ...
+
+
+def check_body(body: _GenerationRequest) -> None:
+    """Refuse, before any work, text that is not Unicode and fields that are not implemented."""
+    if (hit := _lone_surrogate(body, "")) is not None:
+        where, char, index = hit
+        raise ApiError(400, f"{where} is not valid Unicode: it holds a lone surrogate {ascii(char)} at index "
+                            f"{index}", where)
+    _refuse_unsupported(body)
+
+
+def _lone_surrogate(value: Any, path: str) -> tuple[str, str, int] | None:
+    """(field path, character, index) of the first lone surrogate (``"\\ud800"`` in JSON) in a
+    string of ``value``, keys included: tokenizers and UTF-8 encoders refuse them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")  # only a surrogate fails
+        except UnicodeEncodeError as exc:
+            return path or "body", value[exc.start], exc.start
+        return None
+    if isinstance(value, BaseModel):
+        value = dict(value)  # declared fields and the extra ones
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if (hit := _lone_surrogate(key, where)) or (hit := _lone_surrogate(item, where)):
+                return hit
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (hit := _lone_surrogate(item, f"{path}[{i}]")) is not None:
+                return hit
+    return None
 
 
 def find_model(models: dict[str, ServedModel], name: str) -> ServedModel:
@@ -52,7 +101,7 @@ def chat_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
     conversation = []
     for i, message in enumerate(body.messages):
         if not isinstance(message.get("role"), str):
-            raise ApiError(400, f"messages[{i}].role must be a string, got {message.get('role')!r}",
+            raise ApiError(400, f"messages[{i}].role must be a string, got {short_repr(message.get('role'))}",
                            f"messages[{i}].role")
         conversation.append({**message, "content": _text_of(message.get("content"), i)})
     try:
@@ -69,7 +118,6 @@ def chat_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
 def sampling_params(body: _GenerationRequest, model: ServedModel, prompt_len: int,
                     max_tokens: int | None, prompt_field: str) -> SamplingParams:
     """Check the sampling fields and the lengths; ``max_tokens`` None: what the context leaves."""
-    _refuse_unsupported(body)
     if prompt_len >= model.max_model_len:
         raise ApiError(400, f"This model's maximum context length is {model.max_model_len} tokens. However, your "
                             f"prompt has {prompt_len} tokens; reduce the length of the {prompt_field}.",
@@ -107,7 +155,7 @@ def stop_strings(body: _GenerationRequest) -> list[str]:
         return []
     stop = [stop] if isinstance(stop, str) else list(stop)
     if any(not s for s in stop):
-        raise ApiError(400, f"stop strings must not be empty, got {stop!r}", "stop")
+        raise ApiError(400, f"stop strings must not be empty, got {short_repr(stop)}", "stop")
     return stop
 
 
@@ -122,11 +170,23 @@ def _refuse_unsupported(body: _GenerationRequest) -> None:
             raise ApiError(400, f"{name} is not supported (must be 0), got {value}", name)
     logprobs = getattr(body, "logprobs", None)
     if logprobs not in (None, False):
-        raise ApiError(400, f"logprobs is not supported, got {logprobs!r}", "logprobs")
+        raise ApiError(400, f"logprobs is not supported, got {short_repr(logprobs)}", "logprobs")
     if getattr(body, "echo", False):
         raise ApiError(400, "echo is not supported, got true", "echo")
     if getattr(body, "suffix", None) is not None:
         raise ApiError(400, "suffix is not supported", "suffix")
+    extra = body.model_extra or {}
+    for name in [*_NOT_IMPLEMENTED, *(k for k in extra if k.startswith("guided_"))]:
+        value = extra.get(name)
+        absent, must, why = _NOT_IMPLEMENTED.get(name, _GUIDED)
+        if not any(value == a for a in absent):
+            raise ApiError(400, f"{name}{must or ' is not supported'} ({why}), got {short_repr(value)}", name)
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters: errors quote values, not whole prompts."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _tokenizer(model: ServedModel, field: str):
@@ -143,9 +203,9 @@ def _text_of(content: Any, i: int) -> str:
         parts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"messages[{i}].content[{j}]: only text parts are supported, got {part!r}",
-                               f"messages[{i}].content")
+                raise ApiError(400, f"messages[{i}].content[{j}]: only text parts are supported, got "
+                                    f"{short_repr(part)}", f"messages[{i}].content")
             parts.append(part["text"])
         return "".join(parts)
-    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, got {content!r}",
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, got {short_repr(content)}",
                    f"messages[{i}].content")

@@ -7,9 +7,12 @@ import re
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from muxserve.engine import SamplingParams
 from muxserve.engine import sampler
+from muxserve.engine.sampling_params import SEED_MAX, SEED_MIN
 from muxserve.engine.sampler import candidate_probs, sample, seeded_uniform, splitmix64, step_seed
 
 
@@ -30,6 +33,11 @@ from muxserve.engine.sampler import candidate_probs, sample, seeded_uniform, spl
     ("top_k", -2),
     ("top_k", 3.0),
     ("top_k", True),
+    ("top_k", 2**63),
+    ("seed", 2**63),
+    ("seed", 2**64 - 1),
+    ("seed", 2**70),
+    ("seed", -(2**63) - 1),
     ("seed", 1.5),
     ("seed", "42"),
     ("seed", False),
@@ -56,6 +64,15 @@ def test_defaults_and_boundaries_are_valid():
     assert edge.greedy
     assert edge.stop_token_ids == [0, 5] and isinstance(edge.stop_token_ids, list)
     assert SamplingParams(temperature=100, top_p=1e-9, top_k=-1).top_p == 1e-9
+    assert (SamplingParams(seed=-(2**63)).seed, SamplingParams(seed=2**63 - 1).seed) == (SEED_MIN, SEED_MAX)
+    assert SamplingParams(top_k=2**63 - 1).top_k == 2**63 - 1
+
+
+def test_seed_range_message():
+    with pytest.raises(ValueError) as err:
+        SamplingParams(seed=2**64 - 1)
+    assert str(err.value) == ("seed must be None or an integer in [-9223372036854775808, 9223372036854775807], "
+                              "got 18446744073709551615")
 
 
 def test_stop_token_ids_are_copied():
@@ -199,6 +216,38 @@ def test_seeded_draws_depend_only_on_seed_and_step():
     assert batched == [sample(logits[i:i + 1], [params[i]], [keys[i]])[0] for i in range(6)]
     assert sample(logits, params, keys) == batched
     assert len({seeded_uniform(k) for k in keys}) == 6 and all(0 <= seeded_uniform(k) < 1 for k in keys)
+
+
+def _unxorshift(y: int, k: int) -> int:
+    x = y
+    for _ in range(64 // k + 1):
+        x = y ^ (x >> k)
+    return x
+
+
+def _unsplitmix64(z: int) -> int:
+    """The inverse of ``splitmix64``: it exists, so the hash is a bijection of 64-bit words."""
+    z = _unxorshift(z, 31) * pow(0x94D049BB133111EB, -1, 2**64) % 2**64
+    z = _unxorshift(z, 27) * pow(0xBF58476D1CE4E5B9, -1, 2**64) % 2**64
+    return (_unxorshift(z, 30) - 0x9E3779B97F4A7C15) % 2**64
+
+
+@given(st.integers(SEED_MIN, SEED_MAX), st.integers(0, 1 << 20))
+def test_a_step_key_gives_back_its_seed(seed, step):
+    # Every accepted seed has its own key at every step: no two seeds share a sampling stream.
+    key = step_seed(seed, step)
+    assert 0 <= key < 2**64
+    unmixed = _unsplitmix64(key ^ step)
+    assert unmixed - (2**64 if unmixed >= 2**63 else 0) == seed
+
+
+def test_seeds_that_used_to_fold_together_draw_different_tokens():
+    # -1, 2**63 - 1 and -2**63 were one stream when keys were reduced mod 2**63.
+    logits = torch.zeros(1, 50)  # flat: every step's token is its uniform's bucket
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (-1, 2**63 - 1, -(2**63), 0)]
+    streams = [[sample(logits, [p], [step_seed(p.seed, i)])[0] for i in range(32)] for p in params]
+    assert len({tuple(s) for s in streams}) == 4, streams
+    assert streams == [[sample(logits, [p], [step_seed(p.seed, i)])[0] for i in range(32)] for p in params]
 
 
 def test_splitmix64_matches_its_reference_values():

@@ -76,13 +76,19 @@ class Server:
         return self.proc.returncode
 
 
-def start_server(config: Path, tmp: Path, *extra: str, timeout: float = 240) -> Server:
+def start_server(config: Path, tmp: Path, *extra: str, timeout: float = 240, env: dict[str, str] | None = None,
+                 prelude: str | None = None) -> Server:
+    """``python -m muxserve.serve config ...extra``, healthy. ``env``: more environment variables
+    (MUXSERVE_API_KEY is only set through it); ``prelude``: Python run in the server process before
+    ``muxserve.serve.main`` (to plant a fault)."""
     port = free_port()
     log = tmp / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**{k: v for k, v in os.environ.items() if k != "MUXSERVE_API_KEY"}, "PYTHONUNBUFFERED": "1", **(env or {})}
+    entry = ["-m", "muxserve.serve"] if prelude is None else [
+        "-c", f"{prelude}\nimport sys\nfrom muxserve.serve import main\nsys.exit(main(sys.argv[1:]))"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "muxserve.serve", str(config), "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, *entry, str(config), "--host", "127.0.0.1", "--port", str(port),
              "--flexstore-port", str(free_port()), "--log-dir", str(tmp / "logs"), "--device", "cpu",
              "--no-access-log", *extra],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)

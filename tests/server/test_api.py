@@ -206,8 +206,8 @@ def _error(status, message, param, type_):
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "stop": ["", "x"]},
      _error(400, "stop strings must not be empty, got ['', 'x']", "stop", "BadRequestError")),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "many"},
-     _error(400, "invalid value for max_tokens: 'many' (Input should be a valid integer, unable to parse string "
-                 "as an integer)", "max_tokens", "BadRequestError")),
+     _error(400, "invalid value for max_tokens: 'many' (Input should be a valid integer)", "max_tokens",
+            "BadRequestError")),
     ("/v1/completions", {"model": "tiny", "prompt": [5] * 600},
      _error(400, "This model's maximum context length is 512 tokens. However, your prompt has 600 tokens; "
                  "reduce the length of the prompt.", "prompt", "BadRequestError")),
