@@ -1,0 +1,169 @@
+"""``muxserve cluster up PLACEMENT``: every mesh of the placement as an instance on a Ray node
+that has its GPUs, behind one OpenAI-compatible front door, until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import uvicorn
+
+from muxserve.cluster import controller
+from muxserve.cluster.frontdoor import FrontDoorState, create_app
+from muxserve.cluster.host import HostSpec
+from muxserve.cluster.ray_cluster import connect, import_ray, reserve
+from muxserve.cluster.routes import RouteTable
+from muxserve.cluster.spec import ClusterError, ClusterSpec, load_placement, portable_config
+from muxserve.cluster.state import process_alive, read_state, remove_state, write_state
+
+logger = logging.getLogger("muxserve.cluster")
+
+
+def tp_groups(mesh) -> int:
+    return 2 * sum(m.tensor_parallel_size > 1 for m in mesh.config.models)
+
+
+def host_specs(spec: ClusterSpec, args, flags: list[str], instance_key: str) -> dict[str, HostSpec]:
+    cwd = Path.cwd()
+    log_dir = str(Path(args.log_dir).resolve())
+    return {m.name: HostSpec(mesh=m.name, config_text=portable_config(m, cwd), flags=flags, log_dir=log_dir,
+                             cwd=str(cwd), tp_groups=tp_groups(m), api_key=instance_key, mps=args.mps,
+                             max_restarts=args.max_restarts, ready_timeout_s=args.ready_timeout,
+                             drain_timeout_s=args.drain_timeout)
+            for m in spec.meshes}
+
+
+def local_gpus(args, spec: ClusterSpec, flags: list[str]) -> int | None:
+    """GPUs of a Ray started here: --num-gpus, else CPU stand-ins for CPU instances, else detected."""
+    if args.num_gpus is not None:
+        return args.num_gpus
+    if "--device" in flags and flags[flags.index("--device") + 1:][:1] == ["cpu"]:
+        return max(sum(m.num_gpus for m in meshes) for meshes in spec.nodes().values())
+    return None
+
+
+def check_port(host: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ClusterError(f"--port must be a TCP port (1-65535), got {port}")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ClusterError(f"--host {host} --port {port}: cannot listen there ({e})") from None
+
+
+class _FrontServer(uvicorn.Server):
+    """SIGTERM: new requests get 503, running ones finish (up to the drain timeout); Ctrl-C: now.
+    Unlike uvicorn's, the signal is not raised again after run()."""
+
+    def __init__(self, config: uvicorn.Config, state: FrontDoorState):
+        super().__init__(config)
+        self.mux = state
+        self.interrupted = False
+        self.fatal: str | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        self.mux.draining = True
+        if sig == signal.SIGINT or self.should_exit:
+            self.force_exit = True
+            self.interrupted = self.interrupted or sig == signal.SIGINT
+        self.should_exit = True
+
+    def fail(self, message: str) -> None:
+        self.fatal = message
+        self.mux.draining = True
+        self.should_exit = True
+
+
+def _sigterm(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_up(args, flags: list[str]) -> int:
+    """Start the cluster, serve until a signal or a failure, stop everything. Exit code: 0 after
+    SIGTERM, 130 after Ctrl-C, 1 when a part failed (bad input raises ClusterError)."""
+    spec = load_placement(args.placement)
+    check_port(args.host, args.port)
+    previous = read_state(args.name)
+    if previous and process_alive(previous.get("pid", -1)):
+        raise ClusterError(f"a cluster named {args.name!r} is already running (pid {previous['pid']}, "
+                           f"{previous.get('url')}); stop it with `muxserve cluster down --name {args.name}`")
+    ray = import_ray()
+    api_key = args.api_key or os.environ.get("MUXSERVE_API_KEY") or None
+    instance_key = api_key or secrets.token_urlsafe(24)
+    logger.info("placement %s: %d meshes, %d LLMs, %d placement nodes", spec.source, len(spec.meshes),
+                len(spec.llms), len(spec.nodes()))
+    signal.signal(signal.SIGTERM, _sigterm)  # until the front door takes over the signals
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    info = {"name": args.name, "pid": os.getpid(), "url": f"http://{args.host}:{args.port}", "ray_address": address,
+            "namespace": f"muxserve-{args.name}", "placement": str(spec.source),
+            "log_dir": str(Path(args.log_dir).resolve()), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "serving": False}
+    write_state(args.name, info)  # `cluster down` can stop it from here on
+    actors: dict = {}
+    reservation = None
+    server: _FrontServer | None = None
+    try:
+        source = "--address" if args.address else "RAY_ADDRESS"
+        logger.info("connected to %s", connect(address, source, f"muxserve-{args.name}", local_gpus(args, spec, flags)))
+        reservation = reserve(spec, args.ready_timeout)
+        actors = controller.start_hosts(spec, reservation, host_specs(spec, args, flags, instance_key))
+        statuses = controller.wait_ready(actors, args.ready_timeout)
+        routes = RouteTable(spec)
+        for name, st in statuses.items():
+            routes.update(name, st)
+        state = FrontDoorState(routes, api_key=api_key, instance_key=instance_key)
+        server = _serve(args, state, actors, info)
+    except controller.StartFailed as e:
+        print(f"error: {e}", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; stopping the cluster", flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the cleanup finish
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        graceful = server is not None and not server.interrupted
+        controller.stop_hosts(actors, graceful, args.drain_timeout + 60)
+        if reservation is not None:
+            reservation.remove()
+        if ray.is_initialized():
+            ray.shutdown()
+        remove_state(args.name, os.getpid())
+        logger.info("cluster stopped")
+    if server.fatal:
+        print(f"error: {server.fatal}; every instance of the cluster was stopped", flush=True)
+        return 1
+    return 130 if server.interrupted else 0
+
+
+def _serve(args, state: FrontDoorState, actors: dict, info: dict) -> _FrontServer:
+    server: _FrontServer | None = None
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        state.open()
+        watcher = asyncio.ensure_future(controller.watch(actors, state, server.fail))
+        path = write_state(args.name, {**info, "serving": True})
+        logger.info("serving %d LLMs (%s) at %s/v1; state file %s", len(state.routes.llms),
+                    ", ".join(state.routes.llms), info["url"], path)
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await state.close()
+
+    config = uvicorn.Config(create_app(state, lifespan), host=args.host, port=args.port, lifespan="on",
+                            log_level="warning", access_log=False, timeout_graceful_shutdown=args.drain_timeout)
+    server = _FrontServer(config, state)
+    server.run()
+    return server
+
