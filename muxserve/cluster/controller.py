@@ -35,7 +35,8 @@ def start_hosts(spec: ClusterSpec, reservation: Reservation, specs: dict[str, Ho
             name=mesh.name, num_cpus=0, num_gpus=mesh.num_gpus, scheduling_strategy=reservation.strategy(mesh),
             max_restarts=specs[mesh.name].max_restarts, max_task_retries=0, max_concurrency=4,
         ).remote(specs[mesh.name])
-        logger.info("%s (%s; %d GPUs): starting", mesh.name, ", ".join(mesh.llms), mesh.num_gpus)
+        logger.info("%s (%s; %d GPU%s): starting", mesh.name, ", ".join(mesh.llms), mesh.num_gpus,
+                    "" if mesh.num_gpus == 1 else "s")
     return actors
 
 

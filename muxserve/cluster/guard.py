@@ -2,7 +2,7 @@
 SIGKILLed when PARENT_PID dies (Linux ``PR_SET_PDEATHSIG``, kept across exec).
 
 Set in the child rather than with Popen's ``preexec_fn``, which is unsafe in a threaded parent
-such as a Ray worker."""
+such as a Ray worker. The command also gets the default signal handling back."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def main() -> None:
         print("usage: python -m muxserve.cluster.guard PARENT_PID -- COMMAND...", file=sys.stderr)
         sys.exit(2)
     parent, command = int(sys.argv[1]), sys.argv[3:]
+    # A Ray worker ignores SIGINT (and may block signals in its threads); both are inherited
+    # across exec, so an instance would not stop on Ctrl-C: give it the defaults back.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
     exit_with_parent(signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the request took effect
         sys.exit(1)

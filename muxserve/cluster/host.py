@@ -110,7 +110,8 @@ class InstanceHost:
         self._graceful = True
         self._proc = None
         self._deaths: list[float] = []
-        self._status = {"mesh": spec.mesh, "state": "starting", "url": None, "node_ip": self.node_ip,
+        self._status = {"mesh": spec.mesh, "state": "starting", "url": None, "host_pid": os.getpid(),
+                        "node_ip": self.node_ip,
                         "node_id": self.node_id, "gpus": self.gpus, "pid": None, "restarts": 0, "error": None,
                         "start_s": None, "since": time.time(), "log": str(self.logs / "server.log")}
         self._thread = threading.Thread(target=self._supervise, name=f"{spec.mesh}-supervisor", daemon=True)

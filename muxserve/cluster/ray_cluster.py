@@ -59,13 +59,19 @@ def connect(address: str | None, source: str, namespace: str, local_gpus: int | 
         address = ray_address(address)
         check_reachable(address, source)
         ray.init(address=address, **common)
+        where = f"Ray at {address}"
     else:
-        ray.init(num_gpus=local_gpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                 **common)
-        address = "a Ray started on this machine"
+        # "local": a Ray of our own, even where `ray start` runs a cluster on this machine
+        ray.init(address="local", num_gpus=local_gpus, include_dashboard=False,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
+        where = "a Ray started on this machine"
     nodes = alive_nodes()
     gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
-    return f"Ray at {address}: {len(nodes)} nodes, {gpus:g} GPUs"
+    return f"{where}: {_count(len(nodes), 'node')}, {_count(gpus, 'GPU')}"
+
+
+def _count(n: float, what: str) -> str:
+    return f"{n:g} {what}" + ("" if n == 1 else "s")
 
 
 def alive_nodes() -> list[dict]:

@@ -44,7 +44,7 @@ def main(args) -> int:
     from muxserve.config import ConfigError
     from muxserve.muxsched.workload import WorkloadError
 
-    signal.signal(signal.SIGTERM, _sigterm)
+    previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         return run_cluster_replay(args)
     except (ClusterError, ConfigError, WorkloadError) as e:
@@ -56,6 +56,8 @@ def main(args) -> int:
     except KeyboardInterrupt:
         print("interrupted; every mesh was stopped", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _sigterm(signum, _frame):
@@ -186,7 +188,8 @@ def _run_meshes(spec: ClusterSpec, args, workloads: dict[str, tuple[bytes, int]]
         ref = task.options(num_cpus=0, num_gpus=mesh.num_gpus, max_retries=0,
                            scheduling_strategy=reservation.strategy(mesh)).remote(ReplaySpec(_host_spec(mesh, args), data))
         pending[ref] = mesh
-        logger.info("%s (%s; %d GPUs): replaying %d requests", mesh.name, ", ".join(mesh.llms), mesh.num_gpus, count)
+        logger.info("%s (%s; %d GPU%s): replaying %d requests", mesh.name, ", ".join(mesh.llms), mesh.num_gpus,
+                    "" if mesh.num_gpus == 1 else "s", count)
     results = []
     try:
         while pending:

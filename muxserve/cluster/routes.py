@@ -24,7 +24,8 @@ class InstanceView:
     node_ip: str | None = None
     node_id: str | None = None
     gpus: list[str] = field(default_factory=list)
-    pid: int | None = None
+    pid: int | None = None  # the instance's process (its process group)
+    host_pid: int | None = None  # the Ray actor's process on the node
     restarts: int = 0
     error: str | None = None
     start_s: float | None = None  # how long its last start took
@@ -39,7 +40,8 @@ class InstanceView:
     def public(self) -> dict:
         return {"instance": self.name, "state": self.state, "llms": list(self.llms), "placement_node": self.node,
                 "node_ip": self.node_ip, "node_id": self.node_id, "gpus": self.gpus, "url": self.url,
-                "pid": self.pid, "restarts": self.restarts, "start_s": self.start_s, "error": self.error}
+                "pid": self.pid, "host_pid": self.host_pid, "restarts": self.restarts, "start_s": self.start_s,
+                "error": self.error}
 
 
 class RouteTable:
@@ -61,7 +63,8 @@ class RouteTable:
         url = status.get("url")
         if url != view.url:
             view.models = None  # a new start: fetch its model list again
-        for key in ("state", "url", "node_ip", "node_id", "gpus", "pid", "restarts", "error", "start_s", "since"):
+        for key in ("state", "url", "node_ip", "node_id", "gpus", "pid", "host_pid", "restarts", "error", "start_s",
+                    "since"):
             if key in status:
                 setattr(view, key, status[key])
         return old, view.state

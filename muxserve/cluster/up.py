@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -101,6 +102,7 @@ def run_up(args, flags: list[str]) -> int:
     instance_key = api_key or secrets.token_urlsafe(24)
     logger.info("placement %s: %d meshes, %d LLMs, %d placement nodes", spec.source, len(spec.meshes),
                 len(spec.llms), len(spec.nodes()))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _sigterm)  # until the front door takes over the signals
     address = args.address or os.environ.get("RAY_ADDRESS")
     info = {"name": args.name, "pid": os.getpid(), "url": f"http://{args.host}:{args.port}", "ray_address": address,
@@ -123,10 +125,10 @@ def run_up(args, flags: list[str]) -> int:
         state = FrontDoorState(routes, api_key=api_key, instance_key=instance_key)
         server = _serve(args, state, actors, info)
     except controller.StartFailed as e:
-        print(f"error: {e}", flush=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; stopping the cluster", flush=True)
+        print("interrupted; stopping the cluster", file=sys.stderr, flush=True)
         return 130
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the cleanup finish
@@ -139,8 +141,10 @@ def run_up(args, flags: list[str]) -> int:
             ray.shutdown()
         remove_state(args.name, os.getpid())
         logger.info("cluster stopped")
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if server.fatal:
-        print(f"error: {server.fatal}; every instance of the cluster was stopped", flush=True)
+        print(f"error: {server.fatal}; every instance of the cluster was stopped", file=sys.stderr, flush=True)
         return 1
     return 130 if server.interrupted else 0
 
