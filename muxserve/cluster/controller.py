@@ -120,6 +120,6 @@ async def watch(actors: dict, state: FrontDoorState, on_fatal: Callable[[str], N
                 on_fatal(f"{name} ({', '.join(view.llms)}) failed: {view.error}")
                 return
             else:
-                first = (view.error or "").splitlines()[0] if view.error else ""
-                logger.warning("%s is %s (%s); its LLMs answer 503 meanwhile", name, new, first)
+                reason = f" ({view.error.splitlines()[0]})" if view.error else ""
+                logger.warning("%s is %s%s; its LLMs answer 503 meanwhile", name, new, reason)
         await asyncio.sleep(POLL_S)

@@ -144,8 +144,8 @@ def run_cluster_replay(args) -> int:
     ray = import_ray()
     address = ray_address(args.master_addr) if args.nnodes > 1 else os.environ.get("RAY_ADDRESS")
     gpus = args.nproc_per_node
-    if gpus is None and args.device == "cpu":  # CPU stand-ins for the GPUs of the largest node
-        gpus = max(sum(m.num_gpus for m in meshes) for meshes in spec.nodes().values())
+    if gpus is None and args.device == "cpu":  # a CPU stand-in per GPU of the placement
+        gpus = spec.num_gpus
     try:
         logger.info("connected to %s", connect(address, "--master-addr", "muxserve-replay", gpus))
         wait_for_nodes(args.nnodes, JOIN_TIMEOUT_S, address or "this machine")

@@ -26,7 +26,8 @@ class InstanceView:
     gpus: list[str] = field(default_factory=list)
     pid: int | None = None  # the instance's process (its process group)
     host_pid: int | None = None  # the Ray actor's process on the node
-    restarts: int = 0
+    restarts: int = 0  # of the instance, over the actor's restarts too
+    restart_base: int = 0  # restarts before the actor's current process
     error: str | None = None
     start_s: float | None = None  # how long its last start took
     since: float = field(default_factory=time.time)  # wall time of the last state change
@@ -63,10 +64,14 @@ class RouteTable:
         url = status.get("url")
         if url != view.url:
             view.models = None  # a new start: fetch its model list again
-        for key in ("state", "url", "node_ip", "node_id", "gpus", "pid", "host_pid", "restarts", "error", "start_s",
-                    "since"):
+        host = status.get("host_pid")
+        if host is not None and view.host_pid is not None and host != view.host_pid:
+            view.restart_base = view.restarts + 1  # Ray restarted the actor (and so the instance)
+        for key in ("state", "url", "node_ip", "node_id", "gpus", "pid", "host_pid", "error", "start_s", "since"):
             if key in status:
                 setattr(view, key, status[key])
+        if "restarts" in status:
+            view.restarts = view.restart_base + status["restarts"]
         return old, view.state
 
     def model_entries(self, created: int) -> list[dict]:

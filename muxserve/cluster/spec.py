@@ -69,6 +69,10 @@ class ClusterSpec:
     def llms(self) -> list[str]:
         return [llm for mesh in self.meshes for llm in mesh.llms]
 
+    @property
+    def num_gpus(self) -> int:
+        return sum(m.num_gpus for m in self.meshes)
+
     def nodes(self) -> dict[int, list[MeshSpec]]:
         """The placement's nodes and their meshes, in node order."""
         out: dict[int, list[MeshSpec]] = {}

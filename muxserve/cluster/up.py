@@ -42,11 +42,12 @@ def host_specs(spec: ClusterSpec, args, flags: list[str], instance_key: str) -> 
 
 
 def local_gpus(args, spec: ClusterSpec, flags: list[str]) -> int | None:
-    """GPUs of a Ray started here: --num-gpus, else CPU stand-ins for CPU instances, else detected."""
+    """GPUs of a Ray started here: --num-gpus, else for CPU instances one stand-in per GPU of the
+    placement (every placement node on this machine), else what Ray detects."""
     if args.num_gpus is not None:
         return args.num_gpus
     if "--device" in flags and flags[flags.index("--device") + 1:][:1] == ["cpu"]:
-        return max(sum(m.num_gpus for m in meshes) for meshes in spec.nodes().values())
+        return spec.num_gpus
     return None
 
 

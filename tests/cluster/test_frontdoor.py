@@ -211,3 +211,14 @@ def test_api_key_guards_v1_and_cluster():
     assert wrong.status_code == 401
     assert ok.status_code == 200 and ok.json()["llms"] == {"a": "mesh0", "b": "mesh0", "c": "mesh1"}
     assert health.status_code == 200
+
+
+def test_restarts_count_across_a_restarted_actor():
+    routes = RouteTable(spec())
+    routes.update("mesh1", {"state": "ready", "host_pid": 10, "restarts": 0})
+    routes.update("mesh1", {"state": "ready", "host_pid": 10, "restarts": 2})  # the actor restarted its instance
+    assert routes.update("mesh1", {"state": "restarting", "url": None}) == ("ready", "restarting")  # actor gone
+    routes.update("mesh1", {"state": "starting", "host_pid": 11, "restarts": 0})  # Ray started it again
+    assert routes.instances["mesh1"].restarts == 3
+    routes.update("mesh1", {"state": "ready", "host_pid": 11, "restarts": 1})
+    assert routes.instances["mesh1"].restarts == 4
