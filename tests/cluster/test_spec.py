@@ -97,3 +97,10 @@ def test_fit_nodes_keeps_each_placement_node_on_one_machine():
 def test_ray_address_defaults_to_the_head_port():
     assert ray_address("10.0.0.5") == "10.0.0.5:6379"
     assert ray_address("10.0.0.5:6380") == "10.0.0.5:6380"
+
+
+def test_the_cluster_example_is_a_placement_of_two_machines():
+    spec = load_placement(REPO / "examples" / "cluster" / "placement")
+    assert [(m.name, m.node, m.num_gpus, m.llms) for m in spec.meshes] == [
+        ("mesh0", 0, 1, ("llm-0",)), ("mesh1", 1, 1, ("llm-1", "llm-2"))]
+    assert spec.num_gpus == 2
