@@ -73,14 +73,16 @@ class FrontDoorState:
 
 
 def unavailable(view: InstanceView, model: str) -> FrontDoorError:
+    wait = view.retry_after()
     return FrontDoorError(503, f"LLM `{model}` is unavailable: its instance {view.name} is {view.state}; "
-                               f"retry in {view.retry_after()} s", retry_after=view.retry_after())
+                               f"retry in {wait} s", retry_after=wait)
 
 
 def gone(view: InstanceView, model: str, exc: Exception) -> FrontDoorError:
+    """The instance went away under a request: it is being restarted (the controller sees it soon)."""
+    wait = view.retry_after()
     return FrontDoorError(503, f"LLM `{model}` is unavailable: its instance {view.name} did not answer "
-                               f"({type(exc).__name__}); it is restarted when it died",
-                          retry_after=view.retry_after())
+                               f"({type(exc).__name__}); retry in {wait} s", retry_after=wait)
 
 
 def model_of(body: bytes) -> str:

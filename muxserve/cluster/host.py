@@ -30,6 +30,7 @@ logger = logging.getLogger("muxserve.cluster")
 
 # Flags the cluster sets on every instance itself (the others pass through from the command line).
 # --flexstore-port keeps instances of one machine apart while FlexStore listens on TCP by default.
+PASSED_ENV = ("OMP_NUM_THREADS",)
 RESERVED_FLAGS = ("--host", "--port", "--flexstore-port", "--server-port", "--log-dir", "--mps-dir",
                   "--drain-timeout", "--stats-file", "--workload-file")
 
@@ -71,8 +72,15 @@ def _log_folder(spec: HostSpec, run_dir: Path) -> Path:
     return folder
 
 
+def driver_env() -> dict[str, str]:
+    """What of the driver's environment the instances get (the rest is the node's)."""
+    return {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+
+
 def _env(spec: HostSpec) -> dict[str, str]:
     env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
+    if "OMP_NUM_THREADS" not in spec.env:  # Ray sets 1 in its workers; an instance picks its own, as run by hand
+        env.pop("OMP_NUM_THREADS", None)
     if spec.api_key:
         env["MUXSERVE_API_KEY"] = spec.api_key
     return env
@@ -111,9 +119,9 @@ class InstanceHost:
         self._proc = None
         self._deaths: list[float] = []
         self._status = {"mesh": spec.mesh, "state": "starting", "url": None, "host_pid": os.getpid(),
-                        "node_ip": self.node_ip,
-                        "node_id": self.node_id, "gpus": self.gpus, "pid": None, "restarts": 0, "error": None,
-                        "start_s": None, "since": time.time(), "log": str(self.logs / "server.log")}
+                        "node_ip": self.node_ip, "node_id": self.node_id, "gpus": self.gpus, "pid": None,
+                        "restarts": 0, "error": None, "start_s": None, "since": time.time(),
+                        "log": str(self.logs / "server.log")}
         self._thread = threading.Thread(target=self._supervise, name=f"{spec.mesh}-supervisor", daemon=True)
         self._thread.start()
 
@@ -173,11 +181,11 @@ class InstanceHost:
             self._set(state="failed", url=None, pid=None, error=f"{type(e).__name__}: {e}")
         finally:
             if self._proc is not None:
-                self._end(self._proc)
+                self._end(self._proc, self._graceful)
 
-    def _end(self, proc) -> None:
+    def _end(self, proc, graceful: bool) -> None:
         """Stop the instance from this thread (see stop)."""
-        if self._graceful:
+        if graceful:
             stop_group(proc, signal.SIGTERM, self.spec.drain_timeout_s + 15)
         else:
             stop_group(proc, signal.SIGINT, 15)
@@ -211,8 +219,7 @@ class InstanceHost:
                 self._set(state="ready", url=url, error=None, start_s=round(time.monotonic() - start, 2))
                 break
             if time.monotonic() - start > s.ready_timeout_s:
-                self._graceful = False
-                self._end(proc)
+                self._end(proc, graceful=False)
                 return f"not ready after {s.ready_timeout_s:.0f} s; last lines of {log}:\n{log_tail(log)}"
             time.sleep(0.25)
         while proc.poll() is None and not self._stopping.is_set():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import msgspec
 
-from muxserve.cluster.host import HostSpec, ReplaySpec, replay_mesh
+from muxserve.cluster.host import HostSpec, ReplaySpec, driver_env, replay_mesh
 from muxserve.cluster.merge import MeshResult, merge_stats
 from muxserve.cluster.ray_cluster import check_reachable, connect, import_ray, ray_address, reserve, wait_for_nodes
 from muxserve.cluster.spec import ClusterError, ClusterSpec, MeshSpec, load_placement, portable_config
@@ -172,7 +172,7 @@ def _host_spec(mesh: MeshSpec, args) -> HostSpec:
     return HostSpec(mesh=mesh.name, config_text=portable_config(mesh, cwd), flags=launch_flags(args),
                     log_dir=str(Path(args.log_dir).resolve()), cwd=str(cwd),
                     tp_groups=2 * sum(m.tensor_parallel_size > 1 for m in mesh.config.models),
-                    mps=bool(args.mps_dir))
+                    mps=bool(args.mps_dir), env=driver_env())
 
 
 def _run_meshes(spec: ClusterSpec, args, workloads: dict[str, tuple[bytes, int]], reservation) -> list[MeshResult]:
@@ -185,8 +185,9 @@ def _run_meshes(spec: ClusterSpec, args, workloads: dict[str, tuple[bytes, int]]
         if not count:
             logger.info("%s (%s): no requests in the workload; not started", mesh.name, ", ".join(mesh.llms))
             continue
-        ref = task.options(num_cpus=0, num_gpus=mesh.num_gpus, max_retries=0,
-                           scheduling_strategy=reservation.strategy(mesh)).remote(ReplaySpec(_host_spec(mesh, args), data))
+        options = task.options(num_cpus=0, num_gpus=mesh.num_gpus, max_retries=0,
+                               scheduling_strategy=reservation.strategy(mesh))
+        ref = options.remote(ReplaySpec(_host_spec(mesh, args), data))
         pending[ref] = mesh
         logger.info("%s (%s; %d GPU%s): replaying %d requests", mesh.name, ", ".join(mesh.llms), mesh.num_gpus,
                     "" if mesh.num_gpus == 1 else "s", count)

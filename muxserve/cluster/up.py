@@ -12,13 +12,14 @@ import socket
 import sys
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
 
 from muxserve.cluster import controller
 from muxserve.cluster.frontdoor import FrontDoorState, create_app
-from muxserve.cluster.host import HostSpec
+from muxserve.cluster.host import HostSpec, driver_env
 from muxserve.cluster.ray_cluster import connect, import_ray, reserve
 from muxserve.cluster.routes import RouteTable
 from muxserve.cluster.spec import ClusterError, ClusterSpec, load_placement, portable_config
@@ -37,7 +38,7 @@ def host_specs(spec: ClusterSpec, args, flags: list[str], instance_key: str) -> 
     return {m.name: HostSpec(mesh=m.name, config_text=portable_config(m, cwd), flags=flags, log_dir=log_dir,
                              cwd=str(cwd), tp_groups=tp_groups(m), api_key=instance_key, mps=args.mps,
                              max_restarts=args.max_restarts, ready_timeout_s=args.ready_timeout,
-                             drain_timeout_s=args.drain_timeout)
+                             drain_timeout_s=args.drain_timeout, env=driver_env())
             for m in spec.meshes}
 
 
@@ -89,6 +90,15 @@ def _sigterm(signum, _frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@dataclass
+class _Parts:
+    """What has been started so far (stopped in reverse, whatever happened)."""
+
+    actors: dict = field(default_factory=dict)
+    reservation: object = None
+    server: _FrontServer | None = None
+
+
 def run_up(args, flags: list[str]) -> int:
     """Start the cluster, serve until a signal or a failure, stop everything. Exit code: 0 after
     SIGTERM, 130 after Ctrl-C, 1 when a part failed (bad input raises ClusterError)."""
@@ -100,31 +110,18 @@ def run_up(args, flags: list[str]) -> int:
                            f"{previous.get('url')}); stop it with `muxserve cluster down --name {args.name}`")
     ray = import_ray()
     api_key = args.api_key or os.environ.get("MUXSERVE_API_KEY") or None
-    instance_key = api_key or secrets.token_urlsafe(24)
     logger.info("placement %s: %d meshes, %d LLMs, %d placement nodes", spec.source, len(spec.meshes),
                 len(spec.llms), len(spec.nodes()))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _sigterm)  # until the front door takes over the signals
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    info = {"name": args.name, "pid": os.getpid(), "url": f"http://{args.host}:{args.port}", "ray_address": address,
-            "namespace": f"muxserve-{args.name}", "placement": str(spec.source),
-            "log_dir": str(Path(args.log_dir).resolve()), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "serving": False}
+    info = {"name": args.name, "pid": os.getpid(), "url": f"http://{args.host}:{args.port}",
+            "ray_address": args.address or os.environ.get("RAY_ADDRESS"), "namespace": f"muxserve-{args.name}",
+            "placement": str(spec.source), "log_dir": str(Path(args.log_dir).resolve()),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "serving": False}
     write_state(args.name, info)  # `cluster down` can stop it from here on
-    actors: dict = {}
-    reservation = None
-    server: _FrontServer | None = None
+    parts = _Parts()
     try:
-        source = "--address" if args.address else "RAY_ADDRESS"
-        logger.info("connected to %s", connect(address, source, f"muxserve-{args.name}", local_gpus(args, spec, flags)))
-        reservation = reserve(spec, args.ready_timeout)
-        actors = controller.start_hosts(spec, reservation, host_specs(spec, args, flags, instance_key))
-        statuses = controller.wait_ready(actors, args.ready_timeout)
-        routes = RouteTable(spec)
-        for name, st in statuses.items():
-            routes.update(name, st)
-        state = FrontDoorState(routes, api_key=api_key, instance_key=instance_key)
-        server = _serve(args, state, actors, info)
+        _start_and_serve(args, flags, spec, api_key, info, parts)
     except controller.StartFailed as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -134,20 +131,40 @@ def run_up(args, flags: list[str]) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the cleanup finish
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        graceful = server is not None and not server.interrupted
-        controller.stop_hosts(actors, graceful, args.drain_timeout + 60)
-        if reservation is not None:
-            reservation.remove()
-        if ray.is_initialized():
-            ray.shutdown()
-        remove_state(args.name, os.getpid())
-        logger.info("cluster stopped")
+        _stop(args, parts, ray)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    if server.fatal:
-        print(f"error: {server.fatal}; every instance of the cluster was stopped", file=sys.stderr, flush=True)
+    if parts.server.fatal:
+        print(f"error: {parts.server.fatal}; every instance of the cluster was stopped", file=sys.stderr, flush=True)
         return 1
-    return 130 if server.interrupted else 0
+    return 130 if parts.server.interrupted else 0
+
+
+def _start_and_serve(args, flags: list[str], spec: ClusterSpec, api_key: str | None, info: dict,
+                     parts: _Parts) -> None:
+    source = "--address" if args.address else "RAY_ADDRESS"
+    where = connect(info["ray_address"], source, info["namespace"], local_gpus(args, spec, flags))
+    logger.info("connected to %s", where)
+    parts.reservation = reserve(spec, args.ready_timeout)
+    instance_key = api_key or secrets.token_urlsafe(24)  # instances listen on the nodes' addresses
+    parts.actors = controller.start_hosts(spec, parts.reservation, host_specs(spec, args, flags, instance_key))
+    statuses = controller.wait_ready(parts.actors, args.ready_timeout)
+    routes = RouteTable(spec)
+    for name, st in statuses.items():
+        routes.update(name, st)
+    state = FrontDoorState(routes, api_key=api_key, instance_key=instance_key)
+    parts.server = _serve(args, state, parts.actors, info)
+
+
+def _stop(args, parts: _Parts, ray) -> None:
+    graceful = parts.server is not None and not parts.server.interrupted
+    controller.stop_hosts(parts.actors, graceful, args.drain_timeout + 60)
+    if parts.reservation is not None:
+        parts.reservation.remove()
+    if ray.is_initialized():
+        ray.shutdown()
+    remove_state(args.name, os.getpid())
+    logger.info("cluster stopped")
 
 
 def _serve(args, state: FrontDoorState, actors: dict, info: dict) -> _FrontServer:

@@ -87,8 +87,9 @@ def build_world(root: Path, tokenizer_from: Path) -> World:
 def cluster_env(state_dir: Path) -> dict[str, str]:
     """The environment of every command and Ray node: the repository importable, our state folder."""
     path = os.environ.get("PYTHONPATH", "")
+    # one thread per process: about twenty of them share the machine's cores
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO),
-            "PYTHONUNBUFFERED": "1", "MUXSERVE_CLUSTER_DIR": str(state_dir)}
+            "PYTHONUNBUFFERED": "1", "MUXSERVE_CLUSTER_DIR": str(state_dir), "OMP_NUM_THREADS": "1"}
 
 
 @dataclass

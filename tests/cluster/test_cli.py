@@ -114,7 +114,8 @@ def _stats(records: list[RequestRecord], llms, wait_ms: float, preemptions: int)
 
 
 def test_merged_statistics_recompute_the_summary_over_every_mesh():
-    a = [RequestRecord(0, "a", 0.0, 4, 3, 0.0, 0.1, 0.3, [1, 2, 3]), RequestRecord(2, "a", 0.5, 4, 2, 0.5, 0.6, 0.9, [4, 5])]
+    a = [RequestRecord(0, "a", 0.0, 4, 3, 0.0, 0.1, 0.3, [1, 2, 3]),
+         RequestRecord(2, "a", 0.5, 4, 2, 0.5, 0.6, 0.9, [4, 5])]
     c = [RequestRecord(1, "c", 0.2, 8, 2, 0.2, 0.4, 1.2, [6, 7], num_preemptions=1)]
     results = [MeshResult("mesh0", 0, ["a"], _stats(a, ["a"], 1.5, 0), "10.0.0.1", "n0", ["0"], 9.0),
                MeshResult("mesh1", 1, ["c"], _stats(c, ["c"], 2.5, 4), "10.0.0.2", "n1", ["0", "1"], 8.0)]

@@ -21,7 +21,8 @@ from muxserve.cluster.spec import ClusterSpec, MeshSpec
 from muxserve.config import MuxServeConfig
 
 SSE = [b'data: {"choices":[{"text":"a"}]}\n\n', b'data: {"choices":[{"text":"b"}]}\n\n', b"data: [DONE]\n\n"]
-BAD = b'{"error":{"message":"temperature must be in [0, 100], got -1.0","type":"BadRequestError","param":"temperature","code":400}}'
+BAD = (b'{"error":{"message":"temperature must be in [0, 100], got -1.0","type":"BadRequestError",'
+       b'"param":"temperature","code":400}}')
 
 
 def fake_instance(name: str, llms: list[str]) -> FastAPI:
@@ -144,8 +145,9 @@ def test_an_llm_whose_instance_restarts_answers_503_with_retry_after():
 
     down, other, models = run(go())
     assert down.status_code == 503 and down.headers["retry-after"] == "15"  # a start took 20 s, 5.2 s passed
-    assert down.json()["error"] == {"message": "LLM `c` is unavailable: its instance mesh1 is restarting; retry in 15 s",
-                                    "type": "ServiceUnavailableError", "param": None, "code": 503}
+    assert down.json()["error"] == {
+        "message": "LLM `c` is unavailable: its instance mesh1 is restarting; retry in 15 s",
+        "type": "ServiceUnavailableError", "param": None, "code": 503}
     assert other.status_code == 200  # the other instance keeps serving
     assert [(m["id"], m["instance"], m["state"]) for m in models.json()["data"]] == [
         ("a", "mesh0", "ready"), ("b", "mesh0", "ready"), ("c", "mesh1", "restarting")]
@@ -159,12 +161,13 @@ def test_an_instance_that_does_not_answer_gives_503():
             raise httpx.ConnectError("connection refused", request=request)
 
         state.client = httpx.AsyncClient(transport=httpx.MockTransport(refuse))
+        state.routes.update("mesh0", {"since": time.time() - 2.5})  # a start took 12 s
         return await client.post("/v1/completions", json={"model": "a"})
 
     r = run(go())
-    assert r.status_code == 503 and r.headers["retry-after"] == "12"
+    assert r.status_code == 503 and r.headers["retry-after"] == "10"
     assert r.json()["error"]["message"] == ("LLM `a` is unavailable: its instance mesh0 did not answer (ConnectError); "
-                                            "it is restarted when it died")
+                                            "retry in 10 s")
 
 
 def test_models_lists_every_llm_with_instance_and_state():
@@ -175,7 +178,8 @@ def test_models_lists_every_llm_with_instance_and_state():
 
     data = run(go()).json()["data"]
     assert [(m["id"], m["instance"], m["state"], m["root"]) for m in data] == [
-        ("a", "mesh0", "ready", "/models/a"), ("b", "mesh0", "ready", "/models/b"), ("c", "mesh1", "ready", "/models/c")]
+        ("a", "mesh0", "ready", "/models/a"), ("b", "mesh0", "ready", "/models/b"),
+        ("c", "mesh1", "ready", "/models/c")]
     assert data[0]["max_model_len"] == 256  # the instance's own entry
     assert "max_model_len" not in data[2]  # not fetched yet: from the placement
 
