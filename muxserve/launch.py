@@ -3,6 +3,10 @@
 Starts FlexStore, two runtimes per LLM and the scheduler, waits until all are ready, measures
 each LLM alone (the base latency of the SLO figures), replays the workload file, prints the
 statistics block, writes ``--stats-file`` and stops everything it started.
+
+Given a placement's output instead (its folder or placement.json), every mesh replays its share
+of the workload on a Ray cluster and the statistics are merged (``--nnodes``, ``--node-rank``,
+``--master-addr``; see muxserve/cluster/replay.py).
 """
 
 from __future__ import annotations

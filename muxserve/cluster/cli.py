@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "default: $RAY_ADDRESS, else a Ray started on this machine only")
     up.add_argument("--num-gpus", type=int, default=None,
                     help="GPUs of the Ray started on this machine (no --address); default: detected, or for "
-                         "`-- --device cpu` the largest node of the placement as CPU stand-ins")
+                         "`-- --device cpu` one CPU stand-in per GPU of the placement")
     up.add_argument("--host", default="127.0.0.1", help="front door address to listen on (default: 127.0.0.1)")
     up.add_argument("--port", type=int, default=8000, help="front door port (default: 8000)")
     up.add_argument("--api-key", default=None,
@@ -108,7 +108,10 @@ def run_down(args) -> int:
     for sig, wait in ((signal.SIGTERM, args.timeout), (signal.SIGINT, 30.0), (signal.SIGKILL, 10.0)):
         if sig == signal.SIGKILL:  # Ray ends the actors of a dead driver, and each instance dies with its actor
             print(f"cluster {args.name!r} did not stop; killing pid {pid}", flush=True)
-        os.kill(pid, sig)
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
         deadline = time.monotonic() + wait
         while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
