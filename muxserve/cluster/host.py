@@ -109,7 +109,7 @@ class InstanceHost:
     def __init__(self, spec: HostSpec):
         self.spec = spec
         self.node_ip, self.node_id, self.gpus = _node()
-        self.run_dir = Path(tempfile.mkdtemp(prefix=f"muxserve-{spec.mesh}-"))
+        self.run_dir = self._fresh_run_dir()
         self.logs = _log_folder(spec, self.run_dir)
         self.config = self.run_dir / f"{spec.mesh}.yaml"
         self.config.write_text(spec.config_text)
@@ -124,6 +124,19 @@ class InstanceHost:
                         "log": str(self.logs / "server.log")}
         self._thread = threading.Thread(target=self._supervise, name=f"{spec.mesh}-supervisor", daemon=True)
         self._thread.start()
+
+    def _fresh_run_dir(self) -> Path:
+        """The actor's folder (config, MPS pipes): named after the actor, which keeps its id when
+        Ray restarts it, so a restarted actor clears what its killed process left."""
+        import ray
+
+        path = Path(tempfile.gettempdir()) / f"muxserve-{self.spec.mesh}-{ray.get_runtime_context().get_actor_id()}"
+        if path.exists():
+            if self.spec.mps:
+                stop_mps(path / "mps")
+            shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=0o700, parents=True)
+        return path
 
     # -- the actor's methods ----------------------------------------------------------------
     def status(self) -> dict:

@@ -152,53 +152,70 @@ def test_front_door_serves_every_llm_with_offline_tokens(cluster, world):
         assert samples[("muxserve:cluster_instance_ready", (("instance", mesh), ("state", "ready")))] == 1.0
 
 
+class KeepAsking:
+    """Requests to the LLMs other than ``skip``, one after another in a thread, checked against
+    the offline engine's tokens."""
+
+    def __init__(self, up, world, skip: set[str]):
+        self.up, self.world = up, world
+        self.requests = [r for r in world.requests if r.llm not in skip]
+        self.answers: list[tuple[int, int, bool]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.up.url, timeout=60) as client:
+            i = 0
+            while not self.stop.is_set():
+                r = self.requests[i % len(self.requests)]
+                resp = client.post("/v1/completions", json={
+                    "model": r.llm, "prompt": r.prompt_token_ids, "max_tokens": r.output_len, "temperature": 0,
+                    "ignore_eos": True, "return_token_ids": True})
+                ok = resp.status_code == 200 and resp.json()["choices"][0]["token_ids"] == self.world.expected[r.idx]
+                self.answers.append((r.idx, resp.status_code, ok))
+                i += 1
+
+    def __enter__(self):
+        self.thread.start()
+        time.sleep(1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(120)
+        assert len(self.answers) >= 5 and all(status == 200 and ok for _, status, ok in self.answers), self.answers
+
+
+def _wait_state(up, llm: str, until, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not until(_state(up, llm)):
+        assert time.monotonic() < deadline, f"{what}:\n{up.log_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def _answers_all(up, world, llm: str) -> None:
+    for r in world.by_llm(llm):
+        resp = httpx.post(up.url + "/v1/completions", timeout=60, json={
+            "model": llm, "prompt": r.prompt_token_ids, "max_tokens": r.output_len, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True})
+        assert resp.json()["choices"][0]["token_ids"] == world.expected[r.idx]
+
+
 def test_a_killed_flexstore_is_restarted_while_the_other_llms_serve(cluster, world):
     before = {i["instance"]: i for i in cluster.cluster()["instances"]}
     old = before["mesh1"]["pid"]  # the instance's process, leader of its process group
     store = [p for p in group_alive(old) if "muxserve.flexstore" in cmdline(p)]
     assert len(store) == 1
     assert shm_segments(f"muxserve{old}-")  # its weights and pool
-    others = [r for r in world.requests if r.llm != "llm-2"]
-    answers, stop = [], threading.Event()
-
-    def keep_asking():  # llm-0/1 on the other node, llm-3 on the same node
-        with httpx.Client(base_url=cluster.url, timeout=60) as client:
-            i = 0
-            while not stop.is_set():
-                r = others[i % len(others)]
-                resp = client.post("/v1/completions", json={
-                    "model": r.llm, "prompt": r.prompt_token_ids, "max_tokens": r.output_len, "temperature": 0,
-                    "ignore_eos": True, "return_token_ids": True})
-                ok = resp.status_code == 200 and resp.json()["choices"][0]["token_ids"] == world.expected[r.idx]
-                answers.append((r.idx, resp.status_code, ok))
-                i += 1
-
-    thread = threading.Thread(target=keep_asking)
-    thread.start()
-    try:
-        time.sleep(1)
+    with KeepAsking(cluster, world, skip={"llm-2"}):  # llm-0/1 on the other node, llm-3 on this one
         os.kill(store[0], signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while _state(cluster, "llm-2") == "ready":
-            assert time.monotonic() < deadline, "still ready after its FlexStore was killed"
-            time.sleep(0.2)
+        _wait_state(cluster, "llm-2", lambda s: s != "ready", 60, "still ready after its FlexStore was killed")
         refused = httpx.post(cluster.url + "/v1/completions", json={"model": "llm-2", "prompt": [1, 2]})
         assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["message"].startswith(
             "LLM `llm-2` is unavailable: its instance mesh1 is restarting; retry in ")
-        deadline = time.monotonic() + 240
-        while _state(cluster, "llm-2") != "ready":
-            assert time.monotonic() < deadline, cluster.log_text()[-3000:]
-            time.sleep(0.5)
-    finally:
-        stop.set()
-        thread.join(120)
-    assert len(answers) >= 5 and all(status == 200 and ok for _, status, ok in answers), answers
-    for r in world.by_llm("llm-2"):
-        resp = httpx.post(cluster.url + "/v1/completions", timeout=60, json={
-            "model": "llm-2", "prompt": r.prompt_token_ids, "max_tokens": r.output_len, "temperature": 0,
-            "ignore_eos": True, "return_token_ids": True})
-        assert resp.json()["choices"][0]["token_ids"] == world.expected[r.idx]
+        _wait_state(cluster, "llm-2", lambda s: s == "ready", 240, "not back")
+    _answers_all(cluster, world, "llm-2")
     after = {i["instance"]: i for i in cluster.cluster()["instances"]}
     assert [after[m]["restarts"] for m in ("mesh0", "mesh1", "mesh2")] == [0, 1, 0]
     assert after["mesh1"]["pid"] != old and after["mesh0"]["pid"] == before["mesh0"]["pid"]
@@ -210,6 +227,22 @@ def test_a_killed_flexstore_is_restarted_while_the_other_llms_serve(cluster, wor
     assert "mesh1 ready again at" in log
     samples = metric_samples(httpx.get(cluster.url + "/metrics").text)
     assert samples[("muxserve:cluster_instance_restarts_total", (("instance", "mesh1"),))] == 1.0
+
+
+def test_a_killed_actor_is_restarted_by_ray_with_its_instance(cluster, world):
+    before = {i["instance"]: i for i in cluster.cluster()["instances"]}
+    actor, serve = before["mesh2"]["host_pid"], before["mesh2"]["pid"]
+    with KeepAsking(cluster, world, skip={"llm-3"}):
+        os.kill(actor, signal.SIGKILL)  # the instance dies with it (parent-death signal)
+        assert wait_gone(group_alive(serve), 30) == []
+        _wait_state(cluster, "llm-3", lambda s: s == "ready", 240, "not back")
+    _answers_all(cluster, world, "llm-3")
+    after = {i["instance"]: i for i in cluster.cluster()["instances"]}
+    assert after["mesh2"]["host_pid"] not in (None, actor) and after["mesh2"]["pid"] != serve
+    assert after["mesh2"]["gpus"] == before["mesh2"]["gpus"]  # the same bundle of the same placement group
+    assert [after[m]["restarts"] for m in ("mesh0", "mesh1", "mesh2")] == [0, 1, 1]
+    assert shm_segments(f"muxserve{serve}-") == set()
+    assert "mesh2 is restarting (its Ray actor is unavailable" in cluster.log_text()
 
 
 def _state(up, llm: str) -> str:
