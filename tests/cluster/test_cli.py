@@ -131,3 +131,12 @@ def test_merged_statistics_recompute_the_summary_over_every_mesh():
     assert doc["schedule_approach"] == "adbs"
     assert [(m["mesh"], m["node_ip"], m["num_requests"]) for m in doc["meshes"]] == [
         ("mesh0", "10.0.0.1", 2), ("mesh1", "10.0.0.2", 1)]
+
+
+def test_without_ray_the_cluster_commands_say_how_to_install_it(monkeypatch, capsys):
+    from muxserve.cluster.process import free_port
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what a machine without Ray has
+    assert cli.main(["up", str(EXAMPLE), "--port", str(free_port())]) == 2
+    assert capsys.readouterr().err == ("error: the cluster commands need Ray: pip install -r requirements-cluster.txt "
+                                       "(or pip install 'ray==2.60.0')\n")

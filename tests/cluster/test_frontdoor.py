@@ -226,3 +226,29 @@ def test_restarts_count_across_a_restarted_actor():
     assert routes.instances["mesh1"].restarts == 3
     routes.update("mesh1", {"state": "ready", "host_pid": 11, "restarts": 1})
     assert routes.instances["mesh1"].restarts == 4
+
+
+class _BrokenStream(httpx.AsyncByteStream):
+    """The first SSE chunk, then the connection drops (the instance died mid-stream)."""
+
+    async def __aiter__(self):
+        yield SSE[0]
+        raise httpx.ReadError("connection reset by peer")
+
+
+def test_a_stream_cut_by_a_dying_instance_ends_with_an_error_event():
+    async def go():
+        state, client = front()
+        state.routes.update("mesh0", {"since": time.time() - 2.5})  # a start took 12 s
+
+        def handler(request):
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_BrokenStream())
+
+        state.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        return await client.post("/v1/completions", json={"model": "a", "stream": True})
+
+    r = run(go())
+    assert r.status_code == 200
+    error = {"error": {"message": "LLM `a` is unavailable: its instance mesh0 did not answer (ReadError); retry in 10 s",
+                       "type": "ServiceUnavailableError", "param": None, "code": 503}}
+    assert r.content == SSE[0] + b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"
