@@ -31,6 +31,7 @@ logger = logging.getLogger("muxserve.cluster")
 # Flags the cluster sets on every instance itself (the others pass through from the command line).
 # --flexstore-port keeps instances of one machine apart while FlexStore listens on TCP by default.
 PASSED_ENV = ("OMP_NUM_THREADS",)
+HEALTH_PERIOD_S, HEALTH_FAILURES = 10.0, 6  # a ready instance that stops answering for a minute is restarted
 RESERVED_FLAGS = ("--host", "--port", "--flexstore-port", "--server-port", "--log-dir", "--mps-dir",
                   "--drain-timeout", "--stats-file", "--workload-file")
 
@@ -204,9 +205,25 @@ class InstanceHost:
             stop_group(proc, signal.SIGINT, 15)
 
     def _run_once(self) -> str:
-        """Start the instance, wait until /health answers 200, then until it exits.
+        """Start the instance, wait until /health answers 200, then watch it until it ends.
 
         Returns what ended it (for the status); the state says whether it got ready."""
+        started = self._launch()
+        if started is None:
+            return "stopped"
+        proc, url, log = started
+        error = self._wait_ready(proc, url, log)
+        if error is None:
+            error = self._watch(proc, url, log)
+        if self._stopping.is_set():
+            return "stopped"  # _supervise's finally ends it, from this thread
+        if error is None:
+            kill_group(proc)  # anything of the instance that outlived it
+            error = f"exited with code {proc.returncode}: {_last_line(log)}"
+        return error
+
+    def _launch(self):
+        """(process, URL, log) of a new start, or None when stopping."""
         s = self.spec
         port = free_port(self.node_ip)
         args = [sys.executable, "-m", "muxserve.serve", str(self.config), "--host", self.node_ip,
@@ -222,25 +239,38 @@ class InstanceHost:
         cwd = s.cwd if Path(s.cwd).is_dir() else str(self.run_dir)
         with self._lock:
             if self._stopping.is_set():
-                return "stopped"
+                return None
             proc = self._proc = start_guarded(args, log, _env(s), cwd)
             self._status.update(pid=proc.pid)
-        url = f"http://{self.node_ip}:{port}"
+        return proc, f"http://{self.node_ip}:{port}", log
+
+    def _wait_ready(self, proc, url: str, log: Path) -> str | None:
+        """None once /health answers 200 (or the process ended: the caller looks); else the error."""
         start = time.monotonic()
         while proc.poll() is None and not self._stopping.is_set():
-            if health(url, s.api_key):
+            if health(url, self.spec.api_key):
                 self._set(state="ready", url=url, error=None, start_s=round(time.monotonic() - start, 2))
-                break
-            if time.monotonic() - start > s.ready_timeout_s:
+                return None
+            if time.monotonic() - start > self.spec.ready_timeout_s:
                 self._end(proc, graceful=False)
-                return f"not ready after {s.ready_timeout_s:.0f} s; last lines of {log}:\n{log_tail(log)}"
+                return f"not ready after {self.spec.ready_timeout_s:.0f} s; last lines of {log}:\n{log_tail(log)}"
             time.sleep(0.25)
+        return None
+
+    def _watch(self, proc, url: str, log: Path) -> str | None:
+        """Until the process ends (None) or stops answering /health for a minute (the error):
+        alive but hung counts as dead."""
+        failures, next_check = 0, time.monotonic() + HEALTH_PERIOD_S
         while proc.poll() is None and not self._stopping.is_set():
+            if time.monotonic() >= next_check:
+                next_check += HEALTH_PERIOD_S
+                failures = 0 if health(url, self.spec.api_key, timeout_s=5.0) else failures + 1
+                if failures >= HEALTH_FAILURES:
+                    self._end(proc, graceful=False)
+                    return (f"did not answer /health for {failures} checks {HEALTH_PERIOD_S:.0f} s apart; "
+                            f"stopped it (log: {log})")
             time.sleep(0.2)
-        if self._stopping.is_set():
-            return "stopped"  # _supervise's finally ends it, from this thread
-        kill_group(proc)  # anything of the instance that outlived it
-        return f"exited with code {proc.returncode}: {_last_line(log)}"
+        return None
 
 
 # -- offline replay -------------------------------------------------------------------------------
