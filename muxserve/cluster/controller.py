@@ -98,20 +98,30 @@ async def _status(actor) -> dict:
         return {"state": "restarting", "url": None, "error": f"its Ray actor is unavailable: {type(e).__name__}"}
 
 
+async def read_model_lists(state: FrontDoorState) -> None:
+    """Each ready instance's own /v1/models entries (max_model_len and all), when not read yet."""
+    async def one(view) -> None:
+        try:
+            await refresh_models(state, view)
+        except Exception as e:  # noqa: BLE001 - /v1/models falls back to the placement's names
+            view.models = []  # not asked again until its next start
+            logger.warning("%s: its model list was not read (%s); /v1/models shows the placement's names",
+                           view.name, e)
+
+    views = [v for v in state.routes.instances.values() if v.state == "ready" and v.url and v.models is None]
+    await asyncio.gather(*(one(v) for v in views))
+
+
 async def watch(actors: dict, state: FrontDoorState, on_fatal: Callable[[str], None]) -> None:
     """Poll every actor; route around instances that are not ready; end the cluster on a failure."""
     routes = state.routes
     names = list(actors)
     while True:
         statuses = await asyncio.gather(*(_status(actors[n]) for n in names))
-        for name, st in zip(names, statuses):
-            old, new = routes.update(name, st)
+        changes = [(name, *routes.update(name, st)) for name, st in zip(names, statuses)]
+        await read_model_lists(state)
+        for name, old, new in changes:
             view = routes.instances[name]
-            if new == "ready" and view.models is None:
-                try:
-                    await refresh_models(state, view)
-                except Exception as e:  # noqa: BLE001 - /v1/models falls back to the placement's names
-                    logger.warning("%s: its model list was not read: %s", name, e)
             if old == new:
                 continue
             if new == "ready":

@@ -173,6 +173,7 @@ def _serve(args, state: FrontDoorState, actors: dict, info: dict) -> _FrontServe
     @asynccontextmanager
     async def lifespan(_app):
         state.open()
+        await controller.read_model_lists(state)  # /v1/models complete from the first request
         watcher = asyncio.ensure_future(controller.watch(actors, state, server.fail))
         path = write_state(args.name, {**info, "serving": True})
         logger.info("serving %d LLMs (%s) at %s/v1; state file %s", len(state.routes.llms),

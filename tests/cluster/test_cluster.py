@@ -235,6 +235,7 @@ def test_a_killed_actor_is_restarted_by_ray_with_its_instance(cluster, world):
     with KeepAsking(cluster, world, skip={"llm-3"}):
         os.kill(actor, signal.SIGKILL)  # the instance dies with it (parent-death signal)
         assert wait_gone(group_alive(serve), 30) == []
+        _wait_state(cluster, "llm-3", lambda s: s != "ready", 60, "still ready after its actor was killed")
         _wait_state(cluster, "llm-3", lambda s: s == "ready", 240, "not back")
     _answers_all(cluster, world, "llm-3")
     after = {i["instance"]: i for i in cluster.cluster()["instances"]}
