@@ -28,5 +28,6 @@ setup(
         "prometheus-client",
         "aiohttp",
     ],
+    extras_require={"cluster": ["ray>=2.52"]},  # muxserve cluster ... and multi-node replay
     entry_points={"console_scripts": ["muxserve=muxserve.serve:main"]},
 )

@@ -3,6 +3,10 @@
 Starts FlexStore, two runtimes per LLM and the scheduler, waits until all are ready, measures
 each LLM alone (the base latency of the SLO figures), replays the workload file, prints the
 statistics block, writes ``--stats-file`` and stops everything it started.
+
+Given a placement's output instead (its folder or placement.json), every mesh replays its share
+of the workload on a Ray cluster and the statistics are merged (``--nnodes``, ``--node-rank``,
+``--master-addr``; see muxserve/cluster/replay.py).
 """
 
 from __future__ import annotations
@@ -39,11 +43,17 @@ logger = logging.getLogger("muxserve.launch")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m muxserve.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_config", help="the instance's model_config YAML (see examples/basic/model_config.yaml)")
-    g = p.add_argument_group("mesh (as torch.distributed.launch)")
-    g.add_argument("--nnodes", type=int, default=1, help="nodes of this mesh; only 1 is supported (default: 1)")
-    g.add_argument("--node-rank", "--node_rank", type=int, default=0, help="rank of this node (default: 0)")
-    g.add_argument("--master-addr", "--master_addr", default="127.0.0.1", help="address of rank 0 (default: 127.0.0.1)")
+    p.add_argument("model_config", help="the instance's model_config YAML (see examples/basic/model_config.yaml), "
+                                        "or a placement's output folder / placement.json to replay every mesh of "
+                                        "it on a Ray cluster (muxserve.cluster.replay; needs Ray)")
+    g = p.add_argument_group("mesh (as torch.distributed.launch); with a placement: the nodes of the Ray cluster")
+    g.add_argument("--nnodes", type=int, default=1,
+                   help="nodes; more than 1 needs a placement and a Ray cluster at --master-addr (default: 1)")
+    g.add_argument("--node-rank", "--node_rank", type=int, default=0,
+                   help="rank of this node: 0 runs the replay, others join the Ray cluster (default: 0)")
+    g.add_argument("--master-addr", "--master_addr", default="127.0.0.1",
+                   help="address of rank 0; with --nnodes > 1 its Ray head, host or host:port (port 6379 unless "
+                        "given) (default: 127.0.0.1)")
     g.add_argument("--master-port", "--master_port", type=int, default=29500,
                    help="torch.distributed port of rank 0 (default: 29500)")
     g.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=None,
@@ -205,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.max_drain_s is not None and args.max_drain_s < 0:
         parser.error(f"--max-drain-s must be >= 0, got {args.max_drain_s}")
+    path = Path(args.model_config)
+    if path.is_dir() or path.suffix == ".json" or args.nnodes > 1 or args.node_rank > 0:
+        from muxserve.cluster import replay  # the only path that needs Ray
+
+        return replay.main(args)
     return run_instance_command(lambda: run(args), (ConfigError, WorkloadError, FileNotFoundError))
 
 

@@ -213,8 +213,13 @@ class _Server(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: ``muxserve serve CONFIG`` (``muxserve CONFIG`` works too)."""
+    """Console entry point: ``muxserve serve CONFIG`` (``muxserve CONFIG`` works too);
+    ``muxserve cluster ...`` runs the cluster commands (``muxserve.cluster``, which needs Ray)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "cluster":
+        from muxserve.cluster.cli import main as cluster_main
+
+        return cluster_main(argv[1:])
     if argv and argv[0] == "serve":
         argv = argv[1:]
     args = build_parser().parse_args(argv)
