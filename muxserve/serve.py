@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-by-model", help="serve only this LLM of the config (spatial partitioning)")
     g.add_argument("--no-access-log", action="store_true", help="do not log each HTTP request")
     g = p.add_argument_group("mesh")
-    g.add_argument("--server-port", type=int, default=50060,
-                   help="base port of the tensor-parallel runtimes' torch.distributed groups (default: 50060)")
+    g.add_argument("--server-port", type=int, default=None,
+                   help="base port of the tensor-parallel runtimes' torch.distributed groups (the k-th group at "
+                        "port + k; refused if taken); default: files in the instance's private directory, no port")
     add_instance_arguments(p)
     return p
 
@@ -82,8 +83,8 @@ def _warm_up(instance: Instance, names: list[str]) -> None:
     reqs = [instance.submit(n, [i % 7 + 1 for i in range(WARMUP_PROMPT_LEN)],
                             SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), time.monotonic())
             for n in names]
-    while any(r.end is None for r in reqs):
-        instance.poll(0.05)
+    for req in reqs:
+        instance.wait_for(req)
     instance.scheduler.finished.clear()
     logger.info("warm-up done in %.1f s", time.monotonic() - start)
 
