@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(config, secret, exit_with_parent=args.exit_with_parent)
     except AddressInUse as exc:
-        logging.getLogger("muxserve.flexstore").error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0
 
