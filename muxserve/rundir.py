@@ -19,7 +19,6 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "muxserve-"
 OWNER_FILE = "owner"
-SECRET_FILE = "secret"
 
 
 def _start_time(pid: int) -> str | None:

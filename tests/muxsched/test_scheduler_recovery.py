@@ -22,7 +22,7 @@ def test_lost_decode_job_is_recomputed_and_the_new_runtime_gets_whole_page_lists
     h.finish(job, [10, 20])
     [(_, phase, lost)] = h.step()
     assert phase is D and ids(lost) == ["r0", "r1"]
-    r2 = h.add("a", [8, 9, 11], max_tokens=8)
+    h.add("a", [8, 9, 11], max_tokens=8)
 
     assert h.sched.runtime_lost("a", D) == [r0, r1]
     assert h.allocator.num_free == 64  # their pages are back
