@@ -158,15 +158,16 @@ class Supervisor:
         group.restarts += 1
         if group.restarts > self.policy.max_restarts:
             group.state = RuntimeState.FAILED
-            return Failed(group, f"LLM {group.llm!r} failed: runtime {death}; "
-                                 f"{self._restarts_text()} did not bring it back")
+            return Failed(group, f"LLM {group.llm!r} failed: runtime {death}; {self._why_not_restarted()}")
         group.state = RuntimeState.BACKOFF
         group.restart_at = now + self.policy.backoff_s * 2 ** (group.restarts - 1)
         return Lost(group)
 
-    def _restarts_text(self) -> str:
+    def _why_not_restarted(self) -> str:
         n = self.policy.max_restarts
-        return "restarting is off" if n == 0 else f"{n} restart{'s' if n > 1 else ''}"
+        if n == 0:
+            return "runtimes are not restarted (--max-runtime-restarts 0)"
+        return f"{n} restart{'s' if n > 1 else ''} did not bring it back"
 
     def retire(self, llm: str) -> None:
         """Stop every group of ``llm`` for good (the LLM failed)."""
