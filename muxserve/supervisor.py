@@ -133,12 +133,11 @@ class Supervisor:
     def check(self) -> list[Event]:
         """Notice dead processes (each costs its group a restart) and start the groups whose back-off is over."""
         events: list[Event] = []
-        for child in self.processes.exited():
-            group = next(g for g in self.groups.values() if child in g.children)
-            death = f"{child.name} {describe_exit(child.proc.returncode)}"
-            if child.name in self._failures:
-                death += f": {self._failures.pop(child.name)}"
-            events.append(self.lose(group, death))
+        exited = self.processes.exited()
+        for group in self.groups.values():
+            dead = [c for c in group.children if c in exited]
+            if dead:
+                events.append(self.lose(group, "; ".join(map(self._death, dead))))
         now = self.clock()
         for group in self.groups.values():
             if group.state is RuntimeState.BACKOFF and now >= group.restart_at:
@@ -147,11 +146,19 @@ class Supervisor:
                 self._start(group)
         return events
 
+    def _death(self, child: Child) -> str:
+        """``llm-1/decode exited with code -9 (SIGKILL)``, plus the error it reported, if any."""
+        death = f"{child.name} {describe_exit(child.proc.returncode)}"
+        message = self._failures.pop(child.name, None)
+        return f"{death}: {message}" if message else death
+
     def lose(self, group: RuntimeGroup, death: str) -> Event:
         """``group`` is dead (a process died, or it cannot be reached): stop what is left of it."""
         now = self.clock()
         logger.error("runtime %s", death)
         self.processes.stop(group.children, timeout_s=5.0)
+        for child in group.children:  # what the stopped ranks reported belongs to this death
+            self._failures.pop(child.name, None)
         group.children, group.last_death = [], death
         if group.ready_since is not None and now - group.ready_since >= self.policy.stable_s:
             group.restarts = 0

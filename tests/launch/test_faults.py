@@ -187,3 +187,35 @@ def test_two_instances_with_default_settings_side_by_side(setup, tmp_path):
     check_tokens(setup, b.stats(), llms=("llm-1",))
     for run in (a, b):
         assert_nothing_left(run.proc.pid, set())
+
+
+def test_a_killed_tensor_parallel_rank_restarts_its_whole_group(setup, tmp_path):
+    doc = yaml.safe_load(setup.config().read_text())
+    doc["num_gpus"] = 2
+    doc["models"] = doc["models"][:2]
+    doc["models"][1].update(tensor_parallel_size=2, placement=[[0, 1]])
+    config = tmp_path / "tp.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    workload = tmp_path / "two.json"
+    kept = [r for r in setup.requests if r.llm != "llm-2"]  # renumbered 0, 1, ... in this order
+    write_workload(workload, {}, [WorkloadRequest(r.idx, r.llm, r.arrival * 6, r.prompt_token_ids, r.output_len)
+                                  for r in kept])
+    run = start_launch(config, workload, tmp_path)
+    run.wait_for("replaying")
+    children = descendants(run.proc.pid)
+    ranks = [runtime_pid(run.proc.pid, "llm-1", "decode", rank) for rank in (0, 1)]
+    os.kill(ranks[1], signal.SIGSTOP)  # rank 0 gets a job and waits for rank 1 inside it
+    time.sleep(2.5)
+    os.kill(ranks[1], signal.SIGKILL)
+    run.wait_for("runtime llm-1/decode is back (restart 1)")
+    new = [runtime_pid(run.proc.pid, "llm-1", "decode", rank) for rank in (0, 1)]
+    assert not set(new) & set(ranks) and None not in new  # both ranks are new processes
+    children |= set(new)
+    assert run.proc.wait(300) == 0, run.stderr[-3000:]
+    assert "llm-1/decode/rank1 exited with code -9 (SIGKILL)" in run.stderr
+    stats = run.stats()
+    assert [r["output_token_ids"] for r in sorted(stats["requests"], key=lambda r: r["idx"])] == [
+        setup.expected[r.idx] for r in kept]
+    assert any(r["num_preemptions"] > 0 for r in stats["requests"] if r["model"] == "llm-1")
+    assert stats["summary"]["overall"]["scheduler_preemptions"] == 0
+    assert_nothing_left(run.proc.pid, children)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from .helpers import run_launch
+from .helpers import free_port, run_launch
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -62,8 +62,11 @@ def test_fcfs_temporal_multiplexing(setup, tmp_path):
 
 
 def test_split_by_model_serves_one_llm(setup, tmp_path):
-    proc, stats = run_launch(setup.config(), setup.workload, tmp_path, "--no-slo", "--split-by-model", "llm-1")
+    # with FlexStore on an explicit TCP port (the default is an ipc socket in the instance's directory)
+    proc, stats = run_launch(setup.config(), setup.workload, tmp_path, "--no-slo", "--split-by-model", "llm-1",
+                             "--flexstore-port", str(free_port()))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting FlexStore at tcp://127.0.0.1:" in proc.stderr
     _check_all_match(setup, stats, llms=("llm-1",))
 
 
@@ -138,8 +141,6 @@ def test_tensor_parallel_llm_colocated_with_single_device_llms(setup, tmp_path):
             m.update(tensor_parallel_size=2, placement=[[0, 1]])
     config = tmp_path / "tp.yaml"
     config.write_text(yaml.safe_dump(doc))
-    from .helpers import free_port
-
     proc, stats = run_launch(config, setup.workload, tmp_path, "--no-slo", "--server-port", str(free_port()))
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_all_match(setup, stats)

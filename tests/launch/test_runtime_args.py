@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import stat
 
 import msgspec
@@ -94,6 +95,19 @@ def test_by_default_every_address_is_in_the_private_directory_and_the_secret_in_
 
 def test_enforce_eager_reaches_every_runtime(config):
     assert all("--enforce-eager" in v for v in _started(config, "--enforce-eager").values())
+
+
+def test_a_taken_server_port_is_refused_naming_it(config):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = build_parser().parse_args(["cfg.yaml", "--server-port", str(port - 1)])
+        with pytest.raises(ConfigError) as err:  # the second of the two groups' ports is taken
+            check_instance_args(args, config, "cpu", "cfg.yaml")
+    assert str(err.value) == (f"--server-port: port {port} of 127.0.0.1 is already in use (another instance?); "
+                              f"choose a free port, or leave --server-port out to use the instance's private "
+                              f"directory")
 
 
 def test_server_port_must_leave_room_for_every_tp_group(config):
