@@ -49,7 +49,6 @@ class RuntimeGroup:
     restarts: int = 0  # restarts in a row
     ready_since: float | None = None
     restart_at: float = 0.0
-    last_death: str = ""  # e.g. "llm-1/decode exited with code -9 (SIGKILL)", plus its Failure message
 
     @property
     def key(self) -> tuple[str, Phase]:
@@ -159,7 +158,7 @@ class Supervisor:
         self.processes.stop(group.children, timeout_s=5.0)
         for child in group.children:  # what the stopped ranks reported belongs to this death
             self._failures.pop(child.name, None)
-        group.children, group.last_death = [], death
+        group.children = []
         if group.ready_since is not None and now - group.ready_since >= self.policy.stable_s:
             group.restarts = 0
         group.restarts += 1
@@ -187,6 +186,3 @@ class Supervisor:
         """Seconds until the next pending restart, if any."""
         pending = [g.restart_at for g in self.groups.values() if g.state is RuntimeState.BACKOFF]
         return max(0.0, min(pending) - self.clock()) if pending else None
-
-    def ready(self, llm: str, phase: Phase) -> bool:
-        return self.groups[(llm, phase)].state is RuntimeState.READY
