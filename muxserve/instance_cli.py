@@ -43,8 +43,9 @@ def add_instance_arguments(parser: argparse.ArgumentParser, default_log_dir: str
     g.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly instead of replaying CUDA graphs (GPU only; for debugging)")
     g.add_argument("--max-runtime-restarts", type=int, default=3,
-                   help="restarts in a row of a dead runtime (its requests are recomputed) before its LLM fails "
-                        "and its requests get errors; the other LLMs go on (default: 3; 0: never restart)")
+                   help="restarts in a row of a dead runtime (its requests are recomputed; one that ran 60 s "
+                        "counts from 0 again) before its LLM fails and its requests get errors; the other LLMs "
+                        "go on (default: 3; 0: never restart)")
     g.add_argument("--restart-backoff", type=float, default=0.5,
                    help="seconds before the first restart of a dead runtime, doubling with each further one "
                         "(default: 0.5)")
