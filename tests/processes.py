@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -90,3 +91,25 @@ def assert_nothing_left(pid: int, children: set[int], timeout: float = 10.0) -> 
     assert [c for c in children if alive(c)] == []
     assert shm_segments(f"muxserve{pid}-") == set()
     assert run_dirs_of(pid) == []
+
+
+def stale_leftovers(since: float) -> list[str]:
+    """Instance directories and shared-memory segments made since ``since`` whose owner process is gone."""
+    out = []
+    for path in Path(tempfile.gettempdir()).glob("muxserve-*"):
+        try:
+            pid = int((path / "owner").read_text().split()[0])
+            made = path.stat().st_mtime
+        except (OSError, ValueError, IndexError):
+            continue
+        if made >= since and not alive(pid):
+            out.append(str(path))
+    for path in Path("/dev/shm").glob("muxserve*-*"):
+        head = path.name.split("-")[0].removeprefix("muxserve")
+        try:
+            made = path.stat().st_mtime
+        except OSError:
+            continue
+        if head.isdigit() and made >= since and not alive(int(head)) and int(head) != os.getpid():
+            out.append(str(path))
+    return sorted(out)

@@ -59,38 +59,50 @@ def start_launch(config: Path, workload: Path, tmp: Path, *extra: str) -> Launch
     return Launch(proc, tmp)
 
 
-def stretched(setup, tmp: Path, factor: float) -> Path:
-    """The setup's workload with arrivals ``factor`` times later: a run long enough to hurt mid-way."""
+def stretched(setup, tmp: Path, factor: float, early: str | None = None, keep=LLMS) -> tuple[Path, list]:
+    """The setup's workload (LLMs ``keep``) with arrivals ``factor`` times later, a run long enough to
+    hurt mid-way; the requests of LLM ``early`` all come in the first 1.5 s. Returns the file and its
+    requests in file order (``write_workload`` numbers them 0, 1, ... by arrival)."""
     path = tmp / f"slow{factor}.json"
-    write_workload(path, {}, [WorkloadRequest(r.idx, r.llm, r.arrival * factor, r.prompt_token_ids, r.output_len)
-                              for r in setup.requests])
-    return path
+    kept = [WorkloadRequest(r.idx, r.llm, r.arrival * (0.5 if r.llm == early else factor), r.prompt_token_ids,
+                            r.output_len) for r in setup.requests if r.llm in keep]
+    write_workload(path, {}, kept)
+    return path, sorted(kept, key=lambda r: (r.arrival, r.idx))
 
 
-def check_tokens(setup, stats, llms=LLMS) -> None:
+def stop_then_kill(pid: int, stopped_s: float = 2.5) -> None:
+    """SIGSTOP first: the LLM's early requests are prefilled meanwhile and their decode job is sent to
+    the stopped process, where it is stuck when SIGKILL comes (a death with a job in flight)."""
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(stopped_s)
+    os.kill(pid, signal.SIGKILL)
+
+
+def check_tokens(setup, stats, llms=LLMS, order: list | None = None) -> None:
+    """Every request of ``llms`` finished with the offline engine's tokens; ``order``: the workload's
+    requests by their index in the file, when it was written in another order than the setup's."""
+    expected = {i: setup.expected[r.idx] for i, r in enumerate(order)} if order else setup.expected
+    models = {i: r.llm for i, r in enumerate(order)} if order else {r.idx: r.llm for r in setup.requests}
     got = {r["idx"]: r for r in stats["requests"] if r["model"] in llms}
-    assert set(got) == {r.idx for r in setup.requests if r.llm in llms}
+    assert set(got) == {i for i, llm in models.items() if llm in llms}
     for idx, rec in got.items():
-        assert rec["output_token_ids"] == setup.expected[idx], f"request {idx} ({rec['model']})"
+        assert rec["output_token_ids"] == expected[idx], f"request {idx} ({rec['model']})"
         assert rec["end"] is not None
 
 
 def test_a_killed_runtime_is_restarted_and_its_requests_recomputed(setup, tmp_path):
-    run = start_launch(setup.config(), stretched(setup, tmp_path, 6), tmp_path)
+    workload, order = stretched(setup, tmp_path, 6, early="llm-1")
+    run = start_launch(setup.config(), workload, tmp_path)
     run.wait_for("replaying")
     children = descendants(run.proc.pid)
-    victim = runtime_pid(run.proc.pid, "llm-1", "decode")
-    # Stopped first, so that the scheduler sends it a decode job that it never answers; then killed.
-    os.kill(victim, signal.SIGSTOP)
-    time.sleep(2.5)
-    os.kill(victim, signal.SIGKILL)
+    stop_then_kill(runtime_pid(run.proc.pid, "llm-1", "decode"))
     assert run.proc.wait(300) == 0, run.stderr[-3000:]
     err = run.stderr
     assert "runtime llm-1/decode exited with code -9 (SIGKILL)" in err
     assert "restarting runtime llm-1/decode (restart 1 of at most 3)" in err
     assert "runtime llm-1/decode is back (restart 1)" in err
     stats = run.stats()
-    check_tokens(setup, stats)  # every request of every LLM, token for token
+    check_tokens(setup, stats, order=order)  # every request of every LLM, token for token
     recomputed = [r for r in stats["requests"] if r["num_preemptions"] > 0]
     assert stats["summary"]["overall"]["scheduler_preemptions"] == 0  # the pool never ran out ...
     assert recomputed and {r["model"] for r in recomputed} == {"llm-1"}  # ... the lost job was recomputed
@@ -98,7 +110,7 @@ def test_a_killed_runtime_is_restarted_and_its_requests_recomputed(setup, tmp_pa
 
 
 def test_a_runtime_that_keeps_dying_fails_its_llm_alone(setup, tmp_path):
-    run = start_launch(setup.config(), stretched(setup, tmp_path, 6), tmp_path, "--max-runtime-restarts", "1",
+    run = start_launch(setup.config(), stretched(setup, tmp_path, 6)[0], tmp_path, "--max-runtime-restarts", "1",
                        "--restart-backoff", "0.2")
     run.wait_for("replaying")
     children = descendants(run.proc.pid)
@@ -125,7 +137,7 @@ def test_a_runtime_that_keeps_dying_fails_its_llm_alone(setup, tmp_path):
 
 
 def test_a_killed_flexstore_ends_the_launch_at_once_naming_it(setup, tmp_path):
-    run = start_launch(setup.config(), stretched(setup, tmp_path, 6), tmp_path)
+    run = start_launch(setup.config(), stretched(setup, tmp_path, 6)[0], tmp_path)
     run.wait_for("replaying")
     children = descendants(run.proc.pid)
     store = flexstore_pid(run.proc.pid)
@@ -146,7 +158,7 @@ def test_a_killed_flexstore_ends_the_launch_at_once_naming_it(setup, tmp_path):
     (signal.SIGINT, 130, "interrupted; every process of the instance was stopped"),
 ])
 def test_a_signalled_launcher_leaves_no_process_segment_or_directory(setup, tmp_path, signum, code, message):
-    run = start_launch(setup.config(), stretched(setup, tmp_path, 6), tmp_path)
+    run = start_launch(setup.config(), stretched(setup, tmp_path, 6)[0], tmp_path)
     run.wait_for("replaying")
     children = descendants(run.proc.pid)
     assert len(children) >= 7 and shm_segments(f"muxserve{run.proc.pid}-") and run_dirs_of(run.proc.pid)
@@ -196,17 +208,12 @@ def test_a_killed_tensor_parallel_rank_restarts_its_whole_group(setup, tmp_path)
     doc["models"][1].update(tensor_parallel_size=2, placement=[[0, 1]])
     config = tmp_path / "tp.yaml"
     config.write_text(yaml.safe_dump(doc))
-    workload = tmp_path / "two.json"
-    kept = [r for r in setup.requests if r.llm != "llm-2"]  # renumbered 0, 1, ... in this order
-    write_workload(workload, {}, [WorkloadRequest(r.idx, r.llm, r.arrival * 6, r.prompt_token_ids, r.output_len)
-                                  for r in kept])
+    workload, order = stretched(setup, tmp_path, 6, early="llm-1", keep=("llm-0", "llm-1"))
     run = start_launch(config, workload, tmp_path)
     run.wait_for("replaying")
     children = descendants(run.proc.pid)
     ranks = [runtime_pid(run.proc.pid, "llm-1", "decode", rank) for rank in (0, 1)]
-    os.kill(ranks[1], signal.SIGSTOP)  # rank 0 gets a job and waits for rank 1 inside it
-    time.sleep(2.5)
-    os.kill(ranks[1], signal.SIGKILL)
+    stop_then_kill(ranks[1])  # rank 0 gets the stuck job too and waits for rank 1 inside it
     run.wait_for("runtime llm-1/decode is back (restart 1)")
     new = [runtime_pid(run.proc.pid, "llm-1", "decode", rank) for rank in (0, 1)]
     assert not set(new) & set(ranks) and None not in new  # both ranks are new processes
@@ -214,8 +221,7 @@ def test_a_killed_tensor_parallel_rank_restarts_its_whole_group(setup, tmp_path)
     assert run.proc.wait(300) == 0, run.stderr[-3000:]
     assert "llm-1/decode/rank1 exited with code -9 (SIGKILL)" in run.stderr
     stats = run.stats()
-    assert [r["output_token_ids"] for r in sorted(stats["requests"], key=lambda r: r["idx"])] == [
-        setup.expected[r.idx] for r in kept]
+    check_tokens(setup, stats, llms=("llm-0", "llm-1"), order=order)
     assert any(r["num_preemptions"] > 0 for r in stats["requests"] if r["model"] == "llm-1")
     assert stats["summary"]["overall"]["scheduler_preemptions"] == 0
     assert_nothing_left(run.proc.pid, children)

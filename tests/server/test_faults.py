@@ -20,7 +20,7 @@ from processes import assert_nothing_left, descendants, flexstore_pid, runtime_p
 
 from muxserve.engine import LLM, SamplingParams
 
-from .helpers import sse_events, start_server, write_config
+from .helpers import metric_samples, sse_events, start_server, write_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -72,11 +72,16 @@ def run_load(url: str, jobs, timeout: float = 240) -> concurrent.futures.Future:
     return future
 
 
-def stop_then_kill(pid: int, stopped_s: float = 1.5) -> None:
-    """SIGSTOP first, so jobs sent meanwhile are stuck in it when SIGKILL comes."""
+def load_with_a_stuck_decode(server, pid: int, llm: str, jobs) -> concurrent.futures.Future:
+    """Start the load while ``llm``'s decode runtime (``pid``) is stopped: its prefilled requests wait
+    inside a decode job sent to it, which is lost when it is killed here."""
     os.kill(pid, signal.SIGSTOP)
-    time.sleep(stopped_s)
+    load = run_load(server.url, jobs)
+    running = ("vllm:num_requests_running", (("model_name", llm),))
+    assert wait_until(lambda: metric_samples(httpx.get(f"{server.url}/metrics", timeout=30).text)[running] > 0, 60)
+    time.sleep(1.0)  # its decode job goes out as soon as SM units allow
     os.kill(pid, signal.SIGKILL)
+    return load
 
 
 def test_a_killed_runtime_costs_its_llm_a_restart_and_no_request(tmp_path, tiny_tok_folder):
@@ -89,10 +94,7 @@ def test_a_killed_runtime_costs_its_llm_a_restart_and_no_request(tmp_path, tiny_
     children = descendants(pid)
     try:
         victim = runtime_pid(pid, "llm-1", "decode")
-        load = run_load(server.url, jobs)
-        time.sleep(0.5)
-        stop_then_kill(victim)
-        results = load.result(300)
+        results = load_with_a_stuck_decode(server, victim, "llm-1", jobs).result(300)
         for i, (job, got) in enumerate(zip(jobs, results)):
             assert got == expected[i], f"request {i} of {job[0]} (stream={job[3]})"
         assert wait_until(lambda: "runtime llm-1/decode is back (restart 1)" in server.log_tail(100_000), 60)
@@ -120,10 +122,7 @@ def test_when_restarts_are_exhausted_only_that_llm_fails_with_503_naming_it(tmp_
     pid = server.proc.pid
     children = descendants(pid)
     try:
-        load = run_load(server.url, jobs)
-        time.sleep(0.5)
-        stop_then_kill(runtime_pid(pid, "llm-1", "decode"))
-        results = load.result(300)
+        results = load_with_a_stuck_decode(server, runtime_pid(pid, "llm-1", "decode"), "llm-1", jobs).result(300)
         message = ("LLM 'llm-1' failed: runtime llm-1/decode exited with code -9 (SIGKILL); runtimes are not "
                    "restarted (--max-runtime-restarts 0)")
         for i, ((model, _, _, stream), got) in enumerate(zip(jobs, results)):
