@@ -1,13 +1,16 @@
 """Command-line pieces shared by the launcher (``muxserve.launch``) and the server (``muxserve.serve``).
 
 Both start one :class:`~muxserve.instance.Instance` from a model_config YAML and the same flags:
-where FlexStore listens, MPS, device, logs, the schedule approach and its limits, the page size.
+where FlexStore listens, MPS, device, logs, restarts of dead runtimes, the schedule approach and
+its limits, the page size.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Callable
@@ -21,13 +24,15 @@ from muxserve.engine.parallel import check_tensor_parallel
 from muxserve.instance import InstanceOptions
 from muxserve.muxsched.launcher import ChildDied
 from muxserve.muxsched.policy import POLICIES, get_policy
+from muxserve.supervisor import RestartPolicy
 
 
 def add_instance_arguments(parser: argparse.ArgumentParser, default_log_dir: str = "log/vllm_proc") -> None:
     """The flags that shape an instance, in three groups: addresses, run, scheduler."""
     g = parser.add_argument_group("instance")
-    g.add_argument("--flexstore-port", type=int, default=50051,
-                   help="FlexStore's TCP port on 127.0.0.1 (default: 50051)")
+    g.add_argument("--flexstore-port", type=int, default=None,
+                   help="serve FlexStore on this TCP port of 127.0.0.1; refused if the port is taken (default: "
+                        "an ipc socket in the instance's private directory, which no other user can reach)")
     g.add_argument("--mps-dir", help="MPS directory given to scripts/start_mps.sh; runtimes then run under MPS "
                                      "with their mps_percentage (without it they time-share the GPU)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -37,6 +42,13 @@ def add_instance_arguments(parser: argparse.ArgumentParser, default_log_dir: str
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     g.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly instead of replaying CUDA graphs (GPU only; for debugging)")
+    g.add_argument("--max-runtime-restarts", type=int, default=3,
+                   help="restarts in a row of a dead runtime (its requests are recomputed; one that ran 60 s "
+                        "counts from 0 again) before its LLM fails and its requests get errors; the other LLMs "
+                        "go on (default: 3; 0: never restart)")
+    g.add_argument("--restart-backoff", type=float, default=0.5,
+                   help="seconds before the first restart of a dead runtime, doubling with each further one "
+                        "(default: 0.5)")
     g = parser.add_argument_group("scheduler")
     g.add_argument("--schedule-approach", choices=list(POLICIES), default="adbs",
                    help="adbs (MuxServe), fcfs (temporal multiplexing), roundrobin, fix, fix-adbs (default: adbs)")
@@ -77,13 +89,41 @@ def check_instance_args(args: argparse.Namespace, config: MuxServeConfig, device
         raise ConfigError(f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}")
     if args.max_num_seqs is not None and args.max_num_seqs < 1:
         raise ConfigError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
-    if not 1 <= args.flexstore_port <= 65535:
-        raise ConfigError(f"--flexstore-port must be a TCP port (1-65535), got {args.flexstore_port}")
+    if args.max_runtime_restarts < 0:
+        raise ConfigError(f"--max-runtime-restarts must be >= 0, got {args.max_runtime_restarts}")
+    if args.restart_backoff < 0:
+        raise ConfigError(f"--restart-backoff must be >= 0, got {args.restart_backoff}")
+    if args.flexstore_port is not None:
+        if not 1 <= args.flexstore_port <= 65535:
+            raise ConfigError(f"--flexstore-port must be a TCP port (1-65535), got {args.flexstore_port}")
+        check_port_free("--flexstore-port", "127.0.0.1", args.flexstore_port)
     groups = 2 * sum(m.tensor_parallel_size > 1 for m in config.models)
-    server_port = getattr(args, "server_port", 50060)
-    if groups and not 1 <= server_port <= 65535 - groups:
-        raise ConfigError(f"--server-port {server_port}: the {groups} tensor-parallel groups need ports "
-                          f"{server_port}..{server_port + groups - 1}")
+    server_port = getattr(args, "server_port", None)
+    if groups and server_port is not None:
+        if not 1 <= server_port <= 65536 - groups:
+            raise ConfigError(f"--server-port {server_port}: the {groups} tensor-parallel groups need ports "
+                              f"{server_port}..{server_port + groups - 1}")
+        host = getattr(args, "master_addr", "127.0.0.1")
+        for port in range(server_port, server_port + groups):
+            check_port_free("--server-port", host, port)
+
+
+def check_port_free(flag: str, host: str, port: int) -> None:
+    """ConfigError naming ``flag`` when something already listens on ``host:port``.
+
+    Binds as the listeners will (SO_REUSEADDR: connections of a past run in TIME_WAIT do not count).
+    An address that is not this host's cannot be checked here and is left to the rendezvous.
+    """
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"{flag}: port {port} of {host} is already in use (another instance?); choose "
+                                  f"a free port, or leave {flag} out to use the instance's private directory") from None
+            if e.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                raise ConfigError(f"{flag}: cannot use port {port} of {host}: {e.strerror}") from None
 
 
 PAGE_ALIGN = 64  # FlexStore's page sizes are multiples of 64 bytes (FlexStoreConfig checks it)
@@ -142,21 +182,26 @@ def instance_options(args: argparse.Namespace, config: MuxServeConfig, device: s
         policy=get_policy(args.schedule_approach), device=device,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         page_bytes=page_bytes_for(config, args.block_size), mps_dir=args.mps_dir,
-        flexstore_address=f"tcp://127.0.0.1:{args.flexstore_port}", log_dir=Path(args.log_dir),
-        rates=dict(rates or {}), enforce_eager=getattr(args, "enforce_eager", False), dist_host=getattr(args, "master_addr", "127.0.0.1"),
-        dist_base_port=getattr(args, "server_port", 50060), **extra,
+        flexstore_address=None if args.flexstore_port is None else f"tcp://127.0.0.1:{args.flexstore_port}",
+        log_dir=Path(args.log_dir), rates=dict(rates or {}), enforce_eager=getattr(args, "enforce_eager", False),
+        dist_host=getattr(args, "master_addr", "127.0.0.1"), dist_base_port=getattr(args, "server_port", None),
+        restart=RestartPolicy(args.max_runtime_restarts, args.restart_backoff), **extra,
     )
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C (stopping the instance on the way), exit 128 + 15."""
+
+
 def _sigterm(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Terminated(f"signal {signum}")
 
 
 def run_instance_command(body: Callable[[], int], usage_errors: tuple[type[BaseException], ...]) -> int:
     """Run a command that drives an Instance and map its failures to exit codes.
 
     2: bad input (``usage_errors``), 1: a process of the instance died or failed,
-    130: Ctrl-C or SIGTERM. In every case the instance has stopped what it started.
+    130: Ctrl-C, 143: SIGTERM. In every case the instance has stopped what it started.
     """
     signal.signal(signal.SIGTERM, _sigterm)
     try:
@@ -169,4 +214,7 @@ def run_instance_command(body: Callable[[], int], usage_errors: tuple[type[BaseE
         return 1
     except KeyboardInterrupt:
         print("interrupted; every process of the instance was stopped", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    except Terminated:
+        print("terminated (SIGTERM); every process of the instance was stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM

@@ -33,6 +33,8 @@ from muxserve.instance_cli import (
     resolve_device,
     run_instance_command,
 )
+from muxserve.muxsched.request import Request
+from muxserve.muxsched.scheduler import LLMUnavailable
 from muxserve.muxsched.stats import format_stats, summarize_run
 from muxserve.progress import Progress
 from muxserve.muxsched.workload import Workload, WorkloadError, load_workload
@@ -58,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.distributed port of rank 0 (default: 29500)")
     g.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=None,
                    help="GPUs of this mesh; must equal num_gpus of the config on GPU (default: num_gpus)")
-    g.add_argument("--server-port", type=int, default=50060,
-                   help="base port of the runtimes' torch.distributed groups (default: 50060)")
+    g.add_argument("--server-port", type=int, default=None,
+                   help="base port of the tensor-parallel runtimes' torch.distributed groups (the k-th group at "
+                        "port + k; refused if taken); default: files in the instance's private directory, no port")
     g = p.add_argument_group("run")
     g.add_argument("--workload-file", help="workload JSON to replay (default: workloads.workload_file of the config)")
     g.add_argument("--split-by-model", help="serve only this LLM of the config and its requests (spatial partitioning)")
@@ -125,7 +128,8 @@ def replay(instance: Instance, workload: Workload, max_drain_s: float | None = N
     """Submit each request at its arrival time; return every request, times relative to the start.
 
     With ``max_drain_s``, requests still unfinished that long after the last arrival are aborted
-    (their ``end`` stays None: they count as unfinished); this bounds an overloaded run.
+    (their ``end`` stays None: they count as unfinished); this bounds an overloaded run. Requests
+    of an LLM that failed (its runtime kept dying) end with ``finish_reason`` ``error``, unfinished.
     """
     pending = deque(workload.requests)
     last_arrival = workload.requests[-1].arrival if workload.requests else 0.0
@@ -138,7 +142,11 @@ def replay(instance: Instance, workload: Workload, max_drain_s: float | None = N
             while pending and pending[0].arrival <= now:
                 r = pending.popleft()
                 params = SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
-                requests.append(instance.submit(r.llm, r.prompt_token_ids, params, t0 + r.arrival, r.idx))
+                try:
+                    requests.append(instance.submit(r.llm, r.prompt_token_ids, params, t0 + r.arrival, r.idx))
+                except LLMUnavailable as e:
+                    requests.append(Request(str(-r.idx), r.idx, r.llm, list(r.prompt_token_ids), params,
+                                            t0 + r.arrival, finish_reason="error", error=str(e)))
             if max_drain_s is not None and not aborted and not pending and now > last_arrival + max_drain_s:
                 left = [r for r in requests if r.end is None]
                 logger.warning("%.0f s after the last arrival: aborting %d unfinished requests", max_drain_s, len(left))
@@ -148,7 +156,7 @@ def replay(instance: Instance, workload: Workload, max_drain_s: float | None = N
             wait = min(0.05, pending[0].arrival - now) if pending else 0.05
             bar.update(len(instance.poll(max(0.0, wait))))
     for r in requests:  # report times relative to the start of replay
-        if r.finish_reason == "abort":
+        if r.finish_reason in ("abort", "error"):
             r.end = None
         for key in ("arrival", "submit", "prefill_end", "end"):
             if getattr(r, key) is not None:
@@ -180,6 +188,7 @@ def run(args) -> int:
         requests = replay(instance, workload, args.max_drain_s)
         preemptions = instance.scheduler.num_preemptions
         waits = instance.scheduler.decode_waits()
+        failed = instance.failed_llms
     finally:
         instance.stop()
     records = [r.record() for r in requests]
@@ -191,7 +200,11 @@ def run(args) -> int:
     print(format_stats(summary), flush=True)
     if args.stats_file:
         write_stats(args, records, summary, bases)
-    return 0
+    for llm, message in failed.items():
+        lost = sum(r.llm == llm and r.finish_reason == "error" for r in requests)
+        print(f"error: {message}; {lost} of its requests did not finish (the other LLMs' requests were served)",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def write_stats(args, records, summary, bases) -> None:

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body accepted; larger ones get 413 before they are read "
                         f"(default: {DEFAULT_MAX_REQUEST_BYTES} = {DEFAULT_MAX_REQUEST_BYTES >> 20} MiB)")
     g = p.add_argument_group("mesh")
-    g.add_argument("--server-port", type=int, default=50060,
-                   help="base port of the tensor-parallel runtimes' torch.distributed groups (default: 50060)")
+    g.add_argument("--server-port", type=int, default=None,
+                   help="base port of the tensor-parallel runtimes' torch.distributed groups (the k-th group at "
+                        "port + k; refused if taken); default: files in the instance's private directory, no port")
     add_instance_arguments(p)
     return p
 
@@ -92,8 +93,8 @@ def _warm_up(instance: Instance, names: list[str]) -> None:
     reqs = [instance.submit(n, [i % 7 + 1 for i in range(WARMUP_PROMPT_LEN)],
                             SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), time.monotonic())
             for n in names]
-    while any(r.end is None for r in reqs):
-        instance.poll(0.05)
+    for req in reqs:
+        instance.wait_for(req)
     instance.scheduler.finished.clear()
     logger.info("warm-up done in %.1f s", time.monotonic() - start)
 

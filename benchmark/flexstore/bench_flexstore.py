@@ -187,8 +187,8 @@ def main(argv=None) -> dict:
         folder = write_config(Path(tmp) / "kv-8b", "kv-8b")
         config = FlexStoreConfig(models=(ModelEntry("kv8b", str(folder), "bfloat16", "random"),),
                                  address=args.address, device=args.device, kv_cache_bytes=args.kv_cache_bytes)
-        with FlexStoreProcess(config, log_file=Path(tmp) / "flexstore.log", log_level="WARNING") as _:
-            with FlexStoreClient(args.address) as client:
+        with FlexStoreProcess(config, log_file=Path(tmp) / "flexstore.log", log_level="WARNING") as store:
+            with store.client() as client:
                 layout = client.info().models[0].layout
                 results["layout"] = {"num_layers": layout.num_layers, "num_kv_heads": layout.num_kv_heads,
                                      "head_dim": layout.head_dim, "dtype": layout.dtype,
@@ -224,9 +224,9 @@ def bench_attach(tmp: Path, shape: str, args) -> dict:
     config = FlexStoreConfig(models=(ModelEntry("m", str(folder), "bfloat16", "random"),), address=args.address,
                              device=args.device, kv_cache_bytes=64 * 2**20)
     t0 = time.perf_counter()
-    with FlexStoreProcess(config, log_file=tmp / "flexstore-attach.log", log_level="WARNING") as _:
+    with FlexStoreProcess(config, log_file=tmp / "flexstore-attach.log", log_level="WARNING") as store:
         load_s = time.perf_counter() - t0
-        with FlexStoreClient(args.address, timeout_s=120) as client:
+        with store.client(timeout_s=120) as client:
             weight_bytes = client.info().models[0].weight_bytes
             times = []
             for _ in range(1 + args.attach_repeats):

@@ -1,4 +1,7 @@
-"""``python -m muxserve.flexserver``: one runtime process (started by the launcher)."""
+"""``python -m muxserve.flexserver``: one runtime process (started by the launcher).
+
+FlexStore's secret comes from the environment (``MUXSERVE_FLEXSTORE_SECRET``), never the command line.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,14 @@ import argparse
 import logging
 import sys
 
-import torch
-
-from muxserve.flexserver.runtime import Runtime, RuntimeConfig
 from muxserve.utils import exit_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m muxserve.flexserver",
-                                description="A MuxServe runtime: runs the prefill or decode steps of one LLM.")
+                                description="A MuxServe runtime: runs the prefill or decode steps of one LLM. "
+                                            "It presents the FlexStore secret found in the environment variable "
+                                            "MUXSERVE_FLEXSTORE_SECRET.")
     p.add_argument("--llm", required=True, help="the LLM's name in the model config")
     p.add_argument("--phase", required=True, choices=["prefill", "decode"], help="which steps this runtime runs")
     p.add_argument("--flexstore", required=True, help="FlexStore's ZeroMQ address")
@@ -25,20 +27,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks of this LLM (default: 1)")
     p.add_argument("--tp-rank", type=int, default=0, help="this process's tensor-parallel rank (default: 0)")
-    p.add_argument("--dist-address", metavar="HOST:PORT",
-                   help="rendezvous of the ranks' torch.distributed group (required with --tp-size > 1)")
+    p.add_argument("--dist-init-method", metavar="URL",
+                   help="rendezvous of the ranks' torch.distributed group, file:///PATH or tcp://HOST:PORT "
+                        "(required with --tp-size > 1)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     if args.tp_size < 1 or not 0 <= args.tp_rank < args.tp_size:
         p.error(f"--tp-rank {args.tp_rank} must be in [0, --tp-size {args.tp_size})")
-    if args.tp_size > 1 and not args.dist_address:
-        p.error("--tp-size > 1 needs --dist-address HOST:PORT")
+    if args.tp_size > 1 and not args.dist_init_method:
+        p.error("--tp-size > 1 needs --dist-init-method URL")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s runtime %(message)s")
-    exit_with_parent()
+    exit_with_parent()  # before the heavy imports: a launcher killed meanwhile leaves no orphan
+    import torch
+
+    from muxserve.flexserver.runtime import Runtime, RuntimeConfig
+    from muxserve.flexstore.auth import SECRET_ENV, secret_from_env
+
+    secret = secret_from_env()
+    if secret is None:
+        p.error(f"the environment variable {SECRET_ENV} must hold FlexStore's secret")
     torch.set_num_threads(args.threads)
-    config = RuntimeConfig(args.llm, args.phase, args.flexstore, args.jobs, args.results, args.attention_backend,
-                           args.max_num_seqs, args.enforce_eager, args.tp_size, args.tp_rank, args.dist_address)
+    config = RuntimeConfig(args.llm, args.phase, args.flexstore, args.jobs, args.results, secret,
+                           args.attention_backend, args.max_num_seqs, args.enforce_eager, args.tp_size,
+                           args.tp_rank, args.dist_init_method)
     Runtime(config).serve()
     return 0
 

@@ -46,14 +46,15 @@ class RuntimeConfig:
     flexstore_address: str
     jobs_address: str  # PULL: the scheduler binds, we connect
     results_address: str  # PUSH: the scheduler binds, we connect
+    secret: str = field(repr=False)  # FlexStore's
     attention_backend: str = "auto"
     max_num_seqs: int = 256  # the largest decode batch (sizes the page table and CUDA graphs)
     enforce_eager: bool = False  # no CUDA graphs
     # Tensor parallelism: this process is rank ``tp_rank`` of ``tp_size``; the ranks of one
-    # (LLM, phase) form a torch.distributed group at ``dist_address`` (host:port of rank 0).
+    # (LLM, phase) form a torch.distributed group that meets at ``dist_init_method`` (file:// or tcp://).
     tp_size: int = 1
     tp_rank: int = 0
-    dist_address: str | None = None
+    dist_init_method: str | None = None
 
     @property
     def group(self) -> str:
@@ -74,12 +75,12 @@ class Runtime:
 
     def attach(self) -> None:
         c = self.config
-        client = FlexStoreClient(c.flexstore_address)
+        client = FlexStoreClient(c.flexstore_address, c.secret)
         try:
             init = None
             if c.tp_size > 1:
                 def init(device: torch.device) -> TensorParallel:
-                    return join_group(c.tp_size, c.tp_rank, f"tcp://{c.dist_address}", device)
+                    return join_group(c.tp_size, c.tp_rank, c.dist_init_method, device)
             self.attached = client.attach(c.llm, c.tp_rank, init)
         finally:
             client.close()

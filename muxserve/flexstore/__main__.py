@@ -9,6 +9,7 @@ import sys
 
 import msgspec
 
+from muxserve.flexstore.auth import SECRET_ENV, load_secret_file, secret_from_env
 from muxserve.flexstore.config import FlexStoreConfig, parse_model_arg
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -27,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m muxserve.flexstore",
         description="FlexStore: load every model's weights once, allocate one head-wise paged KV pool, "
                     "and serve page allocations and zero-copy attach handles over ZeroMQ.",
-        epilog="example: python -m muxserve.flexstore --model llm-0=smollm2-135m --model llm-1=/models/qwen:bfloat16 "
-               "--address tcp://127.0.0.1:50051 --kv-cache-bytes 1GiB")
+        epilog="Every client must present the secret: FlexStoreClient(address, secret=...). "
+               "example: python -m muxserve.flexstore --model llm-0=smollm2-135m --model llm-1=/models/qwen:bfloat16 "
+               "--address ipc:///tmp/mux/flexstore --secret-file ~/.muxserve-secret --kv-cache-bytes 1GiB")
     p.add_argument("--model", action="append", default=[], metavar="NAME=MODEL[:DTYPE]",
                    help="a model to serve (repeat): a short name, HF folder or .gguf file; "
                         "'random:FOLDER' fills random weights from FOLDER/config.json")
@@ -41,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the GPU's total memory for the KV pool (default: 0.5)")
     p.add_argument("--page-bytes", type=int, default=16384, help="bytes per KV page (default: 16384)")
     p.add_argument("--shm-prefix", default="muxserve", help="prefix of shared-memory names (default: muxserve)")
+    p.add_argument("--secret-file", metavar="PATH",
+                   help="file holding the secret that clients must present; if it does not exist, a new random "
+                        "secret is written there (mode 0600). Default: the environment variable "
+                        f"{SECRET_ENV}")
     p.add_argument("--config-json", help="the whole FlexStoreConfig as JSON (replaces the options above)")
     p.add_argument("--exit-with-parent", action="store_true", help="shut down when the parent process dies")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -64,11 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s flexstore: %(message)s")
     try:
         config = config_from_args(args)
+        secret = load_secret_file(args.secret_file) if args.secret_file else secret_from_env()
     except (ValueError, msgspec.ValidationError) as exc:
         parser.error(str(exc))
-    from muxserve.flexstore.server import run
+    if secret is None:
+        parser.error(f"give --secret-file PATH (a new secret is written there if it does not exist) or set "
+                     f"{SECRET_ENV}: every client must present it")
+    from muxserve.flexstore.server import AddressInUse, run
 
-    run(config, exit_with_parent=args.exit_with_parent)
+    try:
+        run(config, secret, exit_with_parent=args.exit_with_parent)
+    except AddressInUse as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

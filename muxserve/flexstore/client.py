@@ -2,12 +2,14 @@
 
 ``FlexStoreClient`` has the methods of ``engine.kv_cache.PageAllocator`` that the engine's
 Scheduler calls (``allocate``, ``free``, ``can_allocate``, ``max_tokens``, ``num_free``, ...), so
-it can stand in for the in-process allocator. One client per thread.
+it can stand in for the in-process allocator. One client per thread. It presents the
+instance's secret (``auth.py``); a refused secret raises :class:`FlexStoreAuthError` at once.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -19,17 +21,30 @@ from muxserve.engine.kv_cache import Allocation, KVLayout, KVPool
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.parallel import SINGLE, TensorParallel
 from muxserve.flexstore import protocol as P
+from muxserve.flexstore.auth import present_secret
 from muxserve.flexstore.manager import FlexStoreError
 from muxserve.flexstore.segments import SharedSegment
 from muxserve.flexstore.weights import attach_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FlexStoreClient", "FlexStoreError", "FlexStoreTimeout", "AttachedModel"]
+__all__ = ["FlexStoreClient", "FlexStoreError", "FlexStoreTimeout", "FlexStoreAuthError", "FlexStoreDied",
+           "AttachedModel"]
+
+WAIT_SLICE_S = 0.1  # a wait for a reply checks the handshake and FlexStore's life this often
+_REFUSED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 
 class FlexStoreTimeout(TimeoutError):
     """FlexStore did not answer in time (not running, or busy)."""
+
+
+class FlexStoreAuthError(ConnectionRefusedError):
+    """FlexStore refused this client: it presented no secret or a wrong one."""
+
+
+class FlexStoreDied(RuntimeError):
+    """The FlexStore process ended while this client waited for it (see ``FlexStoreClient(alive=...)``)."""
 
 
 @dataclass
@@ -56,27 +71,35 @@ class AttachedModel:
 
 
 class FlexStoreClient:
-    """Request/response client of one FlexStore (a ZeroMQ REQ socket).
+    """Request/response client of one FlexStore (a ZeroMQ REQ socket) that presents ``secret``
+    (None: no secret, which FlexStore refuses).
 
     Every method raises :class:`FlexStoreError` (with ``.code`` and ``.message``) when FlexStore
-    answers with an error, and :class:`FlexStoreTimeout` when it does not answer in ``timeout_s``.
+    answers with an error, :class:`FlexStoreAuthError` when FlexStore refuses the secret,
+    :class:`FlexStoreTimeout` when it does not answer in ``timeout_s``, and
+    :class:`FlexStoreDied` as soon as ``alive()`` (optional; e.g. ``FlexStoreProcess.alive``)
+    turns False during a wait.
     """
 
-    def __init__(self, address: str, timeout_s: float = 30.0):
+    def __init__(self, address: str, secret: str | None, timeout_s: float = 30.0,
+                 alive: Callable[[], bool] | None = None):
         self.address = address
         self.timeout_ms = int(timeout_s * 1000)
-        self._socket = self._connect()
+        self._alive = alive
+        self._socket, self._monitor = self._connect(secret)
         self._info: P.Info | None = None
 
-    def _connect(self) -> zmq.Socket:
+    def _connect(self, secret: str | None) -> tuple[zmq.Socket, zmq.Socket]:
         sock = zmq.Context.instance().socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         # After a timeout the next send starts over instead of failing on REQ's strict send/recv turn.
         sock.setsockopt(zmq.REQ_RELAXED, 1)
         sock.setsockopt(zmq.REQ_CORRELATE, 1)
-        sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)  # a blocking recv with a deadline: no poller per call
+        if secret is not None:
+            present_secret(sock, secret)
+        monitor = sock.get_monitor_socket(_REFUSED)  # handshake refusals, to fail at once instead of timing out
         sock.connect(self.address)
-        return sock
+        return sock, monitor
 
     def call(self, request: P.Request) -> P.Reply:
         """Send one request, wait for its reply; Error replies raise FlexStoreError."""
@@ -85,10 +108,23 @@ class FlexStoreClient:
     def call_raw(self, data: bytes) -> P.Reply:
         """Send arbitrary bytes (tests use it for garbage) and decode the reply, errors included."""
         self._socket.send(data)
-        try:
-            return P.decode_reply(self._socket.recv())
-        except zmq.Again:
-            raise FlexStoreTimeout(f"FlexStore at {self.address} did not answer within {self.timeout_ms} ms") from None
+        return P.decode_reply(self._receive())
+
+    def _receive(self) -> bytes:
+        """The reply, waited for in slices: between them, a refused handshake or a dead FlexStore ends the wait."""
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while True:
+            remaining = deadline - time.monotonic()
+            if self._socket.poll(max(1, int(1000 * min(remaining, WAIT_SLICE_S)))):
+                return self._socket.recv()
+            if self._monitor.poll(0):
+                self._monitor.recv_multipart()
+                raise FlexStoreAuthError(f"FlexStore at {self.address} refused this client: "
+                                         "it presented no secret or a wrong one")
+            if self._alive is not None and not self._alive():
+                raise FlexStoreDied(f"FlexStore at {self.address} exited while this client waited for its answer")
+            if time.monotonic() >= deadline:
+                raise FlexStoreTimeout(f"FlexStore at {self.address} did not answer within {self.timeout_ms} ms")
 
     @staticmethod
     def _check(reply: P.Reply) -> P.Reply:
@@ -97,6 +133,8 @@ class FlexStoreClient:
         return reply
 
     def close(self) -> None:
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
         self._socket.close(linger=0)
 
     def __enter__(self) -> FlexStoreClient:

@@ -1,7 +1,7 @@
-"""Child processes of one instance: start them, notice a death, stop them all.
+"""Child processes of one instance: start them, notice a death, stop them.
 
-Every child is started with ``exit_with_parent`` semantics (the kernel signals it if the
-launcher dies), so even a SIGKILLed launcher leaves no orphan.
+Every child learns the launcher's pid (``MUXSERVE_PARENT_PID``) and asks the kernel for a signal
+when its parent dies (``utils.exit_with_parent``), so even a SIGKILLed launcher leaves no orphan.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from muxserve.utils import PARENT_PID_ENV, describe_exit
+
 logger = logging.getLogger(__name__)
 
 
@@ -21,7 +23,7 @@ class ChildDied(RuntimeError):
 
     def __init__(self, name: str, code: int, log: Path | None):
         where = f"; its log: {log}" if log else ""
-        super().__init__(f"process {name} exited with code {code}{where}")
+        super().__init__(f"process {name} {describe_exit(code)}{where}")
         self.name = name
         self.code = code
 
@@ -54,6 +56,7 @@ class ProcessGroup:
         self.children: list[Child] = []
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
+        """Start ``python ARGS`` as ``name`` (its log: LOG_DIR/name.log), with ``env`` added to ours."""
         log = None
         out = subprocess.DEVNULL
         if self.log_dir is not None:
@@ -62,7 +65,7 @@ class ProcessGroup:
             out = open(log, "ab")
         try:
             proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **(env or {})})
+                                    env={**os.environ, **(env or {}), PARENT_PID_ENV: str(os.getpid())})
         finally:
             if log is not None:
                 out.close()
@@ -71,23 +74,29 @@ class ProcessGroup:
         logger.info("started %s (pid %d)", name, proc.pid)
         return child
 
+    def exited(self) -> list[Child]:
+        """The children that have exited (still listed until ``stop`` removes them)."""
+        return [child for child in self.children if child.proc.poll() is not None]
+
     def check(self) -> None:
         """Raise ChildDied if any child has exited."""
-        for child in self.children:
-            code = child.proc.poll()
-            if code is not None:
-                raise ChildDied(child.name, code, child.log)
+        for child in self.exited():
+            raise ChildDied(child.name, child.proc.returncode, child.log)
 
-    def stop_all(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM every child still running, then SIGKILL the ones that do not exit in time."""
-        for child in self.children:
+    def stop(self, children: list[Child], timeout_s: float = 10.0) -> None:
+        """SIGTERM each of ``children`` still running, SIGKILL the ones that do not exit in time; forget them."""
+        for child in children:
             if child.proc.poll() is None:
                 child.proc.terminate()
-        for child in self.children:
+        for child in children:
             try:
                 child.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 logger.warning("%s did not stop in %.0f s; killing it", child.name, timeout_s)
                 child.proc.kill()
                 child.proc.wait()
-        self.children.clear()
+        self.children = [c for c in self.children if c not in children]
+
+    def stop_all(self, timeout_s: float = 10.0) -> None:
+        """Stop every child."""
+        self.stop(list(self.children), timeout_s)

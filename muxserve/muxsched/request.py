@@ -26,7 +26,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)  # every page it owns, in block order
     pages_sent: dict[str, int] = field(default_factory=dict)  # runtime -> pages it already knows
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # stop, length, abort, or error (its LLM failed: see ``error``)
+    error: str | None = None
     submit: float | None = None
     prefill_end: float | None = None
     end: float | None = None

@@ -7,6 +7,9 @@ one job at a time per runtime. Results come back as one token per request.
 
 NOTE: a batch is all-prefill or all-decode, as in the original; a prefill recomputes every
 token a request has so far (prompt + output), so preemption is just "free pages, re-queue".
+A runtime that dies is handled the same way: the requests of its job are recomputed once it is
+back (``runtime_lost`` / ``runtime_ready``); an LLM whose runtime cannot come back fails alone
+(``fail_llm``).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from typing import Callable, Protocol
 from muxserve.flexserver.messages import Job, JobResult
 from muxserve.muxsched.policy import QuotaMode, SchedulePolicy
 from muxserve.muxsched.quota import QuotaManager
+from muxserve.muxsched.recovery import LLMUnavailable, RuntimeRecovery
 from muxserve.muxsched.request import Phase, Request
 from muxserve.muxsched.resource import SMResource
 
 logger = logging.getLogger(__name__)
+__all__ = ["LLMInfo", "LLMUnavailable", "MuxScheduler", "RuntimeLink"]
 
 
 class RuntimeLink(Protocol):
@@ -71,20 +76,23 @@ class _Inflight:
 
 
 TokenCallback = Callable[[Request, int], None]
+ErrorCallback = Callable[[Request], None]
 
 
-class MuxScheduler:
+class MuxScheduler(RuntimeRecovery):
     """ADBS and its baselines over the LLMs of one instance.
 
     ``on_token(request, token)``, when set, is called for every token a result brings, after the
     request took it (``finish_reason`` and ``end`` are set when it was the last one): the HTTP
-    server streams from it. Aborted requests get no more calls.
+    server streams from it. Aborted requests get no more calls. ``on_error(request)`` is called
+    for each unfinished request of an LLM that failed (``finish_reason`` ``error``, ``error`` set).
     """
 
     def __init__(self, llms: list[LLMInfo], allocator, links: dict[tuple[str, Phase], RuntimeLink],
                  policy: SchedulePolicy, max_num_batched_tokens: int, overload_threshold: int,
                  quota: QuotaManager | None = None, clock: Callable[[], float] | None = None,
-                 adapt_interval: float = 8.0, on_token: TokenCallback | None = None):
+                 adapt_interval: float = 8.0, on_token: TokenCallback | None = None,
+                 on_error: ErrorCallback | None = None):
         if policy.quota is not QuotaMode.NONE and quota is None:
             raise ValueError(f"schedule approach {policy.name!r} needs a QuotaManager")
         self.llms = {info.name: _LLMState(info) for info in llms}
@@ -106,10 +114,15 @@ class MuxScheduler:
         self.num_preemptions = 0
         self.finished: list[Request] = []
         self.on_token = on_token
+        self.on_error = on_error
         self._aborting: set[str] = set()  # aborted while inside an in-flight job
+        self.down: set[tuple[str, Phase]] = set()  # runtimes that are restarting (or failed): no jobs
+        self.failed: dict[str, str] = {}  # LLM -> why it failed
 
     # -- requests in and out ----------------------------------------------------------------
     def add(self, request: Request) -> None:
+        if request.llm in self.failed:
+            raise LLMUnavailable(self.failed[request.llm])
         self.llms[request.llm].waiting.append(request)
 
     def has_work(self) -> bool:
@@ -123,11 +136,12 @@ class MuxScheduler:
 
     def on_result(self, result: JobResult) -> list[Request]:
         """Apply one job's tokens; return the requests that finished with it."""
-        job = self.inflight.pop(result.job_id)
+        if result.job_id not in self.inflight:  # its runtime was declared dead: the job is being recomputed
+            logger.info("ignoring the result of job %d from %s (dropped)", result.job_id, result.runtime)
+            return []
+        job = self.inflight[result.job_id]
+        self._drop_job(result.job_id)
         state = self.llms[job.llm]
-        self.sm.release(job.units)
-        self.busy.discard((job.llm, job.phase))
-        state.executing -= len(job.requests)
         if len(result.tokens) != len(job.requests):
             raise RuntimeError(f"runtime {result.runtime} returned {len(result.tokens)} tokens "
                                f"for {len(job.requests)} requests")
@@ -191,6 +205,14 @@ class MuxScheduler:
                 return True
         return False
 
+    def _drop_job(self, job_id: int) -> list[Request]:
+        """Forget an in-flight job (its result came, or its runtime died); returns its requests."""
+        job = self.inflight.pop(job_id)
+        self.sm.release(job.units)
+        self.busy.discard((job.llm, job.phase))
+        self.llms[job.llm].executing -= len(job.requests)
+        return job.requests
+
     def _release(self, state: _LLMState, requests: list[Request]) -> None:
         """Requests that left for good: free their pages; runtimes drop them with their next job."""
         if not requests:
@@ -237,7 +259,7 @@ class MuxScheduler:
 
     def _fcfs_pick(self) -> _LLMState | None:
         """The LLM of the oldest waiting request over all LLMs."""
-        candidates = [s for s in self.llms.values() if s.waiting]
+        candidates = [s for s in self.llms.values() if s.waiting and (s.info.name, Phase.PREFILL) not in self.down]
         return min(candidates, key=lambda s: s.waiting[0].idx) if candidates else None
 
     def _schedule_decodes(self) -> int:
@@ -260,11 +282,13 @@ class MuxScheduler:
         return sent
 
     def _wants_prefill(self, state: _LLMState) -> bool:
-        return bool(state.waiting) and not state.wait_for_cache and state.active < self.quota_of(state.info.name)
+        name = state.info.name
+        return (bool(state.waiting) and not state.wait_for_cache and state.active < self.quota_of(name)
+                and (name, Phase.PREFILL) not in self.down)
 
     def _phase_blocked(self, state: _LLMState, phase: Phase) -> bool:
         name = state.info.name
-        if (name, phase) in self.busy:
+        if (name, phase) in self.busy or (name, phase) in self.down:
             return True
         other = Phase.DECODE if phase is Phase.PREFILL else Phase.PREFILL
         return self.policy.exclusive_phases and (name, other) in self.busy

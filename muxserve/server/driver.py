@@ -7,7 +7,9 @@ one batch of events per poll, with ``loop.call_soon_threadsafe``. Requests are s
 same MuxScheduler as the offline launcher; the scheduler's ``on_token`` hook feeds the streams.
 
 An exception while handling one request's command or token fails that request alone (a 500 for
-its client); only a failure of the instance itself (a runtime or FlexStore gone) ends the engine.
+its client). A runtime that dies is restarted by the Instance and its requests recomputed, unseen
+here; an LLM whose runtime cannot come back fails alone (its requests get 503 naming it). A dead
+FlexStore ends the engine: every request gets a 500 naming it and the server exits.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, Callable
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.instance import Instance
 from muxserve.muxsched.request import Request
+from muxserve.muxsched.scheduler import LLMUnavailable
 from muxserve.server.metrics import ModelLoad, ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -101,6 +104,7 @@ class EngineDriver:
         self._outbox: list[tuple[RequestHandle, Any]] = []  # engine thread only
         self._failed: list[str] = []  # requests whose token handling failed: aborted after the poll
         instance.scheduler.on_token = self._on_token
+        instance.scheduler.on_error = self._on_error
 
     # -- event loop side --------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -182,7 +186,7 @@ class EngineDriver:
         except BaseException as exc:  # noqa: BLE001 - any failure ends the engine; report it
             logger.exception("engine failed")
             self.error = exc
-            self._fail_all(500, f"the engine failed: {type(exc).__name__}: {exc}")
+            self._fail_all(500, f"the engine failed: {type(exc).__name__}: {exc}", abort=False)
             self._flush()
             self._call_soon(self.on_fatal, exc)
         finally:
@@ -231,6 +235,9 @@ class EngineDriver:
         except ValueError as exc:  # the HTTP layer checks first; this is the engine's last word
             self._outbox.append((handle, ErrorEvent(400, str(exc))))
             return
+        except LLMUnavailable as exc:  # its runtime kept dying
+            self._outbox.append((handle, ErrorEvent(503, str(exc))))
+            return
         self._tracked[req.req_id] = _Tracked(handle, req)
         self._by_handle[id(handle)] = req.req_id
 
@@ -258,10 +265,12 @@ class EngineDriver:
         self.instance.abort(req_id)
         self.metrics.on_finish(tracked.request, reason, time.monotonic(), tracked.first_token)
 
-    def _fail_all(self, status: int, message: str) -> None:
+    def _fail_all(self, status: int, message: str, abort: bool = True) -> None:
+        """Every tracked request gets ``message``; ``abort``: also drop it from the instance (not once it died)."""
         for req_id, tracked in list(self._tracked.items()):
             try:
-                self.instance.abort(req_id)
+                if abort:
+                    self.instance.abort(req_id)
             except Exception:  # noqa: BLE001 - the engine may be gone; the client still gets its error
                 logger.debug("abort of %s failed", req_id, exc_info=True)
             self.metrics.on_finish(tracked.request, "abort", time.monotonic(), tracked.first_token)
@@ -290,6 +299,15 @@ class EngineDriver:
             self.metrics.on_finish(req, req.finish_reason, now, tracked.first_token)
             del self._tracked[req.req_id]
             self._by_handle.pop(id(tracked.handle), None)
+
+    def _on_error(self, req: Request) -> None:
+        """``req``'s LLM failed: its client gets a 503 that names the LLM and the runtime."""
+        tracked = self._tracked.pop(req.req_id, None)
+        if tracked is None:
+            return  # warm-up, or already aborted
+        self._by_handle.pop(id(tracked.handle), None)
+        self.metrics.on_finish(req, "abort", time.monotonic(), tracked.first_token)
+        self._outbox.append((tracked.handle, ErrorEvent(503, req.error or "the LLM failed")))
 
     def _refresh(self, fut: concurrent.futures.Future) -> None:
         try:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from muxserve.flexstore import FlexStoreClient
-
 from .helpers import TINY, ipc_address, make_config, start_flexstore, write_tiny_model
 
 
@@ -36,5 +34,5 @@ def shared_store(tiny_models, tmp_path_factory):
 
 @pytest.fixture
 def client(shared_store):
-    with FlexStoreClient(shared_store.config.address, timeout_s=20) as c:
+    with shared_store.client(timeout_s=20) as c:
         yield c

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from muxserve.flexstore import FlexStoreConfig, FlexStoreProcess, ModelEntry
+from muxserve.flexstore.auth import SECRET_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = Path(__file__).parent / "workers.py"
@@ -74,9 +75,14 @@ def worker_cmd(*args) -> list[str]:
     return [sys.executable, str(WORKERS), *map(str, args)]
 
 
-def run_worker(*args, timeout: float = 60) -> dict:
-    """Run a workers.py command to completion; return its JSON line."""
-    out = subprocess.run(worker_cmd(*args), capture_output=True, text=True, timeout=timeout, env=CHILD_ENV)
+def worker_env(store: FlexStoreProcess) -> dict[str, str]:
+    """A worker's environment: it presents ``store``'s secret, which never goes on a command line."""
+    return {**CHILD_ENV, SECRET_ENV: store.secret}
+
+
+def run_worker(store: FlexStoreProcess, *args, timeout: float = 60) -> dict:
+    """Run a workers.py command against ``store`` to completion; return its JSON line."""
+    out = subprocess.run(worker_cmd(*args), capture_output=True, text=True, timeout=timeout, env=worker_env(store))
     if out.returncode != 0:
         raise AssertionError(f"worker {args[0]} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     # An attaching process must leave the segments to their owner: no resource_tracker warning at exit.

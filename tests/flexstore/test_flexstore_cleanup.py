@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from muxserve.flexstore import FlexStoreClient
 from muxserve.flexstore.segments import list_shm
 
-from .helpers import CHILD_ENV, ipc_address, make_config, start_flexstore, worker_cmd
+from .helpers import CHILD_ENV, ipc_address, make_config, start_flexstore, worker_cmd, worker_env
 
 
 def _config(tiny_models, tmp_path: Path):
@@ -49,14 +48,14 @@ def _started(tiny_models, tmp_path):
 def test_client_killed_then_normal_shutdown(tiny_models, tmp_path):
     config, store, mine = _started(tiny_models, tmp_path)
     holder = subprocess.Popen(worker_cmd("hold", config.address, "llama-c", "held", 6), stdout=subprocess.PIPE,
-                              text=True, env=CHILD_ENV)
+                              text=True, env=worker_env(store))
     try:
         held = json.loads(holder.stdout.readline())["pages"]
         assert len(held) == 6
     finally:
         holder.kill()  # SIGKILL: the runtime dies holding mappings and pages
         holder.wait()
-    with FlexStoreClient(config.address) as client:  # FlexStore is unaffected
+    with store.client() as client:  # FlexStore is unaffected
         assert client.pages_of("llama-c", "held") == held
         assert client.free("llama-c", ["held"]) == 6
     assert list_shm(config.shm_prefix) == mine
@@ -68,7 +67,7 @@ def test_client_killed_then_normal_shutdown(tiny_models, tmp_path):
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 128 + signal.SIGINT), (signal.SIGTERM, 128 + signal.SIGTERM)])
 def test_signal_releases_everything(tiny_models, tmp_path, signum, code):
     config, store, _ = _started(tiny_models, tmp_path)
-    with FlexStoreClient(config.address) as client:
+    with store.client() as client:
         client.attach("llama-c").close()  # mapped and unmapped here: attaching must not unlink
     assert len(list_shm(config.shm_prefix)) == 2
     os.kill(store.pid, signum)

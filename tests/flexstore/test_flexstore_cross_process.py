@@ -7,7 +7,7 @@ import torch
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine, load_model
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.sampling_params import SamplingParams
-from muxserve.flexstore import FlexStoreClient, FlexStoreConfig, ModelEntry, attached_engine
+from muxserve.flexstore import FlexStoreConfig, ModelEntry, attached_engine
 
 from .helpers import PAGE_BYTES, ipc_address, kv_pattern, make_config, run_worker, start_flexstore
 
@@ -20,7 +20,7 @@ def test_kv_and_weights_written_by_one_process_are_seen_by_another(shared_store,
     before = weight.view(-1)[0].item()
 
     # A runtime-like process takes pages for 10 tokens (3 blocks x 3 pages), fills them, pokes a weight.
-    done = run_worker("write", shared_store.config.address, "qwen-b", "kv-req", 10, 3.0, WEIGHT, 1234.5)
+    done = run_worker(shared_store, "write", shared_store.config.address, "qwen-b", "kv-req", 10, 3.0, WEIGHT, 1234.5)
     assert done["pages"] == client.pages_of("qwen-b", "kv-req") and len(done["pages"]) == 9
     assert done["old_weight"] == before
 
@@ -73,7 +73,7 @@ def test_engine_on_flexstore_generates_as_in_process(tiny_models, tmp_path):
 
     store = start_flexstore(config, tmp_path / "flexstore.log")
     try:
-        with FlexStoreClient(config.address) as client:
+        with store.client() as client:
             engine = attached_engine(client, "qwen-b", max_num_seqs=8)
             assert engine.pool.num_pages == 64 and engine.allocator is client
             tokens, preemptions = _generate(engine, prompts, 24)
@@ -121,7 +121,7 @@ def test_a_head_size_that_does_not_divide_the_page_shares_flexstore_s_pool(tiny_
         runs[name] = (prompts, _generate(reference, prompts, 12)[0])
     store = start_flexstore(config, tmp_path / "flexstore.log")
     try:
-        with FlexStoreClient(config.address) as fs:
+        with store.client() as fs:
             info = fs.info()
             assert [(m.name, m.layout.page_tokens, m.layout.pages_per_block, m.max_tokens) for m in info.models] == [
                 ("hd80", 6, 4, 128 // 4 * 6), ("llama-a", 32, 4, 128 // 4 * 32)]

@@ -11,7 +11,7 @@ import torch
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine, load_model
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.sampling_params import SamplingParams
-from muxserve.flexstore import FlexStoreClient, attached_engine
+from muxserve.flexstore import attached_engine
 from muxserve.flexstore.segments import list_shm
 
 from .helpers import PAGE_BYTES, ipc_address, kv_pattern, make_config, run_worker, start_flexstore
@@ -33,13 +33,13 @@ def cuda_store(tiny_models, tmp_path):
 
 
 def test_cuda_kv_and_weights_are_shared_across_processes(cuda_store, tiny_models):
-    with FlexStoreClient(cuda_store.config.address) as client:
+    with cuda_store.client() as client:
         attached = client.attach("qwen-b")
         assert attached.pool.buffer.is_cuda and attached.device.type == "cuda"
         weight = dict(attached.model.named_parameters())[WEIGHT]
         before = weight.view(-1)[0].item()
 
-        done = run_worker("write", cuda_store.config.address, "qwen-b", "kv-req", 10, 3.0, WEIGHT, 1234.5)
+        done = run_worker(cuda_store, "write", cuda_store.config.address, "qwen-b", "kv-req", 10, 3.0, WEIGHT, 1234.5)
         assert done["pages"] == client.pages_of("qwen-b", "kv-req") and len(done["pages"]) == 9
         assert done["old_weight"] == before
         view = attached.pool.view(attached.layout)
@@ -69,12 +69,12 @@ def test_cuda_engine_on_flexstore_generates_as_in_process(cuda_store, tiny_model
 
     reference = LLMEngine(EngineConfig(model=str(tiny_models["qwen-b"]), device="cuda",
                                        kv_cache_bytes=256 * PAGE_BYTES, page_bytes=PAGE_BYTES))
-    with FlexStoreClient(cuda_store.config.address) as client:
+    with cuda_store.client() as client:
         assert run(attached_engine(client, "qwen-b")) == run(reference)
 
 
 def test_cuda_flexstore_sigint_releases_everything(cuda_store):
-    with FlexStoreClient(cuda_store.config.address) as client:
+    with cuda_store.client() as client:
         client.attach("llama-a").close()
     os.kill(cuda_store.pid, signal.SIGINT)
     assert cuda_store.proc.wait(30) == 128 + signal.SIGINT

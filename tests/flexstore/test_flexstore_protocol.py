@@ -9,6 +9,7 @@ import zmq
 from muxserve.engine.kv_cache import Allocation
 from muxserve.flexstore import FlexStoreError
 from muxserve.flexstore import protocol as P
+from muxserve.flexstore.auth import present_secret
 
 SERVED = "['llama-a', 'llama-c', 'qwen-b']"
 
@@ -105,6 +106,7 @@ def test_garbage_bytes(client, data, message):
 def test_garbage_frames_from_a_raw_socket(shared_store, client):
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    present_secret(sock, shared_store.secret)
     sock.connect(shared_store.config.address)
     try:
         sock.send_multipart([b"", b"\x00\xff", b"two frames"])  # REQ-style envelope, two body frames

@@ -6,6 +6,7 @@ Each prints one JSON line on stdout when its work is done.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -18,7 +19,7 @@ def write(address: str, model: str, request_id: str, tokens: int, seed: float, w
     """Allocate pages for one request, fill them with the pattern, poke one weight; report what was done."""
     from muxserve.flexstore import FlexStoreClient
 
-    with FlexStoreClient(address) as client:
+    with FlexStoreClient(address, os.environ["MUXSERVE_FLEXSTORE_SECRET"]) as client:
         attached = client.attach(model)
         pages = client.allocate(model, [(request_id, tokens)]).new_pages[request_id]
         view = attached.pool.view(attached.layout)  # (num_pages, 2, page_tokens, head_dim)
@@ -37,7 +38,7 @@ def hold(address: str, model: str, request_id: str, tokens: int):
     """Attach, take pages, say so, then wait to be killed."""
     from muxserve.flexstore import FlexStoreClient
 
-    client = FlexStoreClient(address)
+    client = FlexStoreClient(address, os.environ["MUXSERVE_FLEXSTORE_SECRET"])
     attached = client.attach(model)
     pages = client.allocate(model, [(request_id, tokens)]).new_pages[request_id]
     attached.pool.view(attached.layout)[pages[0]].fill_(1.0)

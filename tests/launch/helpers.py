@@ -82,7 +82,7 @@ def free_port() -> int:
 
 def launch_args(config: Path, workload: Path, tmp: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "muxserve.launch", str(config), "--workload-file", str(workload),
-            "--flexstore-port", str(free_port()), "--log-dir", str(tmp / "logs"),
+            "--log-dir", str(tmp / "logs"),
             "--stats-file", str(tmp / "stats.json"), "--device", "cpu", *extra]
 
 

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
-from pathlib import Path
-
 import pytest
 import yaml
 
-from .helpers import REPO, launch_args, run_launch, shm_segments
+from .helpers import free_port, run_launch
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -75,53 +69,12 @@ def test_fcfs_temporal_multiplexing(setup, tmp_path):
 
 
 def test_split_by_model_serves_one_llm(setup, tmp_path):
-    proc, stats = run_launch(setup.config(), setup.workload, tmp_path, "--no-slo", "--split-by-model", "llm-1")
+    # with FlexStore on an explicit TCP port (the default is an ipc socket in the instance's directory)
+    proc, stats = run_launch(setup.config(), setup.workload, tmp_path, "--no-slo", "--split-by-model", "llm-1",
+                             "--flexstore-port", str(free_port()))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting FlexStore at tcp://127.0.0.1:" in proc.stderr
     _check_all_match(setup, stats, llms=("llm-1",))
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except FileNotFoundError:
-        return ""
-
-
-def test_killing_a_runtime_stops_everything(setup, tmp_path):
-    # A long workload (arrivals stretched 20x) so the run is still going when the runtime dies.
-    from muxserve.muxsched.workload import WorkloadRequest, write_workload
-
-    slow = tmp_path / "slow.json"
-    write_workload(slow, {}, [WorkloadRequest(r.idx, r.llm, r.arrival * 20, r.prompt_token_ids, r.output_len)
-                              for r in setup.requests])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(launch_args(setup.config(), slow, tmp_path, "--no-slo"), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    victim = None
-    while victim is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-        if not (tmp_path / "logs").is_dir() or proc.poll() is not None:
-            continue
-        log = "".join(p.read_text(errors="ignore") for p in (tmp_path / "logs").glob("*.log"))
-        if log.count("ready (pid") == 6:  # every runtime attached
-            time.sleep(2)  # into the replay
-            victim = next(p for p in _children(proc.pid) if "--llm llm-1 --phase decode" in _cmdline(p))
-    assert victim is not None, "runtimes never became ready"
-    descendants = _children(proc.pid)
-    os.kill(victim, signal.SIGKILL)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1
-    assert "process llm-1/decode exited with code -9" in err
-    assert "every process of the instance was stopped" in err
-    for pid in descendants:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
-    assert not shm_segments(f"muxserve{proc.pid}")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -220,8 +173,6 @@ def test_tensor_parallel_llm_colocated_with_single_device_llms(setup, tmp_path):
             m.update(tensor_parallel_size=2, placement=[[0, 1]])
     config = tmp_path / "tp.yaml"
     config.write_text(yaml.safe_dump(doc))
-    from .helpers import free_port
-
     proc, stats = run_launch(config, setup.workload, tmp_path, "--no-slo", "--server-port", str(free_port()))
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_all_match(setup, stats)

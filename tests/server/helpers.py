@@ -89,7 +89,7 @@ def start_server(config: Path, tmp: Path, *extra: str, timeout: float = 240, env
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, *entry, str(config), "--host", "127.0.0.1", "--port", str(port),
-             "--flexstore-port", str(free_port()), "--log-dir", str(tmp / "logs"), "--device", "cpu",
+             "--log-dir", str(tmp / "logs"), "--device", "cpu",
              "--no-access-log", *extra],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(proc, port, log)
