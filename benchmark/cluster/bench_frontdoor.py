@@ -112,8 +112,8 @@ async def measure(args, front: str, direct: str, key: str) -> dict:
     return out
 
 
-def main() -> int:
-    argv = sys.argv[1:]
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     flags = argv[argv.index("--") + 1:] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--placement", required=True, help="placement folder or placement.json")
@@ -122,7 +122,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16, help="concurrent streams per round (default: 16)")
     p.add_argument("--stream-tokens", type=int, default=32, help="tokens per stream (default: 32)")
     p.add_argument("--rounds", type=int, default=4, help="alternations of the two paths (default: 4)")
-    p.add_argument("--start-timeout", type=float, default=900.0)
+    p.add_argument("--start-timeout", type=float, default=900.0,
+                   help="seconds to wait for the cluster to serve (default: 900)")
     p.add_argument("--result-file", help="write the figures as JSON")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     key = secrets.token_urlsafe(16)

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from muxserve.cluster.mps import start_mps, stop_mps
-from muxserve.cluster.process import free_port, free_port_range, kill_group, log_tail, start_guarded, stop_group
+from muxserve.cluster.process import free_port, kill_group, log_tail, start_guarded, stop_group
 
 logger = logging.getLogger("muxserve.cluster")
 
 # Flags the cluster sets on every instance itself (the others pass through from the command line).
-# --flexstore-port keeps instances of one machine apart while FlexStore listens on TCP by default.
+# FlexStore and the tensor-parallel groups of an instance are private to it (ipc:// sockets and
+# file rendezvous in its own folder), so instances of one machine need no ports but their HTTP one;
+# explicit --flexstore-port / --server-port are refused as they would only add collisions.
 PASSED_ENV = ("OMP_NUM_THREADS",)
 HEALTH_PERIOD_S, HEALTH_FAILURES = 10.0, 6  # a ready instance that stops answering for a minute is restarted
 RESERVED_FLAGS = ("--host", "--port", "--flexstore-port", "--server-port", "--log-dir", "--mps-dir",
@@ -45,7 +47,6 @@ class HostSpec:
     flags: list[str]  # more flags of muxserve serve / muxserve.launch
     log_dir: str  # on the node: <log_dir>/<mesh>/
     cwd: str  # where the command ran; used on the node when it exists there
-    tp_groups: int  # tensor-parallel process groups of the mesh (rendezvous ports to reserve)
     api_key: str | None = None  # the instance's key (MUXSERVE_API_KEY); the front door presents it
     mps: bool = False  # an MPS daemon of its own for this mesh
     max_restarts: int = 3  # restarts allowed within restart_window_s before the mesh counts as failed
@@ -227,8 +228,7 @@ class InstanceHost:
         s = self.spec
         port = free_port(self.node_ip)
         args = [sys.executable, "-m", "muxserve.serve", str(self.config), "--host", self.node_ip,
-                "--port", str(port), "--flexstore-port", str(free_port()),
-                "--server-port", str(free_port_range(max(1, s.tp_groups))), "--log-dir", str(self.logs / "procs"),
+                "--port", str(port), "--log-dir", str(self.logs / "procs"),
                 "--drain-timeout", str(s.drain_timeout_s), *s.flags]
         if s.mps:
             args += ["--mps-dir", str(self.run_dir / "mps")]
@@ -293,7 +293,6 @@ def replay_mesh(spec: ReplaySpec) -> dict:
         (run_dir / "workload.json").write_bytes(spec.workload)
         args = [sys.executable, "-m", "muxserve.launch", str(run_dir / "config.yaml"),
                 "--workload-file", str(run_dir / "workload.json"), "--stats-file", str(run_dir / "stats.json"),
-                "--flexstore-port", str(free_port()), "--server-port", str(free_port_range(max(1, s.tp_groups))),
                 "--log-dir", str(logs / "procs"), *s.flags]
         if s.mps:
             start_mps(run_dir / "mps")

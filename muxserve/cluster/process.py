@@ -19,27 +19,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def free_port_range(count: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
-    """A base port p with p .. p + count - 1 all free now (the tensor-parallel rendezvous ports)."""
-    for _ in range(attempts):
-        base = free_port(host)
-        if base + count > 65535:
-            continue
-        held = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                held.append(s)
-                s.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError(f"found no {count} consecutive free ports on {host}")
-
-
 def start_guarded(args: list[str], log: Path, env: dict[str, str], cwd: str) -> subprocess.Popen:
     """Start ``args`` in a new process group, output appended to ``log``.
 

@@ -170,9 +170,7 @@ def run_cluster_replay(args) -> int:
 def _host_spec(mesh: MeshSpec, args) -> HostSpec:
     cwd = Path.cwd()
     return HostSpec(mesh=mesh.name, config_text=portable_config(mesh, cwd), flags=launch_flags(args),
-                    log_dir=str(Path(args.log_dir).resolve()), cwd=str(cwd),
-                    tp_groups=2 * sum(m.tensor_parallel_size > 1 for m in mesh.config.models),
-                    mps=bool(args.mps_dir), env=driver_env())
+                    log_dir=str(Path(args.log_dir).resolve()), cwd=str(cwd), mps=bool(args.mps_dir), env=driver_env())
 
 
 def _run_meshes(spec: ClusterSpec, args, workloads: dict[str, tuple[bytes, int]], reservation) -> list[MeshResult]:

@@ -28,15 +28,11 @@ from muxserve.cluster.state import process_alive, read_state, remove_state, writ
 logger = logging.getLogger("muxserve.cluster")
 
 
-def tp_groups(mesh) -> int:
-    return 2 * sum(m.tensor_parallel_size > 1 for m in mesh.config.models)
-
-
 def host_specs(spec: ClusterSpec, args, flags: list[str], instance_key: str) -> dict[str, HostSpec]:
     cwd = Path.cwd()
     log_dir = str(Path(args.log_dir).resolve())
     return {m.name: HostSpec(mesh=m.name, config_text=portable_config(m, cwd), flags=flags, log_dir=log_dir,
-                             cwd=str(cwd), tp_groups=tp_groups(m), api_key=instance_key, mps=args.mps,
+                             cwd=str(cwd), api_key=instance_key, mps=args.mps,
                              max_restarts=args.max_restarts, ready_timeout_s=args.ready_timeout,
                              drain_timeout_s=args.drain_timeout, env=driver_env())
             for m in spec.meshes}

@@ -22,6 +22,7 @@ BENCH = REPO / "benchmark"
 SCRIPTS = {
     "chatlmsys/make_synthetic_trace.py": ["--output", "trace.json"],
     "chatlmsys/run_chatlmsys.py": ["--trace", "trace.json"],
+    "cluster/bench_frontdoor.py": ["--placement", "placement", "--model", "llm-0"],
     "end_to_end/analyze.py": [],
     "end_to_end/launch_synced.py": ["--barrier-dir", "barrier", "--barrier-count", "1", "--barrier-rank", "0"],
     "end_to_end/mps_sweep.py": [],
