@@ -27,9 +27,10 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from muxserve.ipc.devices import dtype_name
+
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Percentage = Annotated[int, msgspec.Meta(ge=1, le=100)]
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 class ConfigError(ValueError):
@@ -57,7 +58,7 @@ class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     @property
     def torch_dtype_name(self) -> str:
-        return DTYPES[self.model_dtype]
+        return dtype_name(self.model_dtype)
 
     @property
     def devices(self) -> list[int]:

@@ -18,23 +18,23 @@ from pathlib import Path
 import zmq
 
 from muxserve.config import MuxServeConfig
-from muxserve.engine.llm_engine import _generation_eos
-from muxserve.engine.model_config import ModelSpec
+from muxserve.engine.model_config import ModelSpec, end_token_ids
 from muxserve.engine.sampling_params import SamplingParams
-from muxserve.flexserver import messages as M
 from muxserve.flexstore import FlexStoreConfig, FlexStoreDied, FlexStoreProcess
 from muxserve.flexstore.auth import SECRET_ENV, new_secret
 from muxserve.flexstore.config import ModelEntry as StoreModel
 from muxserve.muxsched.launcher import Child, ChildDied, ProcessGroup, mps_env
 from muxserve.muxsched.policy import QuotaMode, SchedulePolicy
 from muxserve.muxsched.quota import QuotaManager, QuotaModel
-from muxserve.muxsched.request import Phase, Request
+from muxserve.ipc import runtime as M
+from muxserve.ipc.process import describe_exit
+from muxserve.ipc.rundir import create_run_dir
+from muxserve.ipc.runtime import Phase
+from muxserve.muxsched.request import Request
 from muxserve.muxsched.resource import units_for
 from muxserve.muxsched.scheduler import LLMInfo, LLMUnavailable, MuxScheduler
 from muxserve.muxsched.stats import BaseLatency
-from muxserve.rundir import create_run_dir
 from muxserve.supervisor import Event, Failed, Lost, RestartPolicy, Restored, RuntimeGroup, RuntimeState, Supervisor
-from muxserve.utils import describe_exit
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class Instance:
             infos.append(LLMInfo(
                 name=m.name, prefill_units=units_for(m.prefill_percentage), decode_units=units_for(m.decode_percentage),
                 max_num_seqs=m.max_num_seqs or o.max_num_seqs or self.config.max_num_seqs,
-                eos_ids=frozenset(spec.eos_token_ids) | _generation_eos(folder),
+                eos_ids=end_token_ids(folder, spec),
                 max_model_len=spec.max_position_embeddings, vocab_size=spec.vocab_size,
             ))
             lay = layouts[m.name].layout

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Callable
 
 from muxserve.config import ConfigError, MuxServeConfig
-from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES, KVLayout
-from muxserve.engine.llm_engine import parse_dtype
+from muxserve.engine.kv_cache import DEFAULT_CPU_KV_BYTES, DEFAULT_PAGE_BYTES, KVLayout
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.parallel import check_tensor_parallel
 from muxserve.instance import InstanceOptions
+from muxserve.ipc.devices import parse_dtype
 from muxserve.muxsched.launcher import ChildDied
 from muxserve.muxsched.policy import POLICIES, get_policy
 from muxserve.supervisor import RestartPolicy
@@ -161,8 +161,6 @@ def planned_max_tokens(config: MuxServeConfig, page_bytes: int, device: str) -> 
     """Tokens one request of each LLM can hold with the whole pool, known before start on CPU."""
     if config.kv_cache_bytes is None and device != "cpu":
         return None  # sized from the GPU's memory by FlexStore at start
-    from muxserve.flexstore.config import DEFAULT_CPU_KV_BYTES
-
     pages = (config.kv_cache_bytes or DEFAULT_CPU_KV_BYTES) // page_bytes
     out = {}
     for m in config.models:

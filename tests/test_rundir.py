@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from muxserve.rundir import _start_time, create_run_dir, owner_alive, remove_stale_run_dirs
+from muxserve.ipc.rundir import _start_time, create_run_dir, owner_alive, remove_stale_run_dirs
 
 
 def _dead_pid() -> int:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 
-from muxserve.flexserver import messages as M
+from muxserve.ipc import runtime as M
 from muxserve.muxsched.launcher import Child
-from muxserve.muxsched.request import Phase
+from muxserve.ipc.runtime import Phase
 from muxserve.supervisor import Failed, Lost, RestartPolicy, Restored, RuntimeState, Supervisor
 
 _pids = itertools.count(1000)

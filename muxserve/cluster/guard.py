@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from muxserve.utils import exit_with_parent
+from muxserve.ipc.process import exit_with_parent
 
 
 def main() -> None:

@@ -25,6 +25,35 @@ from typing import Iterable, Sequence
 import torch
 
 DEFAULT_PAGE_BYTES = 16 * 1024
+DEFAULT_CPU_KV_BYTES = 512 * 1024 * 1024
+POOL_PAGE_MULTIPLE = 128  # the original rounds a GPU pool down to a multiple of 128 pages
+
+
+def pool_pages(page_bytes: int, devices: Sequence[torch.device], kv_cache_bytes: int | None = None,
+               gpu_memory_utilization: float = 0.5) -> int:
+    """Pages of the KV pool of each device (a mesh's devices get as many each): the one sizing rule.
+
+    ``kv_cache_bytes`` when given; otherwise 512 MiB on CPU and, as in the original, on GPUs
+    ``gpu_memory_utilization`` x the smallest GPU's *total* memory, rounded down to a multiple of
+    128 pages. The weights and the activations live in the rest: a pool larger than the memory
+    still free on a device is refused.
+    """
+    if kv_cache_bytes is not None:
+        pages = kv_cache_bytes // page_bytes
+    elif devices[0].type == "cpu":
+        pages = DEFAULT_CPU_KV_BYTES // page_bytes
+    else:
+        total = min(torch.cuda.get_device_properties(d).total_memory for d in devices)
+        pages = int(gpu_memory_utilization * total) // page_bytes // POOL_PAGE_MULTIPLE * POOL_PAGE_MULTIPLE
+        for device in devices:
+            free, _ = torch.cuda.mem_get_info(device)
+            if pages * page_bytes > free:
+                raise ValueError(f"gpu_memory_utilization {gpu_memory_utilization} asks for a KV pool of "
+                                 f"{pages * page_bytes / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB are "
+                                 f"free on {device} after the weights; lower it")
+    if pages < 1:
+        raise ValueError(f"KV pool of {kv_cache_bytes} bytes holds no page of {page_bytes} bytes")
+    return pages
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from muxserve import jsonfile
 from muxserve.engine.attention import make_attention, select_backend
-from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES, KVLayout, KVPool, PageAllocator
+from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES, KVLayout, KVPool, PageAllocator, pool_pages
 from muxserve.engine.loader import iter_weights
-from muxserve.engine.model_config import ModelSpec
+from muxserve.engine.model_config import ModelSpec, end_token_ids
 from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.models import build_model
 from muxserve.engine.models.rotary import RotaryEmbedding
@@ -22,33 +20,9 @@ from muxserve.engine.runner import ModelRunner
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.engine.scheduler import Scheduler
 from muxserve.engine.sequence import Sequence
+from muxserve.ipc.devices import parse_device, parse_dtype
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-DEFAULT_CPU_KV_BYTES = 512 * 1024 * 1024
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"unsupported dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-
-
-def parse_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:  # torch rejects unknown device types ("tpu") with a RuntimeError
-        raise ValueError(f"unsupported device {device!r}; choose cpu or cuda") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}; choose cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available")
-    return dev
-
 
 def load_model(folder, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
                parallel: TensorParallel | None = None) -> torch.nn.Module:
@@ -71,7 +45,7 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     kv_cache_bytes: int | None = None  # pool size; default: 512 MiB on CPU, gpu_memory_utilization on GPU
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = 0.5  # GPU: the pool's share of total memory (kv_cache.pool_pages)
     page_bytes: int = DEFAULT_PAGE_BYTES
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -143,7 +117,10 @@ class LLMEngine:
         # Per rank: only this rank's kv heads.
         self.layout = KVLayout(self.shard.num_layers, self.shard.num_kv_heads, self.shard.head_dim,
                                self.dtype, page_bytes)
-        self.pool = pool if pool is not None else KVPool.allocate(self._kv_bytes(), self.device, page_bytes)
+        if pool is None:
+            pages = pool_pages(page_bytes, [self.device], config.kv_cache_bytes, config.gpu_memory_utilization)
+            pool = KVPool.allocate(pages * page_bytes, self.device, page_bytes)
+        self.pool = pool
         if allocator is None:
             allocator = PageAllocator(self.pool.num_pages)
             allocator.register_model(self.model_name, self.layout)
@@ -162,23 +139,11 @@ class LLMEngine:
                                   cuda_graphs=not config.enforce_eager, parallel=parallel)
         batched = config.max_num_batched_tokens or max(2048, self.max_model_len)
         self.scheduler = Scheduler(self.allocator, self.model_name, config.max_num_seqs, batched)
-        self.eos_token_ids = frozenset(self.spec.eos_token_ids) | _generation_eos(self.folder)
+        self.eos_token_ids = end_token_ids(self.folder, self.spec)
         self._ids = itertools.count()
         logger.info("loaded %s (%s, %s) on %s; KV pool %d pages of %d B = %d tokens per sequence at most",
                     self.folder, self.spec.architecture, self.dtype, self.device, self.pool.num_pages,
                     page_bytes, self.allocator.max_tokens(self.model_name))
-
-    def _kv_bytes(self) -> int:
-        if self.config.kv_cache_bytes is not None:
-            return self.config.kv_cache_bytes
-        if self.device.type == "cpu":
-            return DEFAULT_CPU_KV_BYTES
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        reserve = 2 * 1024**3  # activations, logits and the CUDA context
-        free = int(total * self.config.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device) - reserve
-        if free < self.config.page_bytes:
-            raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization {self.config.gpu_memory_utilization}")
-        return free
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         self.check_request(prompt_token_ids, params)
@@ -216,12 +181,3 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-
-def _generation_eos(folder) -> frozenset[int]:
-    path = Path(folder) / "generation_config.json"
-    if not path.is_file():
-        return frozenset()
-    eos = jsonfile.load(path).get("eos_token_id")
-    if eos is None:
-        return frozenset()
-    return frozenset(eos if isinstance(eos, list) else [eos])

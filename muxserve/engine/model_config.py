@@ -115,6 +115,18 @@ class ModelSpec:
         return cls.from_dict(jsonfile.load(path), source=str(path))
 
 
+def end_token_ids(folder: str | Path, spec: ModelSpec) -> frozenset[int]:
+    """Every id that ends generation: config.json's EOS ids and generation_config.json's."""
+    ids = frozenset(spec.eos_token_ids)
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return ids
+    eos = jsonfile.load(path).get("eos_token_id")
+    if eos is None:
+        return ids
+    return ids | frozenset(eos if isinstance(eos, list) else [eos])
+
+
 def _rope_spec(cfg: dict[str, Any], source: str) -> RopeSpec:
     # transformers >= 5 writes `rope_parameters`; older configs have `rope_theta` + `rope_scaling`.
     params = dict(cfg.get("rope_parameters") or {})

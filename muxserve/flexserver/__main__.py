@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from muxserve.utils import exit_with_parent
+from muxserve.ipc.process import exit_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from muxserve.engine.parallel import TensorParallel, join_group, leave_group
 from muxserve.engine.runner import ModelRunner
 from muxserve.engine.sampler import step_seed
 from muxserve.engine.sampling_params import SamplingParams
-from muxserve.flexserver import messages as M
+from muxserve.ipc import runtime as M
 from muxserve.flexstore.client import FlexStoreClient
 
 logger = logging.getLogger(__name__)

@@ -10,18 +10,31 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
-
-from muxserve.rundir import new_secret, write_secret
 
 SECRET_ENV = "MUXSERVE_FLEXSTORE_SECRET"
 USER = "muxserve"
 # pyzmq's authenticator logs passwords at DEBUG: its logger never goes below INFO.
 _auth_log = logging.getLogger("muxserve.flexstore.zap")
 _auth_log.setLevel(logging.INFO)
+
+
+def new_secret() -> str:
+    """256 random bits, as hex."""
+    return secrets.token_hex(32)
+
+
+def write_secret(path: Path, secret: str | None = None) -> str:
+    """Write ``secret`` (default: a new random one) to ``path``, readable by its owner only."""
+    secret = secret or new_secret()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
 
 
 def secret_from_env() -> str | None:

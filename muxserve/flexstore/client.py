@@ -25,6 +25,7 @@ from muxserve.flexstore.auth import present_secret
 from muxserve.flexstore.manager import FlexStoreError
 from muxserve.flexstore.segments import SharedSegment
 from muxserve.flexstore.weights import attach_model
+from muxserve.ipc.devices import parse_device, parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +221,6 @@ class FlexStoreClient:
         ``init_parallel(device)`` then joins the rank's process group (it runs once the device is
         known, before the model is built) and returns this rank's ``TensorParallel``.
         """
-        from muxserve.engine.llm_engine import parse_device, parse_dtype
-
         info: P.AttachInfo = self.call(P.Attach(model, rank))
         dtype = parse_dtype(info.model.dtype)
         device = parse_device(info.device)

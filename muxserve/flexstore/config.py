@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 
 from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES
+from muxserve.ipc.devices import DTYPES
 
-DEFAULT_CPU_KV_BYTES = 512 * 1024 * 1024
 LOAD_FORMATS = ("auto", "random")
 _ADDRESS = re.compile(r"^(tcp://\S+:\d+|ipc://\S+|inproc://\S+)$")
 _SHM_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -113,8 +113,6 @@ class FlexStoreConfig:
 
 def parse_model_arg(text: str, default_dtype: str = "float32") -> ModelEntry:
     """``NAME=MODEL[:DTYPE]`` (the CLI's ``--model``) -> ModelEntry; ``MODEL`` may be ``random:FOLDER``."""
-    from muxserve.engine.llm_engine import DTYPES
-
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
         raise ValueError(f"--model {text!r}: expected NAME=MODEL[:DTYPE], e.g. llm-0=smollm2-135m:bfloat16")

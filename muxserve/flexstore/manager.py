@@ -12,16 +12,16 @@ import secrets
 
 import torch
 
-from muxserve.engine.kv_cache import KVLayout, KVPool, PageAllocator
+from muxserve.engine.kv_cache import KVLayout, KVPool, PageAllocator, pool_pages
 from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.parallel import TensorParallel
 from muxserve.flexstore import protocol as P
-from muxserve.flexstore.config import DEFAULT_CPU_KV_BYTES, FlexStoreConfig
+from muxserve.flexstore.config import FlexStoreConfig
 from muxserve.flexstore.segments import SharedSegment, release_torch_ipc_files
 from muxserve.flexstore.weights import StoredWeights, load_shared
+from muxserve.ipc.devices import parse_device
 
 logger = logging.getLogger(__name__)
-POOL_PAGE_MULTIPLE = 128  # the original rounds the GPU pool down to a multiple of 128 pages
 
 
 class FlexStoreError(Exception):
@@ -45,8 +45,6 @@ class FlexStoreManager:
     """Loads every model once, allocates one pool per device of the mesh, owns every page id; see ``handle``."""
 
     def __init__(self, config: FlexStoreConfig):
-        from muxserve.engine.llm_engine import parse_device
-
         self.config = config
         self.devices = [parse_device(d) for d in config.device_names()]
         self.device = self.devices[0]
@@ -118,22 +116,7 @@ class FlexStoreManager:
 
     def _pool_bytes(self) -> int:
         cfg = self.config
-        if cfg.kv_cache_bytes is not None:
-            pages = cfg.kv_cache_bytes // cfg.page_bytes
-        elif self.device.type == "cpu":
-            pages = DEFAULT_CPU_KV_BYTES // cfg.page_bytes
-        else:  # every GPU of the mesh gets the same number of pages, sized by the smallest
-            total = min(torch.cuda.get_device_properties(d).total_memory for d in self.devices)
-            pages = int(cfg.gpu_memory_utilization * total) // cfg.page_bytes // POOL_PAGE_MULTIPLE * POOL_PAGE_MULTIPLE
-            for device in self.devices:
-                free, _ = torch.cuda.mem_get_info(device)
-                if pages * cfg.page_bytes > free:
-                    raise ValueError(f"gpu_memory_utilization {cfg.gpu_memory_utilization} asks for a KV pool of "
-                                     f"{pages * cfg.page_bytes / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB are "
-                                     f"free on {device} after the weights; lower it")
-        if pages < 1:
-            raise ValueError(f"KV pool of {cfg.kv_cache_bytes} bytes holds no page of {cfg.page_bytes} bytes")
-        return pages * cfg.page_bytes
+        return pool_pages(cfg.page_bytes, self.devices, cfg.kv_cache_bytes, cfg.gpu_memory_utilization) * cfg.page_bytes
 
     # -- requests ---------------------------------------------------------------------------
     def handle_bytes(self, data: bytes) -> tuple[P.Request | None, bytes]:

@@ -19,12 +19,12 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from muxserve import utils
 from muxserve.flexstore import protocol as P
 from muxserve.flexstore.auth import SECRET_ENV, new_secret, serve_with_secret
 from muxserve.flexstore.config import FlexStoreConfig
 from muxserve.flexstore.manager import FlexStoreManager
-from muxserve.rundir import remove_stale_run_dirs
+from muxserve.ipc import process
+from muxserve.ipc.rundir import remove_stale_run_dirs
 
 logger = logging.getLogger(__name__)
 POLL_MS = 100  # how often the loop looks at its stop conditions
@@ -117,12 +117,12 @@ def run(config: FlexStoreConfig, secret: str, exit_with_parent: bool = False) ->
     """
     signals = (signal.SIGINT, signal.SIGTERM, PARENT_DEATH_SIGNAL)
     previous = {s: signal.signal(s, _raise_exit) for s in signals}
-    parent = utils.expected_parent() if exit_with_parent else None
+    parent = process.expected_parent() if exit_with_parent else None
     manager = server = None
     orphaned = False
     try:
         if exit_with_parent:
-            utils.exit_with_parent(PARENT_DEATH_SIGNAL)
+            process.exit_with_parent(PARENT_DEATH_SIGNAL)
         manager = FlexStoreManager(config)
         server = FlexStoreServer(manager, config.address, secret, parent)
         logger.info("FlexStore %d ready at %s", os.getpid(), config.address)
@@ -191,7 +191,7 @@ class FlexStoreProcess:
         cmd = [sys.executable, "-m", "muxserve.flexstore", "--config-json",
                msgspec.json.encode(self.config).decode(), "--exit-with-parent", "--log-level", self.log_level]
         env = {**(self.env if self.env is not None else os.environ), SECRET_ENV: self.secret,
-               utils.PARENT_PID_ENV: str(os.getpid())}
+               process.PARENT_PID_ENV: str(os.getpid())}
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if self.log_file else None,
@@ -206,7 +206,7 @@ class FlexStoreProcess:
                     if client.ping() == self.proc.pid:  # this child, not whoever else answers there
                         return self
                 except FlexStoreDied:
-                    raise RuntimeError(f"FlexStore {utils.describe_exit(self.proc.returncode)} before it was "
+                    raise RuntimeError(f"FlexStore {process.describe_exit(self.proc.returncode)} before it was "
                                        f"ready{self._last_log_line()}") from None
                 except (FlexStoreTimeout, FlexStoreAuthError):  # not up yet, or someone else's address
                     pass

@@ -27,6 +27,7 @@ from muxserve.engine.parallel import SINGLE, TensorParallel
 from muxserve.flexstore.config import ModelEntry
 from muxserve.flexstore.protocol import TensorSpec
 from muxserve.flexstore.segments import SharedSegment
+from muxserve.ipc.devices import parse_dtype
 
 logger = logging.getLogger(__name__)
 ALIGN = 256  # bytes; enough for any dtype and for vectorized GPU loads
@@ -89,8 +90,6 @@ def finish_model(model: nn.Module, spec: ModelSpec, device: torch.device) -> nn.
 def load_shared(entry: ModelEntry, folder: Path, device: torch.device, segment_name: str,
                 parallel: TensorParallel = SINGLE) -> StoredWeights:
     """Load one model's weights (``parallel``: one rank's shard) into a new shared segment (FlexStore side)."""
-    from muxserve.engine.llm_engine import parse_dtype
-
     dtype = parse_dtype(entry.dtype)
     spec = ModelSpec.from_folder(folder)
     model = meta_model(spec, dtype, parallel)

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from muxserve.utils import PARENT_PID_ENV, describe_exit
+from muxserve.ipc.process import PARENT_PID_ENV, describe_exit
 
 logger = logging.getLogger(__name__)
 

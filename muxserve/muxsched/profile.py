@@ -83,7 +83,8 @@ def build_engine(settings: ProfileSettings):
     import torch
 
     from muxserve.engine.kv_cache import KVLayout
-    from muxserve.engine.llm_engine import EngineConfig, LLMEngine, load_model, parse_device, parse_dtype
+    from muxserve.engine.llm_engine import EngineConfig, LLMEngine, load_model
+    from muxserve.ipc.devices import parse_device, parse_dtype
     from muxserve.engine.model_config import ModelSpec
     from muxserve.engine.model_hub import resolve_model
 

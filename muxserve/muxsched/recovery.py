@@ -7,7 +7,8 @@ request's whole page list. When the runtime cannot come back, only its LLM fails
 
 from __future__ import annotations
 
-from muxserve.muxsched.request import Phase, Request
+from muxserve.ipc.runtime import Phase
+from muxserve.muxsched.request import Request
 
 
 class LLMUnavailable(RuntimeError):

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from muxserve.engine.sampling_params import SamplingParams
-from muxserve.flexserver.messages import SeqInput
+from muxserve.ipc.runtime import Phase, SeqInput
 from muxserve.muxsched.stats import RequestRecord
-
-
-class Phase(str, enum.Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
 
 
 @dataclass

@@ -20,11 +20,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from muxserve.flexserver.messages import Job, JobResult
+from muxserve.ipc.runtime import Job, JobResult, Phase
 from muxserve.muxsched.policy import QuotaMode, SchedulePolicy
 from muxserve.muxsched.quota import QuotaManager
 from muxserve.muxsched.recovery import LLMUnavailable, RuntimeRecovery
-from muxserve.muxsched.request import Phase, Request
+from muxserve.muxsched.request import Request
 from muxserve.muxsched.resource import SMResource
 
 logger = logging.getLogger(__name__)

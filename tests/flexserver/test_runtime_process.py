@@ -15,7 +15,7 @@ import zmq
 from processes import alive, wait_until
 
 from muxserve.engine import LLM, SamplingParams
-from muxserve.flexserver import messages as M
+from muxserve.ipc import runtime as M
 from muxserve.flexstore import FlexStoreConfig, FlexStoreProcess, ModelEntry
 from muxserve.flexstore.auth import SECRET_ENV
 

@@ -15,10 +15,11 @@ import torch
 
 from muxserve.engine.kv_cache import KVLayout, PageAllocator
 from muxserve.engine.sampling_params import SamplingParams
-from muxserve.flexserver.messages import Job, JobResult, SeqInput
+from muxserve.ipc.runtime import Job, JobResult, SeqInput
 from muxserve.muxsched.policy import get_policy
 from muxserve.muxsched.quota import QuotaManager, QuotaModel
-from muxserve.muxsched.request import Phase, Request
+from muxserve.ipc.runtime import Phase
+from muxserve.muxsched.request import Request
 from muxserve.muxsched.resource import units_for
 from muxserve.muxsched.scheduler import LLMInfo, MuxScheduler
 

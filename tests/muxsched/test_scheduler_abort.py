@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from muxserve.muxsched.request import Phase
+from muxserve.ipc.runtime import Phase
 
 from .test_scheduler import Harness, ids, llm, seq
 

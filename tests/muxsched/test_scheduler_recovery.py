@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from muxserve.muxsched.request import Phase
+from muxserve.ipc.runtime import Phase
 from muxserve.muxsched.scheduler import LLMUnavailable
 
 from .test_scheduler import FakeRuntimes, Harness, fake_model_alone, ids, kinds, llm, quota_for, seq

@@ -8,9 +8,17 @@ sequence carries the pages appended since ``page_offset``; offset 0 replaces the
 
 from __future__ import annotations
 
-from typing import Literal, Union
+import enum
+from typing import Union
 
 import msgspec
+
+
+class Phase(str, enum.Enum):
+    """The two steps of a request, and the two runtimes of an LLM: on the wire, its value."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
 
 
 class SeqInput(msgspec.Struct, array_like=True):
@@ -28,7 +36,7 @@ class SeqInput(msgspec.Struct, array_like=True):
 
 class Job(msgspec.Struct, tag="job"):
     job_id: int
-    phase: Literal["prefill", "decode"]
+    phase: Phase
     seqs: list[SeqInput]
     release: list[str] = []  # requests whose page lists the runtime can drop
 

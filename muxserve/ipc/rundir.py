@@ -1,4 +1,4 @@
-"""The private directory of one instance: its ipc sockets, rendezvous files and secret.
+"""The private directory of one instance: its ipc sockets and rendezvous files.
 
 ``/tmp/muxserve-XXXXXXXX`` (``tempfile.mkdtemp``: mode 0700, so no other user can reach a socket
 inside) with an ``owner`` file naming the process that made it (pid and start time). It is removed
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -72,15 +71,3 @@ def remove_stale_run_dirs(root: Path | None = None) -> list[Path]:
         logger.info("removed %s, left by a stopped instance", path)
     return removed
 
-
-def write_secret(path: Path, secret: str | None = None) -> str:
-    """Write ``secret`` (default: a new random one) to ``path``, readable by its owner only."""
-    secret = secret or new_secret()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    return secret
-
-
-def new_secret() -> str:
-    return secrets.token_hex(32)
