@@ -23,7 +23,7 @@ from muxserve.engine.parallel import check_tensor_parallel
 from muxserve.instance import InstanceOptions
 from muxserve.ipc.devices import parse_dtype
 from muxserve.muxsched.launcher import ChildDied
-from muxserve.muxsched.policy import POLICIES, get_policy
+from muxserve.scheduler.policy import POLICIES, get_policy
 from muxserve.supervisor import RestartPolicy
 
 

@@ -33,9 +33,9 @@ from muxserve.instance_cli import (
     resolve_device,
     run_instance_command,
 )
-from muxserve.muxsched.request import Request
-from muxserve.muxsched.scheduler import LLMUnavailable
-from muxserve.muxsched.stats import format_stats, summarize_run
+from muxserve.scheduler.request import Request
+from muxserve.scheduler.scheduler import LLMUnavailable
+from muxserve.scheduler.stats import format_stats, summarize_run
 from muxserve.progress import Progress
 from muxserve.muxsched.workload import Workload, WorkloadError, load_workload
 

@@ -4,7 +4,7 @@ SLO attainment at scale s: the fraction of **all** requests of the workload (unf
 count as misses) whose latency (end - arrival) is at most s x their base latency. The base
 latency of a request is what the engine needs for it alone at batch 1: prefill of its prompt
 (interpolated between measured lengths) + (output_len - 1) decode steps, with the per-LLM
-figures that ``muxserve.launch`` measures at start (``muxserve.muxsched.stats.BaseLatency``).
+figures that ``muxserve.launch`` measures at start (``muxserve.scheduler.stats.BaseLatency``).
 
 By default every system is judged against the **same** base latencies: those measured by the
 temporal-multiplexing runs (each LLM alone on the whole GPU, no MPS), pooled over all of them
@@ -26,7 +26,7 @@ from pathlib import Path
 from e2e_common import SYSTEMS, read_json
 from e2e_runs import to_bases, to_records
 
-from muxserve.muxsched.stats import BaseLatency, RequestRecord, summarize
+from muxserve.scheduler.stats import BaseLatency, RequestRecord, summarize
 
 SLO_SCALES = tuple(range(1, 21))
 

@@ -26,7 +26,7 @@ from e2e_common import REPO, BenchError, read_json
 from e2e_lanes import Lane, launch_env, launch_ports
 from e2e_plan import SystemPlan
 
-from muxserve.muxsched.stats import BaseLatency, RequestRecord, summarize_run
+from muxserve.scheduler.stats import BaseLatency, RequestRecord, summarize_run
 
 logger = logging.getLogger("end_to_end")
 HERE = Path(__file__).resolve().parent

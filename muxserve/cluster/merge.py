@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from muxserve.muxsched.stats import BaseLatency, RequestRecord, summarize_run
+from muxserve.scheduler.stats import BaseLatency, RequestRecord, summarize_run
 
 RECORD_FIELDS = [f.name for f in dataclasses.fields(RequestRecord)]
 

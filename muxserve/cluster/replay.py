@@ -26,7 +26,7 @@ from muxserve.cluster.host import HostSpec, ReplaySpec, driver_env, replay_mesh
 from muxserve.cluster.merge import MeshResult, merge_stats
 from muxserve.cluster.ray_cluster import check_reachable, connect, import_ray, ray_address, reserve, wait_for_nodes
 from muxserve.cluster.spec import ClusterError, ClusterSpec, MeshSpec, load_placement, portable_config
-from muxserve.muxsched.stats import format_stats
+from muxserve.scheduler.stats import format_stats
 from muxserve.muxsched.workload import Workload, load_workload
 
 logger = logging.getLogger("muxserve.cluster")

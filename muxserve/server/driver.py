@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.instance import Instance
-from muxserve.muxsched.request import Request
-from muxserve.muxsched.scheduler import LLMUnavailable
+from muxserve.scheduler.request import Request
+from muxserve.scheduler.scheduler import LLMUnavailable
 from muxserve.server.metrics import ModelLoad, ServerMetrics
 
 logger = logging.getLogger(__name__)

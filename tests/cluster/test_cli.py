@@ -13,7 +13,7 @@ import pytest
 
 from muxserve.cluster import cli
 from muxserve.cluster.merge import MeshResult, merge_stats
-from muxserve.muxsched.stats import RequestRecord, summarize_run
+from muxserve.scheduler.stats import RequestRecord, summarize_run
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "placement_8gpu" / "placement"

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from muxserve.ipc.runtime import Phase
-from muxserve.muxsched.scheduler import LLMUnavailable
+from muxserve.scheduler.scheduler import LLMUnavailable
 
 from .test_scheduler import FakeRuntimes, Harness, fake_model_alone, ids, kinds, llm, quota_for, seq
 

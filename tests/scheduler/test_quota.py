@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from muxserve.muxsched.quota import HISTORY, QuotaManager, QuotaModel
+from muxserve.scheduler.quota import HISTORY, QuotaManager, QuotaModel
 
 
 def qm(name, rate, pages_per_block=4, page_tokens=32):

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from muxserve.ipc.runtime import Job, JobResult, Phase
-from muxserve.muxsched.policy import QuotaMode, SchedulePolicy
-from muxserve.muxsched.quota import QuotaManager
-from muxserve.muxsched.recovery import LLMUnavailable, RuntimeRecovery
-from muxserve.muxsched.request import Request
-from muxserve.muxsched.resource import SMResource
+from muxserve.scheduler.policy import QuotaMode, SchedulePolicy
+from muxserve.scheduler.quota import QuotaManager
+from muxserve.scheduler.recovery import LLMUnavailable, RuntimeRecovery
+from muxserve.scheduler.request import Request
+from muxserve.scheduler.sm_units import SMResource
 
 logger = logging.getLogger(__name__)
 __all__ = ["LLMInfo", "LLMUnavailable", "MuxScheduler", "RuntimeLink"]

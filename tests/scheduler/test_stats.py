@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from muxserve.muxsched.stats import SLO_SCALES, BaseLatency, RequestRecord, format_stats, summarize, summarize_run
+from muxserve.scheduler.stats import SLO_SCALES, BaseLatency, RequestRecord, format_stats, summarize, summarize_run
 
 
 def rec(idx, model, arrival, prompt_len, output_len, prefill_end=None, end=None, submit=None, preempted=0):

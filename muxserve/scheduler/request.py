@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.ipc.runtime import Phase, SeqInput
-from muxserve.muxsched.stats import RequestRecord
+from muxserve.scheduler.stats import RequestRecord
 
 
 @dataclass

@@ -8,7 +8,7 @@ request's whole page list. When the runtime cannot come back, only its LLM fails
 from __future__ import annotations
 
 from muxserve.ipc.runtime import Phase
-from muxserve.muxsched.request import Request
+from muxserve.scheduler.request import Request
 
 
 class LLMUnavailable(RuntimeError):

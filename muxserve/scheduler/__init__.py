@@ -1,0 +1,1 @@
+"""The multiplexed scheduler (ADBS and its baselines): requests, policies, KV quotas, SM units, statistics, runtime recovery."""
