@@ -27,14 +27,12 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from muxserve import files
+from muxserve.errors import ConfigError
 from muxserve.ipc.devices import dtype_name
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Percentage = Annotated[int, msgspec.Meta(ge=1, le=100)]
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run, with the file and the offending value named."""
 
 
 class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -95,15 +93,7 @@ class MuxServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 def load_config(path: str | Path) -> MuxServeConfig:
     """Read and validate a model_config YAML; every problem is a ConfigError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model config {path} does not exist")
-    try:
-        config = msgspec.yaml.decode(path.read_bytes(), type=MuxServeConfig)
-    except msgspec.ValidationError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except msgspec.DecodeError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    config = files.load(path, "model config", MuxServeConfig, ConfigError, source=str(path))
     check_config(config, str(path))
     return config
 

@@ -23,16 +23,16 @@ from muxserve.engine.sampling_params import SamplingParams
 from muxserve.flexstore import FlexStoreConfig, FlexStoreDied, FlexStoreProcess
 from muxserve.flexstore.auth import SECRET_ENV, new_secret
 from muxserve.flexstore.config import ModelEntry as StoreModel
-from muxserve.muxsched.launcher import Child, ChildDied, ProcessGroup, mps_env
-from muxserve.scheduler.policy import QuotaMode, SchedulePolicy
-from muxserve.scheduler.quota import QuotaManager, QuotaModel
 from muxserve.ipc import runtime as M
 from muxserve.ipc.process import describe_exit
 from muxserve.ipc.rundir import create_run_dir
 from muxserve.ipc.runtime import Phase
+from muxserve.muxsched.launcher import Child, ChildDied, ProcessGroup, mps_env
+from muxserve.scheduler.policy import QuotaMode, SchedulePolicy
+from muxserve.scheduler.quota import QuotaManager, QuotaModel
 from muxserve.scheduler.request import Request
-from muxserve.scheduler.sm_units import units_for
 from muxserve.scheduler.scheduler import LLMInfo, LLMUnavailable, MuxScheduler
+from muxserve.scheduler.sm_units import units_for
 from muxserve.scheduler.stats import BaseLatency
 from muxserve.supervisor import Event, Failed, Lost, RestartPolicy, Restored, RuntimeGroup, RuntimeState, Supervisor
 

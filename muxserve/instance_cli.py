@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from muxserve.config import ConfigError, MuxServeConfig
+from muxserve.config import MuxServeConfig
 from muxserve.engine.kv_cache import DEFAULT_CPU_KV_BYTES, DEFAULT_PAGE_BYTES, KVLayout
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.parallel import check_tensor_parallel
+from muxserve.errors import ConfigError
 from muxserve.instance import InstanceOptions
 from muxserve.ipc.devices import parse_dtype
 from muxserve.muxsched.launcher import ChildDied

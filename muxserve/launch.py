@@ -20,10 +20,12 @@ from collections import deque
 from pathlib import Path
 
 import msgspec
-from muxserve.config import ConfigError, MuxServeConfig, load_config
+
+from muxserve.config import MuxServeConfig, load_config
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.sampling_params import SamplingParams
+from muxserve.errors import ConfigError, InputError
 from muxserve.instance import Instance
 from muxserve.instance_cli import (
     add_instance_arguments,
@@ -33,11 +35,11 @@ from muxserve.instance_cli import (
     resolve_device,
     run_instance_command,
 )
+from muxserve.muxsched.workload import Workload, load_workload
+from muxserve.progress import Progress
 from muxserve.scheduler.request import Request
 from muxserve.scheduler.scheduler import LLMUnavailable
 from muxserve.scheduler.stats import format_stats, summarize_run
-from muxserve.progress import Progress
-from muxserve.muxsched.workload import Workload, WorkloadError, load_workload
 
 logger = logging.getLogger("muxserve.launch")
 
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         from muxserve.cluster import replay  # the only path that needs Ray
 
         return replay.main(args)
-    return run_instance_command(lambda: run(args), (ConfigError, WorkloadError, FileNotFoundError))
+    return run_instance_command(lambda: run(args), (InputError, FileNotFoundError))
 
 
 if __name__ == "__main__":

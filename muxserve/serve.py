@@ -22,9 +22,10 @@ from pathlib import Path
 import msgspec
 import uvicorn
 
-from muxserve.config import ConfigError, MuxServeConfig, load_config
+from muxserve.config import MuxServeConfig, load_config
 from muxserve.engine.llm import TOKENIZER_FILES
 from muxserve.engine.sampling_params import SamplingParams
+from muxserve.errors import ConfigError, InputError
 from muxserve.instance import Instance
 from muxserve.instance_cli import (
     add_instance_arguments,
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Until uvicorn installs its own handlers, SIGTERM stops what was started and exits.
-    return run_instance_command(lambda: serve(args), (ConfigError, FileNotFoundError))
+    return run_instance_command(lambda: serve(args), (InputError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import textwrap
 
 import pytest
 
-from muxserve.config import ConfigError, load_config
+from muxserve.config import load_config
+from muxserve.errors import ConfigError
 
 VALID = """\
 num_gpus: 2

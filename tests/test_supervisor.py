@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 
 from muxserve.ipc import runtime as M
-from muxserve.muxsched.launcher import Child
 from muxserve.ipc.runtime import Phase
+from muxserve.muxsched.launcher import Child
 from muxserve.supervisor import Failed, Lost, RestartPolicy, Restored, RuntimeState, Supervisor
 
 _pids = itertools.count(1000)

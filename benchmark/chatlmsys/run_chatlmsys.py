@@ -28,14 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "end_to_end"))
 
 from e2e_common import BenchError, fmt_num, read_json  # noqa: E402
 from e2e_grid import Point, record_command  # noqa: E402
-from run_end_to_end import (DEFAULT_LLMS, absolute_paths, add_machine_args, add_run_args,  # noqa: E402
-                            add_system_args, run_pipeline)
+from run_end_to_end import DEFAULT_LLMS, absolute_paths, add_machine_args, add_run_args, add_system_args, run_pipeline  # noqa: E402
 
 from muxserve.muxsched.datasets import LengthFilter, load_tokenizer, read_json_records  # noqa: E402
 from muxserve.muxsched.models_file import LLMEntry, ModelsFile  # noqa: E402
 from muxserve.muxsched.workload import WorkloadRequest  # noqa: E402
-from muxserve.muxsched.workload_utils import (DEFAULT_TOKENIZER, length_info, save_models_file,  # noqa: E402
-                                              save_workload, translate_lmsys)
+from muxserve.muxsched.workload_utils import (  # noqa: E402
+    DEFAULT_TOKENIZER,
+    length_info,
+    save_models_file,
+    save_workload,
+    translate_lmsys,
+)
 
 DEFAULT_OUT = "benchmark/results/chatlmsys/runs"
 

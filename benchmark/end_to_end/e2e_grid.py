@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from e2e_common import REPO, SYSTEMS, BenchError, read_json, write_json
+from e2e_lanes import Lane, daemon_env, make_lanes
 from e2e_placement import groups_doc, placement_groups
 from e2e_plan import LLM, Machine, PlanOptions, default_groups, describe_llms, plan_systems
-from e2e_lanes import Lane, daemon_env, make_lanes
 from e2e_runs import Cancelled, MPSControl, compact, merge_parts, run_system
 
 from muxserve.muxsched.models_file import load_models_file

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-
 from e2e_common import BenchError
 from e2e_plan import LLM, Group, Machine, kv_budget
 

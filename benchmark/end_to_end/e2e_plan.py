@@ -23,9 +23,10 @@ from pathlib import Path
 
 import msgspec
 import yaml
-
 from e2e_common import REPO, BenchError, write_json
-from muxserve.config import ConfigError, MuxServeConfig, check_config
+
+from muxserve.config import MuxServeConfig, check_config
+from muxserve.errors import ConfigError
 from muxserve.muxsched.models_file import LLMEntry, natural_key
 from muxserve.muxsched.placement import DTYPE_BYTES, GB, model_facts
 from muxserve.muxsched.workload import Workload, write_workload

@@ -8,7 +8,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 from e2e_common import SYSTEM_LABELS, SYSTEMS  # noqa: E402
 
 STYLE = {"muxserve": dict(color="tab:red", marker="o"), "temporal": dict(color="tab:blue", marker="s"),

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import yaml
-
 from e2e_common import SYSTEM_LABELS, SYSTEMS, read_json
 
 SHOWN_SCALES = (1, 2, 3, 5, 8, 10, 15, 20)

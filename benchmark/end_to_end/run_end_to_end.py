@@ -25,19 +25,26 @@ import os
 import signal
 import sys
 import time
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 from e2e_common import REPO, SYSTEMS, BenchError, device_info, fmt_num, gpu_memory_gib, read_json, write_json
 from e2e_grid import GridOptions, Point, profile_models, record_command, run_grid
 from e2e_lanes import DEFAULT_PORT_BASE, LANE_PORTS, Lane, make_lanes, visible_gpus
 from e2e_plan import Machine, PlanOptions, describe_llms, model_ref
 
+from muxserve.errors import InputError
 from muxserve.muxsched.datasets import SHAREGPT_FILE, LengthFilter, load_sharegpt
-from muxserve.muxsched.models_file import InputError, LLMEntry, ModelsFile, load_models_file
-from muxserve.muxsched.workload import WorkloadError
-from muxserve.muxsched.workload_utils import (GenerateOptions, Tokenizers, generate, parse_llm_count, power_law_rates,
-                                              save_models_file, save_workload)
+from muxserve.muxsched.models_file import LLMEntry, ModelsFile, load_models_file
+from muxserve.muxsched.workload_utils import (
+    GenerateOptions,
+    Tokenizers,
+    generate,
+    parse_llm_count,
+    power_law_rates,
+    save_models_file,
+    save_workload,
+)
 
 DEFAULT_LLMS = ["examples/shapes/llama-3.2-1b", "examples/shapes/smollm2-1.7b", "examples/shapes/llama-3.2-3b",
                 "examples/shapes/llama-3-8b"]
@@ -349,7 +356,7 @@ def run_pipeline(script: str, args, argv: list[str], default_out: str,
             print(f"workloads written under {out / 'points'}", flush=True)
             return 0
         return execute(args, out, points, argv, {**info, "repo": str(REPO)})
-    except (BenchError, InputError, WorkloadError) as e:
+    except (BenchError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,8 +15,8 @@ import argparse
 import tempfile
 import time
 
+from muxserve.errors import InputError
 from muxserve.muxsched.costs import CostModel
-from muxserve.muxsched.models_file import InputError
 from muxserve.muxsched.placement import Estimator, PlacementSettings, describe_llms, optimize
 from muxserve.muxsched.placement_ilp import ilp_place
 from muxserve.muxsched.synthetic import SCALES, SHAPES, random_instance, synthetic_table, write_shape

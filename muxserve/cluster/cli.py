@@ -20,8 +20,8 @@ import sys
 import time
 
 from muxserve.cluster.host import RESERVED_FLAGS
-from muxserve.cluster.spec import ClusterError
 from muxserve.cluster.state import process_alive, read_state, remove_state, state_path
+from muxserve.errors import ClusterError
 
 RESERVED_UP_FLAGS = (*RESERVED_FLAGS, "--api-key", "--split-by-model")
 

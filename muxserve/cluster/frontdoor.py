@@ -26,6 +26,7 @@ import muxserve
 from muxserve.cluster.metrics import CONTENT_TYPE, aggregate_metrics
 from muxserve.cluster.routes import InstanceView, RouteTable
 
+
 def _dumps(obj) -> str:
     return json.dumps(obj, separators=(",", ":"))
 

@@ -14,7 +14,8 @@ import socket
 import time
 from dataclasses import dataclass
 
-from muxserve.cluster.spec import ClusterError, ClusterSpec, MeshSpec
+from muxserve.cluster.spec import ClusterSpec, MeshSpec
+from muxserve.errors import ClusterError
 
 logger = logging.getLogger("muxserve.cluster")
 

@@ -25,9 +25,10 @@ import msgspec
 from muxserve.cluster.host import HostSpec, ReplaySpec, driver_env, replay_mesh
 from muxserve.cluster.merge import MeshResult, merge_stats
 from muxserve.cluster.ray_cluster import check_reachable, connect, import_ray, ray_address, reserve, wait_for_nodes
-from muxserve.cluster.spec import ClusterError, ClusterSpec, MeshSpec, load_placement, portable_config
-from muxserve.scheduler.stats import format_stats
+from muxserve.cluster.spec import ClusterSpec, MeshSpec, load_placement, portable_config
+from muxserve.errors import ClusterError, InputError
 from muxserve.muxsched.workload import Workload, load_workload
+from muxserve.scheduler.stats import format_stats
 
 logger = logging.getLogger("muxserve.cluster")
 
@@ -41,13 +42,10 @@ class MeshFailed(RuntimeError):
 def main(args) -> int:
     """Run (or join) a cluster replay; exit codes as the launcher's: 2 bad input, 1 a mesh failed,
     130 Ctrl-C or SIGTERM (every mesh is stopped in each case)."""
-    from muxserve.config import ConfigError
-    from muxserve.muxsched.workload import WorkloadError
-
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         return run_cluster_replay(args)
-    except (ClusterError, ConfigError, WorkloadError) as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except MeshFailed as e:

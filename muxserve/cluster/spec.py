@@ -15,11 +15,9 @@ from typing import Annotated
 import msgspec
 import yaml
 
-from muxserve.config import ConfigError, MuxServeConfig, load_config
-
-
-class ClusterError(ValueError):
-    """A cluster that cannot run, with the file or flag and the bad value named."""
+from muxserve import files
+from muxserve.config import MuxServeConfig, load_config
+from muxserve.errors import ClusterError, ConfigError
 
 
 class _PlacementMesh(msgspec.Struct):
@@ -97,12 +95,7 @@ def placement_file(path: str | Path) -> Path:
 def load_placement(path: str | Path) -> ClusterSpec:
     """Read and check a placement; every problem is a ClusterError naming the file and the value."""
     file = placement_file(path)
-    try:
-        raw = msgspec.json.decode(file.read_bytes(), type=_PlacementFile)
-    except msgspec.ValidationError as e:
-        raise ClusterError(f"{file}: {e}") from None
-    except msgspec.DecodeError as e:
-        raise ClusterError(f"{file}: not valid JSON: {e}") from None
+    raw = files.load(file, "placement", _PlacementFile, ClusterError, source=str(file))
     meshes, owner = [], {}
     for i, m in enumerate(raw.meshes):
         where = f"{file}: meshes[{i}] (mesh {m.mesh})"

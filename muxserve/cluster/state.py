@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from muxserve.cluster.spec import ClusterError
+from muxserve.errors import ClusterError
 
 
 def state_dir() -> Path:

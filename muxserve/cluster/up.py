@@ -22,8 +22,9 @@ from muxserve.cluster.frontdoor import FrontDoorState, create_app
 from muxserve.cluster.host import HostSpec, driver_env
 from muxserve.cluster.ray_cluster import connect, import_ray, reserve
 from muxserve.cluster.routes import RouteTable
-from muxserve.cluster.spec import ClusterError, ClusterSpec, load_placement, portable_config
+from muxserve.cluster.spec import ClusterSpec, load_placement, portable_config
 from muxserve.cluster.state import process_alive, read_state, remove_state, write_state
+from muxserve.errors import ClusterError
 
 logger = logging.getLogger("muxserve.cluster")
 

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from muxserve import jsonfile
+from muxserve import files
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -18,19 +18,19 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     index = folder / INDEX_FILE
     if index.is_file():
-        shard_names = sorted(set(jsonfile.load(index)["weight_map"].values()))
-        files = [folder / name for name in shard_names]
-        missing = [str(f) for f in files if not f.is_file()]
+        shard_names = sorted(set(files.load(index)["weight_map"].values()))
+        shards = [folder / name for name in shard_names]
+        missing = [str(f) for f in shards if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"{index} names shards that do not exist: {missing}")
-        return files
+        return shards
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
         raise FileNotFoundError(f"no safetensors weights in {folder} (expected model.safetensors or {INDEX_FILE})")
-    return files
+    return found
 
 
 def iter_weights(folder: str | Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from muxserve import jsonfile
+from muxserve import files
 
 # Architectures served by the one Llama-family implementation, and what differs between them.
 SUPPORTED_ARCHITECTURES = {
@@ -112,7 +112,7 @@ class ModelSpec:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"model folder {folder} has no config.json")
-        return cls.from_dict(jsonfile.load(path), source=str(path))
+        return cls.from_dict(files.load(path), source=str(path))
 
 
 def end_token_ids(folder: str | Path, spec: ModelSpec) -> frozenset[int]:
@@ -121,7 +121,7 @@ def end_token_ids(folder: str | Path, spec: ModelSpec) -> frozenset[int]:
     path = Path(folder) / "generation_config.json"
     if not path.is_file():
         return ids
-    eos = jsonfile.load(path).get("eos_token_id")
+    eos = files.load(path).get("eos_token_id")
     if eos is None:
         return ids
     return ids | frozenset(eos if isinstance(eos, list) else [eos])

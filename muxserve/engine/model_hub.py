@@ -105,9 +105,8 @@ def convert_gguf(gguf: Path, dest: Path) -> Path:
 def _write_hf_folder(gguf: Path, out: Path) -> None:
     # transformers dequantizes through the `gguf` package and un-permutes q/k for rotary.
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -21,8 +21,8 @@ from muxserve.engine.parallel import TensorParallel, join_group, leave_group
 from muxserve.engine.runner import ModelRunner
 from muxserve.engine.sampler import step_seed
 from muxserve.engine.sampling_params import SamplingParams
-from muxserve.ipc import runtime as M
 from muxserve.flexstore.client import FlexStoreClient
+from muxserve.ipc import runtime as M
 
 logger = logging.getLogger(__name__)
 

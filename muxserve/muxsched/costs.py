@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from muxserve import jsonfile
-from muxserve.muxsched.models_file import InputError
+from muxserve import files
+from muxserve.errors import InputError
 
 LEVELS = ("num_gpus", "sm_percent", "batch_size", "seq_len")
 
@@ -78,10 +78,7 @@ def validate_cost_table(table: Any, source: str) -> dict:
 
 
 def load_cost_table(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"cost table {path} does not exist")
-    table = jsonfile.load(path, "cost table", InputError)
+    table = files.load(path, "cost table")
     return validate_cost_table(table, str(path))
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from muxserve.muxsched.models_file import InputError
+from muxserve.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -22,12 +22,8 @@ from typing import Any
 
 import yaml
 
-
-class InputError(ValueError):
-    """A user input (file, flag) that is missing or malformed; the message names it.
-
-    The command-line tools print it as ``error: ...`` and exit with status 2, without a traceback.
-    """
+from muxserve import files
+from muxserve.errors import InputError
 
 
 def natural_key(name: str) -> list:
@@ -107,14 +103,7 @@ def parse_models(data: Any, source: str) -> ModelsFile:
 
 def load_models_file(path: str | Path) -> ModelsFile:
     """Read a models.yaml; every problem is an InputError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"model yaml {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid YAML: {e}") from None
-    return parse_models(data, str(path))
+    return parse_models(files.load(path, "model yaml", source=str(path)), str(path))
 
 
 def models_file_text(models: ModelsFile) -> str:

@@ -41,8 +41,9 @@ import itertools
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from muxserve.errors import InputError
 from muxserve.muxsched.costs import CostModel, TPEstimate, models_of
-from muxserve.muxsched.models_file import InputError, LLMEntry, natural_key
+from muxserve.muxsched.models_file import LLMEntry, natural_key
 
 GB = 1024**3
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}

@@ -18,12 +18,20 @@ from pathlib import Path
 import msgspec
 import yaml
 
-from muxserve.config import ConfigError, MuxServeConfig, check_config
+from muxserve.config import MuxServeConfig, check_config
+from muxserve.errors import ConfigError, InputError
 from muxserve.muxsched.costs import CostModel, TPEstimate, load_cost_table
-from muxserve.muxsched.models_file import InputError, load_models_file, natural_key
-from muxserve.muxsched.placement import (GB, Estimator, Placement, PlacementSettings, describe_llms, optimize,
-                                         spatial_size)
-from muxserve.muxsched.workload import Workload, WorkloadError, load_workload, write_workload
+from muxserve.muxsched.models_file import load_models_file, natural_key
+from muxserve.muxsched.placement import (
+    GB,
+    Estimator,
+    Placement,
+    PlacementSettings,
+    describe_llms,
+    optimize,
+    spatial_size,
+)
+from muxserve.muxsched.workload import Workload, load_workload, write_workload
 
 logger = logging.getLogger("muxserve.placement")
 
@@ -303,7 +311,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         summary = run(args)
-    except (InputError, WorkloadError) as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table_text(summary["llms"]))

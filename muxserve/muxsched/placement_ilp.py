@@ -20,7 +20,7 @@ import itertools
 import warnings
 from collections import Counter
 
-from muxserve.muxsched.models_file import InputError
+from muxserve.errors import InputError
 from muxserve.muxsched.placement import Estimator, Mesh, Placement, build_meshes, feasible_groups
 
 MAX_LLMS = 12

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from muxserve.errors import InputError
 from muxserve.muxsched.costs import load_cost_table
-from muxserve.muxsched.models_file import InputError
 
 logger = logging.getLogger("muxserve.profile")
 
@@ -84,9 +84,9 @@ def build_engine(settings: ProfileSettings):
 
     from muxserve.engine.kv_cache import KVLayout
     from muxserve.engine.llm_engine import EngineConfig, LLMEngine, load_model
-    from muxserve.ipc.devices import parse_device, parse_dtype
     from muxserve.engine.model_config import ModelSpec
     from muxserve.engine.model_hub import resolve_model
+    from muxserve.ipc.devices import parse_device, parse_dtype
 
     random_weights = settings.model.startswith("random:")
     name = settings.model.removeprefix("random:")

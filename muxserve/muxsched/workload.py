@@ -19,11 +19,8 @@ from typing import Any
 
 import msgspec
 
-from muxserve import jsonfile
-
-
-class WorkloadError(ValueError):
-    """A workload file that cannot be replayed, with the file and the bad value named."""
+from muxserve import files
+from muxserve.errors import WorkloadError
 
 
 class _FileRequest(msgspec.Struct):
@@ -73,10 +70,7 @@ class Workload:
 
 
 def load_workload(path: str | Path) -> Workload:
-    path = Path(path)
-    if not path.is_file():
-        raise WorkloadError(f"workload file {path} does not exist")
-    raw = jsonfile.decode(path.read_bytes(), _File, f"workload file {path}", WorkloadError)
+    raw = files.load(path, "workload file", _File, WorkloadError)
     if len(raw.arrivals) != len(raw.requests):
         raise WorkloadError(f"{path}: {len(raw.arrivals)} arrivals for {len(raw.requests)} requests")
     requests = []

@@ -39,12 +39,20 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from muxserve.errors import InputError
 from muxserve.muxsched.arrivals import DISTRIBUTIONS, ArrivalProcess
-from muxserve.muxsched.datasets import (SHAREGPT_FILE, LengthFilter, Sample, TokenizedDialogs, dialog_of,
-                                        load_sharegpt, load_tokenizer, read_json_records)
-from muxserve.muxsched.models_file import (InputError, LLMEntry, ModelsFile, load_models_file, models_file_text,
-                                           natural_key)
-from muxserve.muxsched.workload import WorkloadError, WorkloadRequest, write_workload
+from muxserve.muxsched.datasets import (
+    SHAREGPT_FILE,
+    LengthFilter,
+    Sample,
+    TokenizedDialogs,
+    dialog_of,
+    load_sharegpt,
+    load_tokenizer,
+    read_json_records,
+)
+from muxserve.muxsched.models_file import LLMEntry, ModelsFile, load_models_file, models_file_text, natural_key
+from muxserve.muxsched.workload import WorkloadRequest, write_workload
 from muxserve.progress import Progress
 
 logger = logging.getLogger("muxserve.workload_utils")
@@ -462,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         print(run(list(sys.argv[1:] if argv is None else argv)))
-    except (InputError, WorkloadError) as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

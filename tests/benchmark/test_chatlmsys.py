@@ -6,14 +6,13 @@ import json
 import signal
 
 import pytest
-import yaml
-
-from .helpers import write_shape
-
 import run_chatlmsys  # noqa: E402
+import yaml
 from make_synthetic_trace import make_trace  # noqa: E402
 
 from muxserve.muxsched.workload import WorkloadRequest, load_workload  # noqa: E402
+
+from .helpers import write_shape
 
 
 def test_synthetic_trace_is_reproducible_and_in_lmsys_format():

@@ -8,13 +8,12 @@ import json
 import shutil
 import tarfile
 
+import analyze  # noqa: E402
 import pytest
 
-from .helpers import E2E, run_script, write_sharegpt, write_shape
-
-import analyze  # noqa: E402
-
 from muxserve.muxsched.workload import load_workload  # noqa: E402
+
+from .helpers import E2E, run_script, write_shape, write_sharegpt
 
 pytestmark = pytest.mark.timeout(600)
 SYSTEMS = ("muxserve", "temporal", "spatial")

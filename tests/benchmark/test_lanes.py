@@ -11,15 +11,14 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-
-from .helpers import E2E  # noqa: F401
-
 import e2e_grid  # noqa: E402
+import pytest
 from e2e_common import BenchError  # noqa: E402
 from e2e_lanes import LANE_PORTS, daemon_env, launch_env, launch_ports, make_lanes  # noqa: E402
 from e2e_plan import Launch, Machine, SystemPlan  # noqa: E402
 from e2e_runs import Cancelled, launch_command  # noqa: E402
+
+from .helpers import E2E  # noqa: F401
 
 SMI = [("0", "GPU-aaaa"), ("1", "GPU-bbbb"), ("2", "GPU-cccc"), ("3", "GPU-dddd")]
 

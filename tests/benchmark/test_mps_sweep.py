@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from .helpers import E2E  # noqa: F401
-
 import mps_sweep  # noqa: E402
+
+from .helpers import E2E  # noqa: F401
 
 
 def _table():

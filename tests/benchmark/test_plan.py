@@ -6,17 +6,15 @@ import json
 
 import pytest
 import yaml
-
-from .helpers import REPO
-
 from e2e_placement import placement_groups  # noqa: E402
-from e2e_plan import (GB, Machine, PlanOptions, default_groups, describe_llms, kv_budget, overload_units,  # noqa: E402
-                      plan_systems)
+from e2e_plan import GB, Machine, PlanOptions, default_groups, describe_llms, kv_budget, overload_units, plan_systems  # noqa: E402
 
 from muxserve.muxsched.models_file import LLMEntry, ModelsFile  # noqa: E402
 from muxserve.muxsched.synthetic import synthetic_table  # noqa: E402
 from muxserve.muxsched.workload import Workload, WorkloadRequest, write_workload  # noqa: E402
 from muxserve.muxsched.workload_utils import save_models_file  # noqa: E402
+
+from .helpers import REPO
 
 SHAPES = ["llama-3.2-1b", "smollm2-1.7b", "llama-3.2-3b", "llama-3-8b"]
 RATES = [8.0, 3.3, 1.9, 1.2]

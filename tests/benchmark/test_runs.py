@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from .helpers import E2E  # noqa: F401
-
 from e2e_plan import Launch, SystemPlan  # noqa: E402
 from e2e_runs import merge_parts  # noqa: E402
+
+from .helpers import E2E  # noqa: F401
 
 
 def _record(idx, model, arrival, out_len, end=True):

@@ -21,8 +21,18 @@ import httpx
 import pytest
 from server.helpers import metric_samples, shm_segments, sse_events
 
-from .helpers import (MESHES, REPO, World, build_world, cluster_env, cluster_up, cmdline, group_alive, wait_gone,
-                      write_placement)
+from .helpers import (
+    MESHES,
+    REPO,
+    World,
+    build_world,
+    cluster_env,
+    cluster_up,
+    cmdline,
+    group_alive,
+    wait_gone,
+    write_placement,
+)
 
 ray = pytest.importorskip("ray")
 

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from muxserve.cluster.ray_cluster import fit_nodes, ray_address
-from muxserve.cluster.spec import ClusterError, load_placement, portable_config
+from muxserve.cluster.spec import load_placement, portable_config
+from muxserve.errors import ClusterError
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "placement_8gpu" / "placement"
@@ -56,7 +57,7 @@ def _mesh(i: int, config: str, llms: list[str], **extra) -> dict:
     ("missing", "placement {tmp}/nope does not exist (give the placement's output folder or its placement.json)"),
     ("no_json", "placement folder {tmp} has no placement.json (write it with python -m muxserve.muxsched.placement "
                 "--output-dir {tmp})"),
-    ("not_json", "{tmp}/placement.json: not valid JSON: JSON is malformed: object keys must be strings (byte 1)"),
+    ("not_json", "{tmp}/placement.json: not valid JSON near byte 1: object keys must be strings"),
     ("no_config", "{tmp}/placement.json: Object missing required field `config` - at `$.meshes[0]`"),
     ("config_missing", "{tmp}/placement.json: meshes[0] (mesh 0): config 'gone.yaml': model config {tmp}/gone.yaml "
                        "does not exist"),

@@ -14,8 +14,8 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_KV_BYTES, engine_generate, random_prompts
+
 from muxserve.engine import LLM, SamplingParams
 from muxserve.engine.attention.page_table import PageTables
 from muxserve.engine.cuda_graph import DecodeGraphs, _Graph, _Staging

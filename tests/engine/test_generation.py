@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import TINY_KV_BYTES, TINY_MAX_POS, copy_with_config, random_prompts
+
 from muxserve.engine import LLM, SamplingParams
 
 PROMPTS = random_prompts((3, 20, 45, 64), seed=7)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_KV_BYTES, assert_near_argmax, hf_greedy, load_hf, random_prompts
-from muxserve.engine import LLM, SamplingParams
-from muxserve.engine import sampler
+
+from muxserve.engine import LLM, SamplingParams, sampler
 from muxserve.engine.sampler import candidate_probs, sample, step_seed
 
 pytestmark = [

@@ -7,8 +7,8 @@ import importlib.util
 
 import pytest
 import torch
-
 from conftest import TINY_KV_BYTES, engine_generate, random_prompts
+
 from muxserve.engine import LLM, SamplingParams
 
 pytestmark = [

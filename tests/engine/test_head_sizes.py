@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ODD_HEAD_DIMS, TINY_KV_BYTES, assert_near_argmax, hf_greedy, load_hf, random_prompts
+
 from muxserve.engine import LLM, SamplingParams
 from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES, KVLayout, KVPool, PageAllocator
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine

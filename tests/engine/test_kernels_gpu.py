@@ -12,8 +12,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_KV_BYTES, assert_near_argmax, load_hf, random_prompts
+
 from muxserve.engine.kv_cache import KVLayout, KVPool
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_prompts
+
 from muxserve.engine import LLM, SamplingParams
 from muxserve.engine.kv_cache import KVLayout, KVPool, PageAllocator
 

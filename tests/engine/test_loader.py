@@ -7,11 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TINY_KV_BYTES, build_tiny_model, random_prompts
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_KV_BYTES, build_tiny_model, random_prompts
-from muxserve.engine import LLM, SamplingParams
-from muxserve.engine import model_hub
+from muxserve.engine import LLM, SamplingParams, model_hub
 from muxserve.engine.loader import INDEX_FILE, iter_weights, safetensors_files
 from muxserve.engine.model_hub import KNOWN_MODELS, resolve_model
 

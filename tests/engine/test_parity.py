@@ -10,10 +10,9 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_ARCHS, TINY_KV_BYTES, assert_near_argmax, copy_with_config, hf_greedy, load_hf, random_prompts
 from safetensors import safe_open
 
-from conftest import (TINY_ARCHS, TINY_KV_BYTES, assert_near_argmax, copy_with_config, hf_greedy, load_hf,
-                      random_prompts)
 from muxserve.engine import LLM, SamplingParams
 
 NUM_NEW = 32

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
@@ -10,10 +9,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from muxserve.engine import SamplingParams
-from muxserve.engine import sampler
-from muxserve.engine.sampling_params import SEED_MAX, SEED_MIN
+from muxserve.engine import SamplingParams, sampler
 from muxserve.engine.sampler import candidate_probs, sample, seeded_uniform, splitmix64, step_seed
+from muxserve.engine.sampling_params import SEED_MAX, SEED_MIN
 
 
 @pytest.mark.parametrize("field, value", [

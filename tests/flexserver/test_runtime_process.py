@@ -15,9 +15,9 @@ import zmq
 from processes import alive, wait_until
 
 from muxserve.engine import LLM, SamplingParams
-from muxserve.ipc import runtime as M
 from muxserve.flexstore import FlexStoreConfig, FlexStoreProcess, ModelEntry
 from muxserve.flexstore.auth import SECRET_ENV
+from muxserve.ipc import runtime as M
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",

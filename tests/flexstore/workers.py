@@ -11,7 +11,6 @@ import sys
 import time
 
 import torch
-
 from helpers import kv_pattern  # this folder is on sys.path when run as a script
 
 

@@ -6,8 +6,9 @@ import msgspec
 import pytest
 import torch
 
-from muxserve.config import ConfigError, MuxServeConfig
+from muxserve.config import MuxServeConfig
 from muxserve.engine.kv_cache import KVLayout
+from muxserve.errors import ConfigError
 from muxserve.instance_cli import page_bytes_for, planned_max_tokens
 
 

@@ -8,7 +8,8 @@ import stat
 import msgspec
 import pytest
 
-from muxserve.config import ConfigError, MuxServeConfig
+from muxserve.config import MuxServeConfig
+from muxserve.errors import ConfigError
 from muxserve.flexstore.auth import SECRET_ENV
 from muxserve.instance import Instance
 from muxserve.instance_cli import check_instance_args, instance_options

@@ -8,10 +8,9 @@ import json
 import pytest
 
 from muxserve.engine.model_config import ModelSpec
-from muxserve.jsonfile import JSONFileError
+from muxserve.errors import InputError, WorkloadError
 from muxserve.muxsched.costs import load_cost_table
-from muxserve.muxsched.models_file import InputError
-from muxserve.muxsched.workload import WorkloadError, WorkloadRequest, load_workload, write_workload
+from muxserve.muxsched.workload import WorkloadRequest, load_workload, write_workload
 
 
 @pytest.mark.parametrize("text, message", [
@@ -59,7 +58,7 @@ def test_cost_table_and_model_config_errors(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]})[:20])
-    with pytest.raises(JSONFileError) as e:
+    with pytest.raises(InputError) as e:
         ModelSpec.from_folder(folder)
     assert str(e.value) == (f"{folder / 'config.json'}: not valid JSON (truncated?): the text ends at byte 20 "
                             "before the document is complete")

@@ -12,10 +12,21 @@ import yaml
 from muxserve.config import load_config
 from muxserve.muxsched.costs import BatchEstimate, CostModel
 from muxserve.muxsched.models_file import LLMEntry
-from muxserve.muxsched.placement import (GB, Estimator, PlacementSettings, build_meshes, describe_llms, greedy_place,
-                                         mesh_groups, model_facts, node_splits, optimize)
+from muxserve.muxsched.placement import (
+    GB,
+    Estimator,
+    PlacementSettings,
+    build_meshes,
+    describe_llms,
+    greedy_place,
+    mesh_groups,
+    model_facts,
+    node_splits,
+    optimize,
+)
 from muxserve.muxsched.placement_cli import main
 from muxserve.muxsched.synthetic import SCALES, SHAPES, random_instance, synthetic_table, write_shape
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:

@@ -12,10 +12,18 @@ import pytest
 import yaml
 
 from muxserve.config import load_config
+from muxserve.errors import InputError
 from muxserve.muxsched.costs import CostModel, TPEstimate, load_cost_table
-from muxserve.muxsched.models_file import InputError, LLMEntry
-from muxserve.muxsched.placement import (GB, Estimator, PlacementSettings, describe_llms, model_facts, model_tp_facts,
-                                         optimize)
+from muxserve.muxsched.models_file import LLMEntry
+from muxserve.muxsched.placement import (
+    GB,
+    Estimator,
+    PlacementSettings,
+    describe_llms,
+    model_facts,
+    model_tp_facts,
+    optimize,
+)
 from muxserve.muxsched.placement_cli import main, spatial_rounds
 from muxserve.muxsched.workload import WorkloadRequest, load_workload, write_workload
 
