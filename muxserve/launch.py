@@ -35,7 +35,7 @@ from muxserve.instance_cli import (
     resolve_device,
     run_instance_command,
 )
-from muxserve.muxsched.workload import Workload, load_workload
+from muxserve.workload.workload_file import Workload, load_workload
 from muxserve.progress import Progress
 from muxserve.scheduler.request import Request
 from muxserve.scheduler.scheduler import LLMUnavailable

@@ -30,15 +30,13 @@ from e2e_common import BenchError, fmt_num, read_json  # noqa: E402
 from e2e_grid import Point, record_command  # noqa: E402
 from run_end_to_end import DEFAULT_LLMS, absolute_paths, add_machine_args, add_run_args, add_system_args, run_pipeline  # noqa: E402
 
-from muxserve.muxsched.datasets import LengthFilter, load_tokenizer, read_json_records  # noqa: E402
-from muxserve.muxsched.models_file import LLMEntry, ModelsFile  # noqa: E402
-from muxserve.muxsched.workload import WorkloadRequest  # noqa: E402
-from muxserve.muxsched.workload_utils import (  # noqa: E402
-    DEFAULT_TOKENIZER,
-    length_info,
-    save_models_file,
-    save_workload,
-    translate_lmsys,
+from muxserve.workload.datasets import LengthFilter, load_tokenizer, read_json_records  # noqa: E402
+from muxserve.workload.generator import DEFAULT_TOKENIZER, length_info
+from muxserve.workload.lmsys import translate_lmsys
+from muxserve.workload.models_file import LLMEntry, ModelsFile, write_models_file  # noqa: E402
+from muxserve.workload.workload_file import (
+    WorkloadRequest,  # noqa: E402
+    write_workload,
 )
 
 DEFAULT_OUT = "benchmark/results/chatlmsys/runs"
@@ -126,9 +124,9 @@ def trace_points(args, out: Path) -> list[Point]:
             info, requests, trace_map = condensed(*base, c, args.max_llms, args.max_duration)
             entries = [LLMEntry(name, args.llm_models[i % len(args.llm_models)], rate)
                        for i, (name, rate) in enumerate(info["rates"])]
-            save_models_file(pdir / "models.yaml", ModelsFile(entries, 1, args.num_gpus, info["prompt_len"],
+            write_models_file(pdir / "models.yaml", ModelsFile(entries, 1, args.num_gpus, info["prompt_len"],
                                                               info["output_len"], {"chatlmsys_map": trace_map}))
-            save_workload(pdir / "workload.json", info, requests)
+            write_workload(pdir / "workload.json", info, requests)
             model_of = {llm: model for model, llm in trace_map.items()}
             print(f"[{tag}] {len(requests)} requests over {info['duration']:.1f} s; "
                   + ", ".join(f"{n} ({model_of[n]}) {r:g}/s" for n, r in info["rates"]), flush=True)

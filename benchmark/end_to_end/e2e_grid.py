@@ -37,8 +37,8 @@ from e2e_placement import groups_doc, placement_groups
 from e2e_plan import LLM, Machine, PlanOptions, default_groups, describe_llms, plan_systems
 from e2e_runs import Cancelled, MPSControl, compact, merge_parts, run_system
 
-from muxserve.muxsched.models_file import load_models_file
-from muxserve.muxsched.workload import load_workload
+from muxserve.workload.models_file import load_models_file
+from muxserve.workload.workload_file import load_workload
 
 logger = logging.getLogger("end_to_end")
 RUN_ORDER = ("temporal", "muxserve", "spatial")  # per point; with lanes, consecutive runs start side by side

@@ -27,9 +27,9 @@ from e2e_common import REPO, BenchError, write_json
 
 from muxserve.config import MuxServeConfig, check_config
 from muxserve.errors import ConfigError
-from muxserve.muxsched.models_file import LLMEntry, natural_key
+from muxserve.workload.models_file import LLMEntry, natural_key
 from muxserve.muxsched.placement import DTYPE_BYTES, GB, model_facts
-from muxserve.muxsched.workload import Workload, write_workload
+from muxserve.workload.workload_file import Workload, write_workload
 
 BASELINE_MPS = [100, 90]
 MAX_TOTAL_LEN = 2048  # the ShareGPT filter's prompt + output bound, used when no workload is given

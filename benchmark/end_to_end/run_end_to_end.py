@@ -34,17 +34,11 @@ from e2e_lanes import DEFAULT_PORT_BASE, LANE_PORTS, Lane, make_lanes, visible_g
 from e2e_plan import Machine, PlanOptions, describe_llms, model_ref
 
 from muxserve.errors import InputError
-from muxserve.muxsched.datasets import SHAREGPT_FILE, LengthFilter, load_sharegpt
-from muxserve.muxsched.models_file import LLMEntry, ModelsFile, load_models_file
-from muxserve.muxsched.workload_utils import (
-    GenerateOptions,
-    Tokenizers,
-    generate,
-    parse_llm_count,
-    power_law_rates,
-    save_models_file,
-    save_workload,
-)
+from muxserve.workload.cli import parse_llm_count
+from muxserve.workload.datasets import SHAREGPT_FILE, LengthFilter, load_sharegpt
+from muxserve.workload.generator import GenerateOptions, Tokenizers, generate, power_law_rates
+from muxserve.workload.models_file import LLMEntry, ModelsFile, load_models_file, write_models_file
+from muxserve.workload.workload_file import write_workload
 
 DEFAULT_LLMS = ["examples/shapes/llama-3.2-1b", "examples/shapes/smollm2-1.7b", "examples/shapes/llama-3.2-3b",
                 "examples/shapes/llama-3-8b"]
@@ -307,8 +301,8 @@ def power_law_points(args, out: Path, argv: list[str]) -> list[Point]:
                                 args.num_gpus, extra={"power_law": {"alpha": alpha, "top_rate": top}})
             info, requests = generate(models.models, tokenizers, options)
             info["alpha"] = alpha
-            save_models_file(pdir / "models.yaml", models)
-            save_workload(pdir / "workload.json", info, requests)
+            write_models_file(pdir / "models.yaml", models)
+            write_workload(pdir / "workload.json", info, requests)
             cli = ["python", "-m", "muxserve.muxsched.workload_utils", "power-law", "--alpha", fmt_num(alpha),
                    "--max-rate", fmt_num(args.max_rate), "--rate-scale", fmt_num(scale), "--llms", *specs,
                    "--ngpus-per-node", str(args.num_gpus), "--models-yaml-out", str(pdir / "models.yaml"),

@@ -33,7 +33,7 @@ import aiohttp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from muxserve.muxsched.workload import WorkloadRequest, load_workload  # noqa: E402
+from muxserve.workload.workload_file import WorkloadRequest, load_workload  # noqa: E402
 
 
 @dataclass

@@ -43,7 +43,7 @@ from functools import lru_cache
 
 from muxserve.errors import InputError
 from muxserve.muxsched.costs import CostModel, TPEstimate, models_of
-from muxserve.muxsched.models_file import LLMEntry, natural_key
+from muxserve.workload.models_file import LLMEntry, natural_key
 
 GB = 1024**3
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}

@@ -21,7 +21,6 @@ import yaml
 from muxserve.config import MuxServeConfig, check_config
 from muxserve.errors import ConfigError, InputError
 from muxserve.muxsched.costs import CostModel, TPEstimate, load_cost_table
-from muxserve.muxsched.models_file import load_models_file, natural_key
 from muxserve.muxsched.placement import (
     GB,
     Estimator,
@@ -31,7 +30,8 @@ from muxserve.muxsched.placement import (
     optimize,
     spatial_size,
 )
-from muxserve.muxsched.workload import Workload, load_workload, write_workload
+from muxserve.workload.models_file import load_models_file, natural_key
+from muxserve.workload.workload_file import Workload, load_workload, write_workload
 
 logger = logging.getLogger("muxserve.placement")
 

@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from muxserve.muxsched.models_file import LLMEntry
+from muxserve.workload.models_file import LLMEntry
 
 # name: hidden, intermediate, layers, heads, kv heads, vocab  (about 1.1 B, 8 B and 13 B parameters)
 SHAPES = {"small": (2048, 8192, 16, 32, 8, 32000), "medium": (4096, 14336, 32, 32, 8, 128256),

@@ -4,6 +4,8 @@ a CPU reach their measurements with tiny flags (and leave no temporary folder be
 
 from __future__ import annotations
 
+from .helpers import REPO
+
 import argparse
 import importlib
 import json
@@ -14,7 +16,6 @@ import sys
 import pytest
 import torch
 
-from .helpers import REPO
 
 BENCH = REPO / "benchmark"
 # Every script under benchmark/ with a command line -> the arguments it cannot start without;

@@ -4,6 +4,8 @@ time, own ports), then analyze.py."""
 
 from __future__ import annotations
 
+from .helpers import E2E, run_script, write_shape, write_sharegpt
+
 import json
 import shutil
 import tarfile
@@ -11,9 +13,8 @@ import tarfile
 import analyze  # noqa: E402
 import pytest
 
-from muxserve.muxsched.workload import load_workload  # noqa: E402
+from muxserve.workload.workload_file import load_workload  # noqa: E402
 
-from .helpers import E2E, run_script, write_shape, write_sharegpt
 
 pytestmark = pytest.mark.timeout(600)
 SYSTEMS = ("muxserve", "temporal", "spatial")

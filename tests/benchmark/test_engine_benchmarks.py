@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from .helpers import REPO
+
 import json
 import subprocess
 import sys
 
 import pytest
 
-from .helpers import REPO
 
 ENGINE = REPO / "benchmark" / "engine"
 

@@ -3,6 +3,8 @@ and the scheduler of run_grid (runs faked: no process is started)."""
 
 from __future__ import annotations
 
+from .helpers import E2E  # noqa: F401
+
 import json
 import socket
 import tarfile
@@ -18,7 +20,6 @@ from e2e_lanes import LANE_PORTS, daemon_env, launch_env, launch_ports, make_lan
 from e2e_plan import Launch, Machine, SystemPlan  # noqa: E402
 from e2e_runs import Cancelled, launch_command  # noqa: E402
 
-from .helpers import E2E  # noqa: F401
 
 SMI = [("0", "GPU-aaaa"), ("1", "GPU-bbbb"), ("2", "GPU-cccc"), ("3", "GPU-dddd")]
 

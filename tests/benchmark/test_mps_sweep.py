@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from .helpers import E2E  # noqa: F401
+
 import json
 
 import mps_sweep  # noqa: E402
 
-from .helpers import E2E  # noqa: F401
 
 
 def _table():

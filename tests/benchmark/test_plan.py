@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .helpers import REPO
+
 import json
 
 import pytest
@@ -9,12 +11,14 @@ import yaml
 from e2e_placement import placement_groups  # noqa: E402
 from e2e_plan import GB, Machine, PlanOptions, default_groups, describe_llms, kv_budget, overload_units, plan_systems  # noqa: E402
 
-from muxserve.muxsched.models_file import LLMEntry, ModelsFile  # noqa: E402
 from muxserve.muxsched.synthetic import synthetic_table  # noqa: E402
-from muxserve.muxsched.workload import Workload, WorkloadRequest, write_workload  # noqa: E402
-from muxserve.muxsched.workload_utils import save_models_file  # noqa: E402
+from muxserve.workload.models_file import (  # noqa: E402
+    LLMEntry,
+    ModelsFile,
+    write_models_file,  # noqa: E402
+)
+from muxserve.workload.workload_file import Workload, WorkloadRequest, write_workload  # noqa: E402
 
-from .helpers import REPO
 
 SHAPES = ["llama-3.2-1b", "smollm2-1.7b", "llama-3.2-3b", "llama-3-8b"]
 RATES = [8.0, 3.3, 1.9, 1.2]
@@ -25,7 +29,7 @@ def _setup(tmp_path, num_gpus):
     requests = [WorkloadRequest(i, f"llm-{i % 4}", 0.1 * i, [1] * (10 + i), 20 + i) for i in range(12)]
     workload = Workload({"rates": [[e.name, e.rate] for e in entries]}, requests)
     write_workload(tmp_path / "workload.json", workload.info, requests)
-    save_models_file(tmp_path / "models.yaml", ModelsFile(entries, 1, num_gpus))
+    write_models_file(tmp_path / "models.yaml", ModelsFile(entries, 1, num_gpus))
     return entries, workload
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from .helpers import E2E  # noqa: F401
+
 import json
 
 import pytest
 from e2e_plan import Launch, SystemPlan  # noqa: E402
 from e2e_runs import merge_parts  # noqa: E402
 
-from .helpers import E2E  # noqa: F401
 
 
 def _record(idx, model, arrival, out_len, end=True):
@@ -94,7 +95,7 @@ class _FakeInstance:
 
 def test_replay_with_deadline_aborts_what_is_left_and_keeps_it_unfinished():
     from muxserve.launch import replay
-    from muxserve.muxsched.workload import Workload, WorkloadRequest
+    from muxserve.workload.workload_file import Workload, WorkloadRequest
 
     workload = Workload({}, [WorkloadRequest(0, "fast", 0.0, [1], 2), WorkloadRequest(1, "slow", 0.01, [1], 2),
                              WorkloadRequest(2, "fast", 0.02, [1], 2)])

@@ -19,7 +19,7 @@ from conftest import TINY_VOCAB, build_tiny_model
 from launch.helpers import offline_tokens
 from server.helpers import alive, build_tiny_with_tokenizer, free_port
 
-from muxserve.muxsched.workload import WorkloadRequest, write_workload
+from muxserve.workload.workload_file import WorkloadRequest, write_workload
 
 REPO = Path(__file__).resolve().parents[2]
 ARCHS = {"llm-0": "llama-gqa-hd64", "llm-1": "qwen2", "llm-2": "qwen3"}  # llm-3: a tiny model with a tokenizer

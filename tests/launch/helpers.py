@@ -15,7 +15,7 @@ import yaml
 from conftest import TINY_VOCAB, build_tiny_model
 
 from muxserve.engine import LLM, SamplingParams
-from muxserve.muxsched.workload import WorkloadRequest, write_workload
+from muxserve.workload.workload_file import WorkloadRequest, write_workload
 
 REPO = Path(__file__).resolve().parents[2]
 ARCHS = {"llm-0": "llama-gqa-hd64", "llm-1": "qwen2", "llm-2": "qwen3"}

@@ -24,7 +24,7 @@ from processes import (
     wait_until,
 )
 
-from muxserve.muxsched.workload import WorkloadRequest, write_workload
+from muxserve.workload.workload_file import WorkloadRequest, write_workload
 
 from .helpers import REPO, launch_args, run_launch
 

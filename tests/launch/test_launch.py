@@ -48,7 +48,7 @@ def test_adbs_serves_every_request_with_offline_tokens(setup, tmp_path):
 def test_small_pool_preempts_and_still_matches(setup, tmp_path):
     # Every request at once, 24 pages of 16 KiB and no quotas (roundrobin admits while pages are
     # free): the growing decodes of the three LLMs run out of pages and preempt.
-    from muxserve.muxsched.workload import WorkloadRequest, write_workload
+    from muxserve.workload.workload_file import WorkloadRequest, write_workload
 
     burst = tmp_path / "burst.json"
     write_workload(burst, {}, [WorkloadRequest(r.idx, r.llm, 0.0, r.prompt_token_ids, r.output_len)
@@ -108,7 +108,7 @@ def test_workload_naming_an_unknown_llm_is_refused(setup, tmp_path):
 
 
 def test_a_token_id_outside_the_vocabulary_is_refused_before_start(setup, tmp_path):
-    from muxserve.muxsched.workload import WorkloadRequest, write_workload
+    from muxserve.workload.workload_file import WorkloadRequest, write_workload
 
     # The tiny LLMs have a vocabulary of 512; request 3 holds an id of a bigger tokenizer.
     requests = [WorkloadRequest(i, f"llm-{i % 3}", 0.1 * i, [7, 8, 511 if i != 3 else 40000, 9], 4) for i in range(5)]
@@ -141,7 +141,7 @@ def test_request_larger_than_the_pool_is_refused(setup, tmp_path):
 
 def test_max_drain_aborts_what_is_left_and_reports_it_unfinished(setup, tmp_path):
     # Every request at once with long outputs; 0.2 s after the last arrival the rest is aborted.
-    from muxserve.muxsched.workload import WorkloadRequest, write_workload
+    from muxserve.workload.workload_file import WorkloadRequest, write_workload
 
     burst = tmp_path / "burst.json"
     write_workload(burst, {}, [WorkloadRequest(r.idx, r.llm, 0.0, r.prompt_token_ids, 200) for r in setup.requests])

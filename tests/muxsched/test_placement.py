@@ -11,7 +11,7 @@ import yaml
 
 from muxserve.config import load_config
 from muxserve.muxsched.costs import BatchEstimate, CostModel
-from muxserve.muxsched.models_file import LLMEntry
+from muxserve.workload.models_file import LLMEntry
 from muxserve.muxsched.placement import (
     GB,
     Estimator,
@@ -204,7 +204,7 @@ def test_cli_writes_configs_that_load(tmp_path, models, capsys):
 
 
 def test_cli_takes_average_lengths_from_the_workload(tmp_path, models, capsys):
-    from muxserve.muxsched.workload import WorkloadRequest, write_workload
+    from muxserve.workload.workload_file import WorkloadRequest, write_workload
 
     models_yaml, costs = write_inputs(tmp_path, models, {"llm-0": ("small", 2.0), "llm-1": ("small", 1.0)})
     workload = tmp_path / "w.json"

@@ -14,7 +14,7 @@ import yaml
 from muxserve.config import load_config
 from muxserve.errors import InputError
 from muxserve.muxsched.costs import CostModel, TPEstimate, load_cost_table
-from muxserve.muxsched.models_file import LLMEntry
+from muxserve.workload.models_file import LLMEntry
 from muxserve.muxsched.placement import (
     GB,
     Estimator,
@@ -25,7 +25,7 @@ from muxserve.muxsched.placement import (
     optimize,
 )
 from muxserve.muxsched.placement_cli import main, spatial_rounds
-from muxserve.muxsched.workload import WorkloadRequest, load_workload, write_workload
+from muxserve.workload.workload_file import WorkloadRequest, load_workload, write_workload
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "placement_8gpu"

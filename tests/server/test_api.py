@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from muxserve.engine import LLM, SamplingParams
-from muxserve.muxsched.workload import WorkloadRequest, write_workload
+from muxserve.workload.workload_file import WorkloadRequest, write_workload
 from muxserve.server.detokenizer import IncrementalDetokenizer
 
 from .helpers import REPO, metric_samples, sse_events, start_server, write_config

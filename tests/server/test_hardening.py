@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from muxserve.engine import LLM, SamplingParams
-from muxserve.muxsched.workload import WorkloadRequest, write_workload
+from muxserve.workload.workload_file import WorkloadRequest, write_workload
 from muxserve.serve import build_parser
 
 from .helpers import REPO, start_server, write_config

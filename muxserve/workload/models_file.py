@@ -106,6 +106,11 @@ def load_models_file(path: str | Path) -> ModelsFile:
     return parse_models(files.load(path, "model yaml", source=str(path)), str(path))
 
 
+def write_models_file(path: str | Path, models: ModelsFile) -> None:
+    """Write ``models`` as a models.yaml, atomically."""
+    files.write_atomic(Path(path), models_file_text(models).encode())
+
+
 def models_file_text(models: ModelsFile) -> str:
     """The YAML text of ``models`` (what ``load_models_file`` reads back)."""
     doc: dict[str, Any] = {"cluster": {"nnodes": models.nnodes, "ngpus_per_node": models.ngpus_per_node}}

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import yaml
 
-from muxserve.muxsched.arrivals import ArrivalProcess
-from muxserve.muxsched.datasets import LengthFilter, load_sharegpt, load_tokenizer, read_json_records
-from muxserve.muxsched.models_file import natural_key
-from muxserve.muxsched.workload import load_workload
-from muxserve.muxsched.workload_utils import main, power_law_rates, request_counts, translate_lmsys
+from muxserve.workload.arrivals import ArrivalProcess
+from muxserve.workload.cli import main
+from muxserve.workload.datasets import LengthFilter, load_sharegpt, load_tokenizer, read_json_records
+from muxserve.workload.generator import power_law_rates, request_counts
+from muxserve.workload.lmsys import translate_lmsys
+from muxserve.workload.models_file import natural_key
+from muxserve.workload.workload_file import load_workload
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = ("alpha beta gamma delta kernel page batch decode prefill model cache token quota mesh share "
@@ -338,7 +340,7 @@ def test_existing_output_is_not_overwritten(tmp_path, dataset, smollm2_folder, c
 
 def test_readme_command_on_the_real_dataset(tmp_path, smollm2_folder):
     """The original README's command, run as a script from the repository root, on ShareGPT V3."""
-    from muxserve.muxsched.datasets import default_sharegpt_path
+    from muxserve.workload.datasets import default_sharegpt_path
 
     try:
         source = default_sharegpt_path()

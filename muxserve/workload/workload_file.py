@@ -89,7 +89,8 @@ def load_workload(path: str | Path) -> Workload:
 
 
 def write_workload(path: str | Path, info: dict[str, Any], requests: list[WorkloadRequest]) -> None:
-    """Write requests (sorted by arrival, idx renumbered in that order) in the file format above."""
+    """Write requests (sorted by arrival, idx renumbered in that order) in the file format above,
+    atomically (a crash leaves no half-written file); gzip-compressed when the name ends in ``.gz``."""
     ordered = sorted(requests, key=lambda r: (r.arrival, r.idx))
     doc = {
         "info": info,
@@ -97,4 +98,4 @@ def write_workload(path: str | Path, info: dict[str, Any], requests: list[Worklo
         "requests": [{"model_name": r.llm, "idx": i, "data": [r.prompt_token_ids, len(r.prompt_token_ids), r.output_len]}
                      for i, r in enumerate(ordered)],
     }
-    Path(path).write_bytes(msgspec.json.encode(doc))
+    files.write_json(path, doc)
