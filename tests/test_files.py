@@ -9,7 +9,7 @@ import pytest
 
 from muxserve.engine.model_config import ModelSpec
 from muxserve.errors import InputError, WorkloadError
-from muxserve.muxsched.costs import load_cost_table
+from muxserve.placement.costs import load_cost_table
 from muxserve.workload.workload_file import WorkloadRequest, load_workload, write_workload
 
 

@@ -17,7 +17,7 @@ def placement_groups(point_dir: Path, models_yaml: Path, workload_path: Path, co
     parallel over all n; the placement considers the mesh sizes of the cost table, and others
     with ``--placement-arg --estimate-tp``.
     """
-    from muxserve.muxsched import placement_cli
+    from muxserve.placement import cli as placement_cli
 
     out = point_dir / "placement"
     argv = ["--model-yaml", str(models_yaml), "--cost-file", str(cost_file), "--output-dir", str(out), "--overwrite",

@@ -27,8 +27,8 @@ from e2e_common import REPO, BenchError, write_json
 
 from muxserve.config import MuxServeConfig, check_config
 from muxserve.errors import ConfigError
+from muxserve.placement.llms import DTYPE_BYTES, GB, model_facts
 from muxserve.workload.models_file import LLMEntry, natural_key
-from muxserve.muxsched.placement import DTYPE_BYTES, GB, model_facts
 from muxserve.workload.workload_file import Workload, write_workload
 
 BASELINE_MPS = [100, 90]

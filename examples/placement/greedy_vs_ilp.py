@@ -16,10 +16,12 @@ import tempfile
 import time
 
 from muxserve.errors import InputError
-from muxserve.muxsched.costs import CostModel
-from muxserve.muxsched.placement import Estimator, PlacementSettings, describe_llms, optimize
-from muxserve.muxsched.placement_ilp import ilp_place
-from muxserve.muxsched.synthetic import SCALES, SHAPES, random_instance, synthetic_table, write_shape
+from muxserve.placement.costs import CostModel
+from muxserve.placement.estimator import Estimator
+from muxserve.placement.greedy import optimize
+from muxserve.placement.ilp import ilp_place
+from muxserve.placement.llms import PlacementSettings, describe_llms
+from muxserve.placement.synthetic import SCALES, SHAPES, random_instance, synthetic_table, write_shape
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 
 from muxserve.engine.model_config import ModelSpec
-from muxserve.muxsched.placement import model_facts
+from muxserve.placement.llms import model_facts
 
 REPO = Path(__file__).resolve().parents[2]
 MEASURED = REPO / "benchmark/results/end_to_end/mps_sweep_llama-3-8b.json"

@@ -1,1 +1,1 @@
-"""Scheduling of many LLMs on one mesh: ADBS and baselines, SM units, quotas, workloads, placement."""
+"""Thin entry modules that keep the original's commands working verbatim: workload_utils, placement, profile."""

@@ -11,7 +11,7 @@ import yaml
 from e2e_placement import placement_groups  # noqa: E402
 from e2e_plan import GB, Machine, PlanOptions, default_groups, describe_llms, kv_budget, overload_units, plan_systems  # noqa: E402
 
-from muxserve.muxsched.synthetic import synthetic_table  # noqa: E402
+from muxserve.placement.synthetic import synthetic_table  # noqa: E402
 from muxserve.workload.models_file import (  # noqa: E402
     LLMEntry,
     ModelsFile,

@@ -13,18 +13,12 @@ import yaml
 
 from muxserve.config import load_config
 from muxserve.errors import InputError
-from muxserve.muxsched.costs import CostModel, TPEstimate, load_cost_table
+from muxserve.placement.cli import main, spatial_rounds
+from muxserve.placement.costs import CostModel, TPEstimate, load_cost_table
+from muxserve.placement.estimator import Estimator
+from muxserve.placement.greedy import optimize
+from muxserve.placement.llms import GB, PlacementSettings, describe_llms, model_facts, model_tp_facts
 from muxserve.workload.models_file import LLMEntry
-from muxserve.muxsched.placement import (
-    GB,
-    Estimator,
-    PlacementSettings,
-    describe_llms,
-    model_facts,
-    model_tp_facts,
-    optimize,
-)
-from muxserve.muxsched.placement_cli import main, spatial_rounds
 from muxserve.workload.workload_file import WorkloadRequest, load_workload, write_workload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,7 +159,7 @@ def test_eight_to_twelve_llms_on_one_node(seed, n, top_rate, table):
 @pytest.mark.parametrize("seed, n, top_rate", [(11, 5, 30.0), (12, 6, 20.0), (13, 6, 40.0), (14, 7, 25.0)])
 def test_greedy_is_close_to_the_ilp_on_small_node_instances(seed, n, top_rate, table):
     pytest.importorskip("pulp")
-    from muxserve.muxsched.placement_ilp import ilp_place
+    from muxserve.placement.ilp import ilp_place
 
     est = estimator(power_law(seed, n, top_rate), table)
     greedy, exact = optimize(est, 1, 8), ilp_place(est, 1, 8)
@@ -247,7 +241,7 @@ def test_greedy_is_close_to_the_ilp_on_the_example_at_twice_its_rates(table):
     orders strand a 34B on every group with a 4-GPU mesh, the lookahead places it (3 % below the
     optimum, which puts the 70B next to a 34B on four GPUs)."""
     pytest.importorskip("pulp")
-    from muxserve.muxsched.placement_ilp import ilp_place
+    from muxserve.placement.ilp import ilp_place
 
     models = yaml.safe_load((EXAMPLE / "models.yaml").read_text())["models"]
     est = estimator([LLMEntry(m["name"], m["model"], 2 * m["rate"]) for m in models], table)

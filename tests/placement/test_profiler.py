@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from muxserve.engine.model_hub import KNOWN_MODELS
-from muxserve.muxsched import profile
-from muxserve.muxsched.costs import load_cost_table
+from muxserve.placement import profiler as profile
+from muxserve.placement.costs import load_cost_table
 
 
 def cells(table: dict) -> list[tuple[tuple[str, ...], dict]]:

@@ -10,22 +10,13 @@ import pytest
 import yaml
 
 from muxserve.config import load_config
-from muxserve.muxsched.costs import BatchEstimate, CostModel
+from muxserve.placement.cli import main
+from muxserve.placement.costs import BatchEstimate, CostModel
+from muxserve.placement.estimator import Estimator
+from muxserve.placement.greedy import build_meshes, greedy_place, mesh_groups, node_splits, optimize
+from muxserve.placement.llms import GB, PlacementSettings, describe_llms, model_facts
+from muxserve.placement.synthetic import SCALES, SHAPES, random_instance, synthetic_table, write_shape
 from muxserve.workload.models_file import LLMEntry
-from muxserve.muxsched.placement import (
-    GB,
-    Estimator,
-    PlacementSettings,
-    build_meshes,
-    describe_llms,
-    greedy_place,
-    mesh_groups,
-    model_facts,
-    node_splits,
-    optimize,
-)
-from muxserve.muxsched.placement_cli import main
-from muxserve.muxsched.synthetic import SCALES, SHAPES, random_instance, synthetic_table, write_shape
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +254,7 @@ def check_valid(est: Estimator, placement) -> None:
 
 def test_greedy_is_valid_and_close_to_the_ilp_optimum(models):
     pytest.importorskip("pulp")
-    from muxserve.muxsched.placement_ilp import ilp_place
+    from muxserve.placement.ilp import ilp_place
 
     table = synthetic_table({models[shape]: scale for shape, scale in SCALES.items()})
     gaps = []

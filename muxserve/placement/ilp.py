@@ -21,7 +21,8 @@ import warnings
 from collections import Counter
 
 from muxserve.errors import InputError
-from muxserve.muxsched.placement import Estimator, Mesh, Placement, build_meshes, feasible_groups
+from muxserve.placement.estimator import Estimator
+from muxserve.placement.greedy import Mesh, Placement, build_meshes, feasible_groups
 
 MAX_LLMS = 12
 

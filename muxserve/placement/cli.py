@@ -4,7 +4,7 @@ own GPUs (spatial partitioning), and ``placement.json`` with the summary.
 
 Every LLM of a mesh of n GPUs runs with tensor_parallel_size n on placement [[0..n-1]] (the mesh's
 GPUs as CUDA_VISIBLE_DEVICES numbers them). With --estimate-tp, mesh sizes up to the GPUs of a node
-that the cost table lacks get estimated latencies (muxserve.muxsched.costs.TPEstimate)."""
+that the cost table lacks get estimated latencies (muxserve.placement.costs.TPEstimate)."""
 
 from __future__ import annotations
 
@@ -20,16 +20,10 @@ import yaml
 
 from muxserve.config import MuxServeConfig, check_config
 from muxserve.errors import ConfigError, InputError
-from muxserve.muxsched.costs import CostModel, TPEstimate, load_cost_table
-from muxserve.muxsched.placement import (
-    GB,
-    Estimator,
-    Placement,
-    PlacementSettings,
-    describe_llms,
-    optimize,
-    spatial_size,
-)
+from muxserve.placement.costs import CostModel, TPEstimate, load_cost_table
+from muxserve.placement.estimator import Estimator
+from muxserve.placement.greedy import Placement, optimize, spatial_size
+from muxserve.placement.llms import GB, PlacementSettings, describe_llms
 from muxserve.workload.models_file import load_models_file, natural_key
 from muxserve.workload.workload_file import Workload, load_workload, write_workload
 
@@ -286,7 +280,7 @@ def run(args) -> dict:
     greedy = optimize(est, models.nnodes, models.ngpus_per_node, refine=not args.no_local_search)
     exact = None
     if args.method == "ilp" or args.compare_ilp:
-        from muxserve.muxsched.placement_ilp import ilp_place
+        from muxserve.placement.ilp import ilp_place
 
         exact = ilp_place(est, models.nnodes, models.ngpus_per_node)
     chosen = exact if args.method == "ilp" and exact is not None else greedy
