@@ -26,8 +26,7 @@ from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.errors import ConfigError, InputError
-from muxserve.instance import Instance
-from muxserve.instance_cli import (
+from muxserve.instance.cli import (
     add_instance_arguments,
     check_instance_args,
     instance_options,
@@ -35,11 +34,12 @@ from muxserve.instance_cli import (
     resolve_device,
     run_instance_command,
 )
-from muxserve.workload.workload_file import Workload, load_workload
+from muxserve.instance.instance import Instance
 from muxserve.progress import Progress
 from muxserve.scheduler.request import Request
 from muxserve.scheduler.scheduler import LLMUnavailable
 from muxserve.scheduler.stats import format_stats, summarize_run
+from muxserve.workload.workload_file import Workload, load_workload
 
 logger = logging.getLogger("muxserve.launch")
 

@@ -26,14 +26,14 @@ from muxserve.config import MuxServeConfig, load_config
 from muxserve.engine.llm import TOKENIZER_FILES
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.errors import ConfigError, InputError
-from muxserve.instance import Instance
-from muxserve.instance_cli import (
+from muxserve.instance.cli import (
     add_instance_arguments,
     check_instance_args,
     instance_options,
     resolve_device,
     run_instance_command,
 )
+from muxserve.instance.instance import Instance
 from muxserve.server.guards import DEFAULT_MAX_REQUEST_BYTES
 
 logger = logging.getLogger("muxserve.serve")

@@ -11,7 +11,7 @@ host runs four single-GPU runs at once.
   same GPU to MPS clients and to plain processes (NVIDIA MPS guide, CUDA_VISIBLE_DEVICES).
 * MPS: a run that needs MPS starts a control daemon for its lane only (``scripts/start_mps.sh
   <mps-dir>/lane<K>`` with the lane's ``CUDA_VISIBLE_DEVICES``) and stops it when the run ends.
-  Clients find a daemon through ``CUDA_MPS_PIPE_DIRECTORY`` (``muxserve.muxsched.launcher.mps_env``
+  Clients find a daemon through ``CUDA_MPS_PIPE_DIRECTORY`` (``muxserve.instance.mps.mps_env``
   sets it per process from ``--mps-dir``); launches get no inherited ``CUDA_MPS_*`` variable, and no
   daemon ever uses the default pipe directory (/tmp/nvidia-mps), so a run without MPS (temporal
   multiplexing) never joins another lane's daemon.

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from muxserve.engine.sampling_params import SamplingParams
-from muxserve.instance import Instance
+from muxserve.instance.instance import Instance
 from muxserve.scheduler.request import Request
 from muxserve.scheduler.scheduler import LLMUnavailable
 from muxserve.server.metrics import ModelLoad, ServerMetrics

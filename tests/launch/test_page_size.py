@@ -9,7 +9,7 @@ import torch
 from muxserve.config import MuxServeConfig
 from muxserve.engine.kv_cache import KVLayout
 from muxserve.errors import ConfigError
-from muxserve.instance_cli import page_bytes_for, planned_max_tokens
+from muxserve.instance.cli import page_bytes_for, planned_max_tokens
 
 
 def _config(models: dict[str, tuple], kv_cache_bytes: int = 1 << 20) -> MuxServeConfig:

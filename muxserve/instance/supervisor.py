@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from muxserve.instance.processes import Child, ProcessGroup
 from muxserve.ipc import runtime as M
 from muxserve.ipc.process import describe_exit
 from muxserve.ipc.runtime import Phase
-from muxserve.muxsched.launcher import Child, ProcessGroup
 
 logger = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.parallel import check_tensor_parallel
 from muxserve.errors import ConfigError
-from muxserve.instance import InstanceOptions
+from muxserve.instance.options import InstanceOptions
+from muxserve.instance.processes import ChildDied
+from muxserve.instance.supervisor import RestartPolicy
 from muxserve.ipc.devices import parse_dtype
-from muxserve.muxsched.launcher import ChildDied
 from muxserve.scheduler.policy import POLICIES, get_policy
-from muxserve.supervisor import RestartPolicy
 
 
 def add_instance_arguments(parser: argparse.ArgumentParser, default_log_dir: str = "log/vllm_proc") -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import itertools
 
+from muxserve.instance.processes import Child
+from muxserve.instance.supervisor import Failed, Lost, RestartPolicy, Restored, RuntimeState, Supervisor
 from muxserve.ipc import runtime as M
 from muxserve.ipc.runtime import Phase
-from muxserve.muxsched.launcher import Child
-from muxserve.supervisor import Failed, Lost, RestartPolicy, Restored, RuntimeState, Supervisor
 
 _pids = itertools.count(1000)
 

@@ -35,21 +35,6 @@ class Child:
     log: Path | None
 
 
-def mps_env(mps_dir: str | None, percentage: int) -> dict[str, str]:
-    """Environment that puts a CUDA process under the MPS daemon at ``percentage`` of the SMs."""
-    if not mps_dir:
-        return {}
-    base = Path(mps_dir)
-    # Accept both the directory given to start_mps.sh and its nvidia-mps subfolder.
-    pipe = base if base.name == "nvidia-mps" else base / "nvidia-mps"
-    log = pipe.parent / "nvidia-log"
-    return {
-        "CUDA_MPS_PIPE_DIRECTORY": str(pipe),
-        "CUDA_MPS_LOG_DIRECTORY": str(log),
-        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(percentage),
-    }
-
-
 class ProcessGroup:
     def __init__(self, log_dir: Path | None):
         self.log_dir = log_dir

@@ -12,7 +12,6 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
@@ -23,46 +22,33 @@ from muxserve.engine.sampling_params import SamplingParams
 from muxserve.flexstore import FlexStoreConfig, FlexStoreDied, FlexStoreProcess
 from muxserve.flexstore.auth import SECRET_ENV, new_secret
 from muxserve.flexstore.config import ModelEntry as StoreModel
+from muxserve.instance.mps import mps_env
+from muxserve.instance.options import InstanceOptions
+from muxserve.instance.processes import Child, ChildDied, ProcessGroup
+from muxserve.instance.supervisor import (
+    Event,
+    Failed,
+    Lost,
+    Restored,
+    RuntimeGroup,
+    RuntimeState,
+    Supervisor,
+)
 from muxserve.ipc import runtime as M
 from muxserve.ipc.process import describe_exit
 from muxserve.ipc.rundir import create_run_dir
 from muxserve.ipc.runtime import Phase
-from muxserve.muxsched.launcher import Child, ChildDied, ProcessGroup, mps_env
-from muxserve.scheduler.policy import QuotaMode, SchedulePolicy
+from muxserve.scheduler.policy import QuotaMode
 from muxserve.scheduler.quota import QuotaManager, QuotaModel
 from muxserve.scheduler.request import Request
 from muxserve.scheduler.scheduler import LLMInfo, LLMUnavailable, MuxScheduler
 from muxserve.scheduler.sm_units import units_for
 from muxserve.scheduler.stats import BaseLatency
-from muxserve.supervisor import Event, Failed, Lost, RestartPolicy, Restored, RuntimeGroup, RuntimeState, Supervisor
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_PROMPT_LENS = (16, 64, 256)
 CALIBRATION_DECODE_STEPS = 8
-
-
-@dataclass
-class InstanceOptions:
-    """How to run a config: the launcher's flags that are not part of the YAML."""
-
-    policy: SchedulePolicy
-    device: str = "cpu"  # cpu or cuda
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int | None = None  # overrides the config's instance-wide value
-    page_bytes: int = 16 * 1024
-    mps_dir: str | None = None
-    flexstore_address: str | None = None  # None: an ipc socket in the instance's private directory
-    log_dir: Path | None = None
-    rates: dict[str, float] = field(default_factory=dict)  # requests/s per LLM, for the quotas
-    avg_seq_len: int = 416  # the original's default when the workload has no length stats
-    enforce_eager: bool = False  # decode runtimes without CUDA graphs
-    ready_timeout_s: float = 600.0
-    # torch.distributed rendezvous of tensor-parallel runtimes: a file in the private directory,
-    # or with dist_base_port the k-th group (an LLM's prefill or decode ranks) at dist_host:dist_base_port + k
-    dist_host: str = "127.0.0.1"
-    dist_base_port: int | None = None
-    restart: RestartPolicy = field(default_factory=RestartPolicy)  # what a dead runtime gets
 
 
 class FlexStoreExited(ChildDied):
