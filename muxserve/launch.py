@@ -25,6 +25,7 @@ from muxserve.config import MuxServeConfig, load_config
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.sampling_params import SamplingParams
+from muxserve.engine.sequence import FinishReason
 from muxserve.errors import ConfigError, InputError
 from muxserve.instance.cli import (
     add_instance_arguments,
@@ -147,8 +148,8 @@ def replay(instance: Instance, workload: Workload, max_drain_s: float | None = N
                 try:
                     requests.append(instance.submit(r.llm, r.prompt_token_ids, params, t0 + r.arrival, r.idx))
                 except LLMUnavailable as e:
-                    requests.append(Request(str(-r.idx), r.idx, r.llm, list(r.prompt_token_ids), params,
-                                            t0 + r.arrival, finish_reason="error", error=str(e)))
+                    requests.append(Request(str(-r.idx), list(r.prompt_token_ids), params, idx=r.idx, llm=r.llm,
+                                            arrival=t0 + r.arrival, finish_reason=FinishReason.ERROR, error=str(e)))
             if max_drain_s is not None and not aborted and not pending and now > last_arrival + max_drain_s:
                 left = [r for r in requests if r.end is None]
                 logger.warning("%.0f s after the last arrival: aborting %d unfinished requests", max_drain_s, len(left))
@@ -158,7 +159,7 @@ def replay(instance: Instance, workload: Workload, max_drain_s: float | None = N
             wait = min(0.05, pending[0].arrival - now) if pending else 0.05
             bar.update(len(instance.poll(max(0.0, wait))))
     for r in requests:  # report times relative to the start of replay
-        if r.finish_reason in ("abort", "error"):
+        if r.finish_reason in (FinishReason.ABORT, FinishReason.ERROR):
             r.end = None
         for key in ("arrival", "submit", "prefill_end", "end"):
             if getattr(r, key) is not None:
@@ -203,7 +204,7 @@ def run(args) -> int:
     if args.stats_file:
         write_stats(args, records, summary, bases)
     for llm, message in failed.items():
-        lost = sum(r.llm == llm and r.finish_reason == "error" for r in requests)
+        lost = sum(r.llm == llm and r.finish_reason is FinishReason.ERROR for r in requests)
         print(f"error: {message}; {lost} of its requests did not finish (the other LLMs' requests were served)",
               file=sys.stderr)
     return 1 if failed else 0

@@ -96,7 +96,6 @@ def _warm_up(instance: Instance, names: list[str]) -> None:
             for n in names]
     for req in reqs:
         instance.wait_for(req)
-    instance.scheduler.finished.clear()
     logger.info("warm-up done in %.1f s", time.monotonic() - start)
 
 

@@ -294,7 +294,7 @@ class Ours:
         return seqs
 
     def free(self, seqs):
-        ids = [s.seq_id for s in seqs]
+        ids = [s.req_id for s in seqs]
         self.engine.allocator.free(self.engine.model_name, ids)
         self.runner.release(ids)
 

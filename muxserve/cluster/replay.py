@@ -27,8 +27,8 @@ from muxserve.cluster.merge import MeshResult, merge_stats
 from muxserve.cluster.ray_cluster import check_reachable, connect, import_ray, ray_address, reserve, wait_for_nodes
 from muxserve.cluster.spec import ClusterSpec, MeshSpec, load_placement, portable_config
 from muxserve.errors import ClusterError, InputError
-from muxserve.workload.workload_file import Workload, load_workload
 from muxserve.scheduler.stats import format_stats
+from muxserve.workload.workload_file import Workload, load_workload
 
 logger = logging.getLogger("muxserve.cluster")
 

@@ -82,7 +82,7 @@ class LLM:
         return [
             RequestOutput(text, s.prompt_token_ids, list(s.output_token_ids),
                           tokenizer.decode(s.output_token_ids, skip_special_tokens=True) if tokenizer else "",
-                          s.finish_reason.value, s.num_preemptions)
+                          str(s.finish_reason), s.num_preemptions)
             for text, s in zip(texts, seqs)
         ]
 

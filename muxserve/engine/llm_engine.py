@@ -19,7 +19,7 @@ from muxserve.engine.parallel import TensorParallel, shard_spec
 from muxserve.engine.runner import ModelRunner
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.engine.scheduler import Scheduler
-from muxserve.engine.sequence import Sequence
+from muxserve.engine.sequence import RequestLimits, Sequence, check_request
 from muxserve.ipc.devices import parse_device, parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -152,20 +152,9 @@ class LLMEngine:
         return seq
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError if the request can never run (empty, too long, bad ids, bigger than the pool)."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("prompt is empty")
-        if n >= self.max_model_len:
-            raise ValueError(f"prompt of {n} tokens does not fit the model's context of {self.max_model_len} tokens")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids out of the vocabulary [0, {self.spec.vocab_size}): {bad[:5]}")
-        total = min(n + params.max_tokens, self.max_model_len)
-        capacity = self.allocator.max_tokens(self.model_name)
-        if total > capacity:
-            raise ValueError(f"request needs {total} tokens of KV cache but the whole pool holds {capacity}; "
-                             "raise kv_cache_bytes or lower max_tokens")
+        """Raise ValueError if the request can never run (``sequence.check_request``)."""
+        limits = RequestLimits(self.max_model_len, self.spec.vocab_size, self.allocator.max_tokens(self.model_name))
+        check_request(prompt_token_ids, params, limits)
 
     def step(self) -> list[Sequence]:
         """Run one prefill or decode step; return the sequences that finished in it."""
@@ -175,7 +164,7 @@ class LLMEngine:
         tokens = self.runner.step(step.seqs, step.is_prefill)
         finished = self.scheduler.finish_step(step, tokens)
         if finished:
-            self.runner.release([s.seq_id for s in finished])
+            self.runner.release([s.req_id for s in finished])
         return finished
 
     def has_unfinished(self) -> bool:

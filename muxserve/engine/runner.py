@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 
@@ -10,7 +12,7 @@ from muxserve.engine.attention.page_table import PageTables
 from muxserve.engine.kv_cache import KVLayout
 from muxserve.engine.parallel import SINGLE, TensorParallel
 from muxserve.engine.sampler import sample
-from muxserve.engine.sequence import Sequence
+from muxserve.engine.sampling_params import SamplingParams
 
 
 def _spans(sizes: list[int]) -> list[tuple[int, int]]:
@@ -23,15 +25,24 @@ def _spans(sizes: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
-def _key(seq) -> str:
-    key = getattr(seq, "seq_id", None)
-    # Without an id, the page list object itself names the request (the table keeps it alive).
-    return key if key is not None else f"@{id(seq.pages)}"
+class StepSequence(Protocol):
+    """What a step reads of a sequence: an engine ``Sequence``, or a runtime's entry of a job."""
 
+    req_id: str  # keys the sequence's device page table
+    pages: list[int]
+    params: SamplingParams
 
-def _last_token(seq) -> int:
-    out = getattr(seq, "output_token_ids", None)  # Sequence: skip building prompt + output
-    return out[-1] if out else seq.token_ids[-1]
+    @property
+    def token_ids(self) -> list[int]: ...  # a prefill computes all of them
+
+    @property
+    def last_token_id(self) -> int: ...  # a decode step feeds this one
+
+    @property
+    def num_tokens(self) -> int: ...  # context length after this step
+
+    @property
+    def step_seed(self) -> int | None: ...
 
 
 class ModelRunner:
@@ -72,12 +83,12 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(model, attention, self.tables, self.device, max_num_seqs)
 
-    def release(self, seq_ids) -> None:
+    def release(self, req_ids) -> None:
         """Drop the page tables of finished or aborted sequences."""
-        self.tables.release(seq_ids)
+        self.tables.release(req_ids)
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+    def step(self, seqs: list[StepSequence], is_prefill: bool) -> list[int]:
         """Run one step over ``seqs`` (their pages already allocated) and return one token each."""
         if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs)):
             tokens = self._graph_decode(seqs)
@@ -110,11 +121,11 @@ class ModelRunner:
         b = len(seqs)
         T = self._page_tokens
         seq_lens = [s.num_tokens for s in seqs]
-        out[2, :b] = self.tables.update([_key(s) for s in seqs], [s.pages for s in seqs],
+        out[2, :b] = self.tables.update([s.req_id for s in seqs], [s.pages for s in seqs],
                                         [-(-n // T) for n in seq_lens])
         out[3, :b] = seq_lens
         np.subtract(out[3, :b], 1, out=out[1, :b])
-        out[0, :b] = [_last_token(s) for s in seqs]
+        out[0, :b] = [s.last_token_id for s in seqs]
 
     def _host_inputs(self, seqs, is_prefill: bool):
         """Update the page tables; pack the step's integers into one host tensor.
@@ -137,7 +148,7 @@ class ModelRunner:
         T = self._page_tokens
         seq_lens = [s.num_tokens for s in seqs]
         num_blocks = [-(-n // T) for n in seq_lens]
-        slots = self.tables.update([_key(s) for s in seqs], [s.pages for s in seqs], num_blocks)
+        slots = self.tables.update([s.req_id for s in seqs], [s.pages for s in seqs], num_blocks)
         lens = torch.tensor(seq_lens, dtype=torch.int64)
         slot_t = torch.tensor(slots, dtype=torch.int64)
         tokens: list[int] = []
@@ -159,7 +170,7 @@ class ModelRunner:
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
 
-    def _prepare(self, seqs: list[Sequence], is_prefill: bool):
+    def _prepare(self, seqs: list[StepSequence], is_prefill: bool):
         T = self._page_tokens
         B = len(seqs)
         host, spans = self._host_inputs(seqs, is_prefill)

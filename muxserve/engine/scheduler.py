@@ -48,10 +48,10 @@ class Scheduler:
             seq = self.waiting[0]
             if batch and seq.num_tokens > budget:
                 break
-            request = [(seq.seq_id, seq.num_tokens)]
+            request = [(seq.req_id, seq.num_tokens)]
             if not self.allocator.can_allocate(self.model, request):
                 break
-            seq.pages.extend(self.allocator.allocate(self.model, request).new_pages[seq.seq_id])
+            seq.pages.extend(self.allocator.allocate(self.model, request).new_pages[seq.req_id])
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             batch.append(seq)
@@ -61,16 +61,16 @@ class Scheduler:
 
     def _schedule_decode(self) -> list[Sequence]:
         # Each running sequence needs room for the token it feeds back in this step.
-        result = self.allocator.allocate(self.model, [(s.seq_id, s.num_tokens) for s in self.running])
-        by_id = {s.seq_id: s for s in self.running}
-        for seq_id in reversed(result.preempted):  # back to the head of the queue, in order
-            seq = by_id[seq_id]
+        result = self.allocator.allocate(self.model, [(s.req_id, s.num_tokens) for s in self.running])
+        by_id = {s.req_id: s for s in self.running}
+        for req_id in reversed(result.preempted):  # back to the head of the queue, in order
+            seq = by_id[req_id]
             self.running.remove(seq)
             seq.reset_for_recompute()
             self.waiting.appendleft(seq)
             self.num_preemptions += 1
-        for seq_id, pages in result.new_pages.items():
-            by_id[seq_id].pages.extend(pages)
+        for req_id, pages in result.new_pages.items():
+            by_id[req_id].pages.extend(pages)
         return list(self.running)
 
     def finish_step(self, step: ScheduledStep, tokens: list[int]) -> list[Sequence]:
@@ -81,7 +81,7 @@ class Scheduler:
             if seq.is_finished:
                 finished.append(seq)
         if finished:
-            self.allocator.free(self.model, [s.seq_id for s in finished])
+            self.allocator.free(self.model, [s.req_id for s in finished])
             done = {id(s) for s in finished}
             self.running = [s for s in self.running if id(s) not in done]
             for s in finished:

@@ -29,14 +29,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _StepSeq:
-    """What ModelRunner reads of a sequence, rebuilt from a SeqInput."""
+    """What ModelRunner reads of a sequence (``runner.StepSequence``), rebuilt from a SeqInput."""
 
-    token_ids: list[int]
+    req_id: str
+    token_ids: list[int]  # prefill: every token to (re)compute; decode: the last sampled one
     num_tokens: int
     pages: list[int]
     params: SamplingParams
     step_seed: int | None = None  # sampler.step_seed of this step (seeded requests)
-    seq_id: str | None = None  # keys the runner's device page table of this request
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
 
 
 @dataclass
@@ -125,8 +129,8 @@ class Runtime:
                 params = SamplingParams(max_tokens=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                         seed=s.seed)
                 self.params[s.req_id] = params
-            seqs.append(_StepSeq(s.token_ids, s.num_tokens, pages, params,
-                                 step_seed(s.seed, s.num_output_tokens), s.req_id))
+            seqs.append(_StepSeq(s.req_id, s.token_ids, s.num_tokens, pages, params,
+                                 step_seed(s.seed, s.num_output_tokens)))
         tokens = self.runner.step(seqs, job.phase == "prefill")
         if self.attached.device.type == "cuda":
             torch.cuda.synchronize(self.attached.device)

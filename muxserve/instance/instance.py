@@ -19,6 +19,7 @@ import zmq
 from muxserve.config import MuxServeConfig
 from muxserve.engine.model_config import ModelSpec, end_token_ids
 from muxserve.engine.sampling_params import SamplingParams
+from muxserve.engine.sequence import FinishReason, RequestLimits, check_request
 from muxserve.flexstore import FlexStoreConfig, FlexStoreDied, FlexStoreProcess
 from muxserve.flexstore.auth import SECRET_ENV, new_secret
 from muxserve.flexstore.config import ModelEntry as StoreModel
@@ -252,6 +253,11 @@ class Instance:
     def max_tokens(self, llm: str) -> int:
         return next(m.max_tokens for m in self.store_info.models if m.name == llm)
 
+    def limits(self, llm: str) -> RequestLimits:
+        """What a request of ``llm`` must fit: its context, its vocabulary, the KV pool."""
+        info = self.scheduler.llms[llm].info
+        return RequestLimits(info.max_model_len, info.vocab_size, self.max_tokens(llm))
+
     @property
     def failed_llms(self) -> dict[str, str]:
         """LLMs that failed (a runtime that could not be restarted) and why."""
@@ -265,20 +271,10 @@ class Instance:
         """
         if llm in self.scheduler.failed:
             raise LLMUnavailable(self.scheduler.failed[llm])
-        info = self.scheduler.llms[llm].info
-        total = min(len(prompt_token_ids) + params.max_tokens, info.max_model_len)
-        if total > self.max_tokens(llm):
-            raise ValueError(f"request of {total} tokens does not fit LLM {llm!r}: the KV pool holds "
-                             f"{self.max_tokens(llm)} tokens of it")
-        bad = [t for t in prompt_token_ids if not 0 <= t < info.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids out of the vocabulary of {llm!r} [0, {info.vocab_size}): {bad[:5]}")
-        if len(prompt_token_ids) >= info.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens exceeds the context of {llm!r} "
-                             f"({info.max_model_len} tokens)")
+        check_request(prompt_token_ids, params, self.limits(llm), llm)
         self._ids += 1
-        req = Request(req_id=str(self._ids), idx=self._ids if idx is None else idx, llm=llm,
-                      prompt_token_ids=list(prompt_token_ids), params=params, arrival=arrival)
+        req = Request(str(self._ids), list(prompt_token_ids), params, idx=self._ids if idx is None else idx,
+                      llm=llm, arrival=arrival)
         self.scheduler.add(req)
         return req
 
@@ -378,7 +374,6 @@ class Instance:
                 if i > 0:  # the first one was the warm-up
                     points.append((n, req.prefill_end - req.submit))
                     decode.append((req.end - req.prefill_end) / (CALIBRATION_DECODE_STEPS - 1))
-            self.scheduler.finished.clear()
             bases[m.name] = BaseLatency(tuple(points), sum(decode) / len(decode))
             logger.info("%s alone: prefill %s, decode step %.1f ms", m.name,
                         ", ".join(f"{n} tok {s * 1e3:.1f} ms" for n, s in points), bases[m.name].decode_step * 1e3)
@@ -388,7 +383,7 @@ class Instance:
         """Poll until ``req`` ends; LLMUnavailable if its LLM failed meanwhile."""
         while req.end is None:
             self.poll(0.05)
-        if req.finish_reason == "error":
+        if req.finish_reason is FinishReason.ERROR:
             raise LLMUnavailable(req.error)
 
     def _check_flexstore(self) -> None:

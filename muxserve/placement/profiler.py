@@ -151,13 +151,13 @@ class Profiler:
         for i in range(bs):
             prompt = self.torch.randint(0, vocab, (seq_len,), generator=self.gen).tolist()
             seqs.append(Sequence(f"profile-{i}", prompt, params, output_token_ids=[prompt[-1]] if decode else []))
-        request = [(s.seq_id, s.num_tokens) for s in seqs]
+        request = [(s.req_id, s.num_tokens) for s in seqs]
         allocator, name = self.engine.allocator, self.engine.model_name
         if not allocator.can_allocate(name, request):
             return None
         got = allocator.allocate(name, request)
         for s in seqs:
-            s.pages = got.new_pages[s.seq_id]
+            s.pages = got.new_pages[s.req_id]
         return seqs
 
     def cell(self, bs: int, seq_len: int) -> dict[str, float]:
@@ -176,7 +176,7 @@ class Profiler:
                 out[phase] = NOT_MEASURED
                 self.torch.cuda.empty_cache()
             finally:
-                self.engine.allocator.free(self.engine.model_name, [s.seq_id for s in seqs])
+                self.engine.allocator.free(self.engine.model_name, [s.req_id for s in seqs])
         return out
 
     def grid(self, progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:

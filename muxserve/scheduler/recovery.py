@@ -7,6 +7,7 @@ request's whole page list. When the runtime cannot come back, only its LLM fails
 
 from __future__ import annotations
 
+from muxserve.engine.sequence import FinishReason
 from muxserve.ipc.runtime import Phase
 from muxserve.scheduler.request import Request
 
@@ -33,7 +34,7 @@ class RuntimeRecovery:
         requeue = [r for r in lost if r.req_id not in self._aborting]
         for req in aborted:
             self._aborting.discard(req.req_id)
-            req.finish_reason, req.end = "abort", self.clock()
+            self._end(req, FinishReason.ABORT, self.clock())
         self._release(state, aborted)
         if requeue:
             self.allocator.free(llm, [r.req_id for r in requeue])
@@ -72,14 +73,15 @@ class RuntimeRecovery:
             req.pages = []
             if req.req_id in self._aborting:
                 self._aborting.discard(req.req_id)
-                req.finish_reason, req.end = "abort", now
+                self._end(req, FinishReason.ABORT, now)
                 continue
-            req.finish_reason, req.error, req.end = "error", message, now
+            req.error = message
+            self._end(req, FinishReason.ERROR, now)
             if self.on_error is not None:
                 self.on_error(req)
         for s in self.llms.values():
             s.wait_for_cache = False
-        return [r for r in reqs if r.finish_reason == "error"]
+        return [r for r in reqs if r.finish_reason is FinishReason.ERROR]
 
     def _requests_of(self, llm: str) -> list[Request]:
         state = self.llms[llm]

@@ -14,12 +14,14 @@ back (``runtime_lost`` / ``runtime_ready``); an LLM whose runtime cannot come ba
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from muxserve.engine.sequence import FinishReason
 from muxserve.ipc.runtime import Job, JobResult, Phase
 from muxserve.scheduler.policy import QuotaMode, SchedulePolicy
 from muxserve.scheduler.quota import QuotaManager
@@ -75,6 +77,14 @@ class _Inflight:
     units: list[int]
 
 
+class Dispatch(enum.Enum):
+    """What trying one LLM's prefill or decode came to."""
+
+    SENT = "sent"  # a job went out
+    SKIPPED = "skipped"  # nothing to run, or its runtime is busy or down
+    NO_SM_UNITS = "no_sm_units"  # a job was ready but the SM units it needs are taken
+
+
 TokenCallback = Callable[[Request, int], None]
 ErrorCallback = Callable[[Request], None]
 
@@ -112,7 +122,6 @@ class MuxScheduler(RuntimeRecovery):
         self.inflight: dict[int, _Inflight] = {}
         self.busy: set[tuple[str, Phase]] = set()
         self.num_preemptions = 0
-        self.finished: list[Request] = []
         self.on_token = on_token
         self.on_error = on_error
         self._aborting: set[str] = set()  # aborted while inside an in-flight job
@@ -121,9 +130,12 @@ class MuxScheduler(RuntimeRecovery):
 
     # -- requests in and out ----------------------------------------------------------------
     def add(self, request: Request) -> None:
+        """Queue ``request``; it ends at its LLM's EOS ids and context from now on."""
         if request.llm in self.failed:
             raise LLMUnavailable(self.failed[request.llm])
-        self.llms[request.llm].waiting.append(request)
+        state = self.llms[request.llm]
+        request.eos_token_ids, request.max_model_len = state.info.eos_ids, state.info.max_model_len
+        state.waiting.append(request)
 
     def has_work(self) -> bool:
         return bool(self.inflight) or any(s.waiting or s.running for s in self.llms.values())
@@ -151,14 +163,12 @@ class MuxScheduler(RuntimeRecovery):
         for req, token in zip(job.requests, result.tokens):
             if req.req_id in self._aborting:  # its token is dropped
                 self._aborting.discard(req.req_id)
-                req.finish_reason, req.end = "abort", now
+                self._end(req, FinishReason.ABORT, now)
                 aborted.append(req)
                 continue
-            req.output_token_ids.append(token)
             if req.prefill_end is None:
                 req.prefill_end = now
-            req.finish_reason = req.finish_reason_after(token, state.info.eos_ids, state.info.max_model_len)
-            if req.finish_reason:
+            if req.append_token(token):
                 req.end = now
                 done.append(req)
             else:
@@ -166,7 +176,6 @@ class MuxScheduler(RuntimeRecovery):
             if self.on_token is not None:
                 self.on_token(req, token)
         self._release(state, done + aborted)
-        self.finished.extend(done)
         if state.running and (job.llm, Phase.DECODE) not in self.busy and (
                 state.decode_ready_since is None or not had_running):
             state.decode_ready_since = now  # decodable from now on (a stale mark from an emptied list is reset)
@@ -184,19 +193,19 @@ class MuxScheduler(RuntimeRecovery):
         Waiting: it leaves its queue (it holds no pages). Running between steps: its pages go back
         to the allocator now and both runtimes drop it with their next job. Inside an in-flight
         job: the same happens when that job's result comes back (its token is discarded). Its
-        ``finish_reason`` becomes ``abort``; it never appears in ``finished``.
+        ``finish_reason`` becomes ``abort``; no result returns it as finished.
         """
         now = self.clock()
         for state in self.llms.values():
             for req in state.waiting:
                 if req.req_id == req_id:
                     state.waiting.remove(req)
-                    req.finish_reason, req.end = "abort", now
+                    self._end(req, FinishReason.ABORT, now)
                     return True
             for req in state.running:
                 if req.req_id == req_id:
                     state.running.remove(req)
-                    req.finish_reason, req.end = "abort", now
+                    self._end(req, FinishReason.ABORT, now)
                     self._release(state, [req])
                     return True
         for job in self.inflight.values():
@@ -204,6 +213,11 @@ class MuxScheduler(RuntimeRecovery):
                 self._aborting.add(req_id)
                 return True
         return False
+
+    @staticmethod
+    def _end(req: Request, reason: FinishReason, now: float) -> None:
+        req.finish(reason)
+        req.end = now
 
     def _drop_job(self, job_id: int) -> list[Request]:
         """Forget an in-flight job (its result came, or its runtime died); returns its requests."""
@@ -244,16 +258,16 @@ class MuxScheduler(RuntimeRecovery):
         if self.policy.fcfs_order:
             oldest = self._fcfs_pick()
             if oldest is not None:
-                sent += self._try_prefill(oldest) == "sent"
+                sent += self._try_prefill(oldest) is Dispatch.SENT
             return sent
         n, start = len(self.order), self._prefill_ptr  # the pointer moves inside the loop
         for i in range(n):
             pos = (start + i) % n
             outcome = self._try_prefill(self.llms[self.order[pos]])
-            if outcome == "sent":
+            if outcome is Dispatch.SENT:
                 sent += 1
                 self._prefill_ptr = (pos + 1) % n
-            elif outcome == "no_sm" and self.policy.stop_on_blocked_prefill:
+            elif outcome is Dispatch.NO_SM_UNITS and self.policy.stop_on_blocked_prefill:
                 break
         return sent
 
@@ -269,14 +283,14 @@ class MuxScheduler(RuntimeRecovery):
                              key=lambda s: min(r.idx for r in s.running))
             for state in ordered:
                 outcome = self._try_decode(state)
-                if outcome == "no_sm":
+                if outcome is Dispatch.NO_SM_UNITS:
                     break
-                sent += outcome == "sent"
+                sent += outcome is Dispatch.SENT
             return sent
         n, start = len(self.order), self._decode_ptr
         for i in range(n):
             pos = (start + i) % n
-            if self._try_decode(self.llms[self.order[pos]]) == "sent":
+            if self._try_decode(self.llms[self.order[pos]]) is Dispatch.SENT:
                 sent += 1
                 self._decode_ptr = (pos + 1) % n
         return sent
@@ -293,11 +307,11 @@ class MuxScheduler(RuntimeRecovery):
         other = Phase.DECODE if phase is Phase.PREFILL else Phase.PREFILL
         return self.policy.exclusive_phases and (name, other) in self.busy
 
-    def _try_prefill(self, state: _LLMState) -> str:
+    def _try_prefill(self, state: _LLMState) -> Dispatch:
         if not self._wants_prefill(state) or self._phase_blocked(state, Phase.PREFILL):
-            return "skip"
+            return Dispatch.SKIPPED
         if not self.sm.can_allocate(state.info.prefill_units):
-            return "no_sm"
+            return Dispatch.NO_SM_UNITS
         room = self.quota_of(state.info.name) - state.active
         batch, tokens = [], 0
         for req in state.waiting:
@@ -309,7 +323,7 @@ class MuxScheduler(RuntimeRecovery):
         if len(admitted) < len(batch):
             state.wait_for_cache = True  # the rest stays queued, in order
         if not admitted:
-            return "skip"
+            return Dispatch.SKIPPED
         for _ in admitted:
             state.waiting.popleft()
         now = self.clock()
@@ -317,13 +331,13 @@ class MuxScheduler(RuntimeRecovery):
             if req.submit is None:
                 req.submit = now
         self._dispatch(state, Phase.PREFILL, admitted, state.info.prefill_units)
-        return "sent"
+        return Dispatch.SENT
 
-    def _try_decode(self, state: _LLMState) -> str:
+    def _try_decode(self, state: _LLMState) -> Dispatch:
         if not state.running or self._phase_blocked(state, Phase.DECODE):
-            return "skip"
+            return Dispatch.SKIPPED
         if not self.sm.can_allocate(state.info.decode_units):
-            return "no_sm"
+            return Dispatch.NO_SM_UNITS
         state.running.sort(key=lambda r: r.idx)
         batch = state.running[: max(1, self.quota_of(state.info.name))]
         admitted = self._allocate(state, batch)
@@ -342,7 +356,7 @@ class MuxScheduler(RuntimeRecovery):
             state.wait_for_cache = True
             logger.info("%s: preempted %d requests (KV pool full)", state.info.name, len(preempted))
         if not admitted:
-            return "skip"
+            return Dispatch.SKIPPED
         del state.running[: len(admitted)]
         if self.quota is not None:
             self.quota.record_decode_batch(state.info.name, len(admitted))
@@ -351,7 +365,7 @@ class MuxScheduler(RuntimeRecovery):
             state.decode_jobs += 1
             state.decode_ready_since = None
         self._dispatch(state, Phase.DECODE, admitted, state.info.decode_units)
-        return "sent"
+        return Dispatch.SENT
 
     def _allocate(self, state: _LLMState, batch: list[Request]) -> list[Request]:
         """Pages for every request of the batch; returns the admitted prefix (the tail was preempted)."""
@@ -366,7 +380,7 @@ class MuxScheduler(RuntimeRecovery):
     def _dispatch(self, state: _LLMState, phase: Phase, requests: list[Request], units_needed: int) -> None:
         name = state.info.name
         runtime = f"{name}/{phase.value}"
-        job = Job(next(self._job_ids), phase.value, [r.seq_input(runtime, phase) for r in requests],
+        job = Job(next(self._job_ids), phase, [r.seq_input(runtime, phase) for r in requests],
                   release=state.release[phase])
         state.release[phase] = []
         units = self.sm.allocate(units_needed)

@@ -180,7 +180,6 @@ class EngineDriver:
                 self._flush()  # refusals of the commands just handled go out now, not after the wait
                 wait = BUSY_WAIT_S if self.instance.scheduler.has_work() else IDLE_WAIT_S
                 self.instance.poll(wait, wake_fd=self._wake_r)
-                self.instance.scheduler.finished.clear()  # the server keeps no history
                 self._abort_failed()
                 self._flush()
         except BaseException as exc:  # noqa: BLE001 - any failure ends the engine; report it

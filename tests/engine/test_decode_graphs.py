@@ -98,8 +98,8 @@ def test_page_table_update_equals_a_rebuild_from_the_lists():
 
 # -- staging a decode step ------------------------------------------------------------------------
 class _Seq:
-    def __init__(self, seq_id, prompt, output, pages):
-        self.seq_id, self.prompt_token_ids, self.output_token_ids, self.pages = seq_id, prompt, output, pages
+    def __init__(self, req_id, prompt, output, pages):
+        self.req_id, self.prompt_token_ids, self.output_token_ids, self.pages = req_id, prompt, output, pages
         self.params = SamplingParams(temperature=0)
 
     @property
@@ -109,6 +109,10 @@ class _Seq:
     @property
     def num_tokens(self):
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def last_token_id(self):
+        return self.token_ids[-1]
 
 
 def test_stage_decode_writes_tokens_positions_slots_and_lengths():
@@ -122,7 +126,7 @@ def test_stage_decode_writes_tokens_positions_slots_and_lengths():
         seqs.append(_Seq(str(i), prompt, output, list(range(100 * i, 100 * i + LAYOUT.pages_for(n + out)))))
     staged = np.full((4, 8), 77, dtype=np.int64)
     runner._stage_decode(seqs, staged)
-    slots = [runner.tables.slot_of(s.seq_id) for s in seqs]
+    slots = [runner.tables.slot_of(s.req_id) for s in seqs]
     assert staged[:, :3].tolist() == [[s.token_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs], slots,
                                       [s.num_tokens for s in seqs]]
     assert (staged[:, 3:] == 77).all()  # columns past the batch are left to the caller
@@ -148,7 +152,7 @@ def test_prefill_inputs_start_16_byte_aligned_whatever_the_lengths():
     assert positions.tolist() == list(range(5)) + list(range(16)) + list(range(40))
     assert meta.cu_query_lens.tolist() == [0, 5, 21, 61] and last_index.tolist() == [4, 20, 60]
     assert meta.seq_lens.tolist() == [5, 16, 40]
-    slots = [runner.tables.slot_of(s.seq_id) for s in seqs]
+    slots = [runner.tables.slot_of(s.req_id) for s in seqs]
     assert meta.slot_ids.tolist() == slots and meta.token_slots.tolist() == [sl for sl, n in zip(slots, [5, 16, 40])
                                                                               for _ in range(n)]
 

@@ -65,8 +65,8 @@ def _step_both(engines: dict[str, LLMEngine], allocator: PageAllocator, seqs: di
     while any(e.has_unfinished() for e in engines.values()):
         for name, engine in engines.items():
             engine.step()
-            owned = {name: [p for s in seqs[name] if allocator.owns(name, s.seq_id)
-                            for p in allocator.pages_of(name, s.seq_id)] for name in engines}
+            owned = {name: [p for s in seqs[name] if allocator.owns(name, s.req_id)
+                            for p in allocator.pages_of(name, s.req_id)] for name in engines}
             flat = [p for pages in owned.values() for p in pages]
             assert len(flat) == len(set(flat)), "a page has two owners"
             assert len(flat) + allocator.num_free == allocator.num_pages
@@ -97,10 +97,10 @@ def test_head_dim_80_and_64_models_share_one_pool(tiny_model):
                                                                ignore_eos=True)) for p in prompts[name]]
             for name in engines}
     engines["hd80"].step()  # prefill: 1, 2 and 2 blocks of 25 tokens, 4 pages each, from a fresh pool
-    assert [allocator.pages_of("hd80", s.seq_id) for s in seqs["hd80"]] == [
+    assert [allocator.pages_of("hd80", s.req_id) for s in seqs["hd80"]] == [
         list(range(0, 4)), list(range(4, 12)), list(range(12, 20))]
     engines["hd64"].step()  # prefill: one 32-token block each, the next free pages
-    assert [allocator.pages_of("hd64", s.seq_id) for s in seqs["hd64"]] == [list(range(20, 24)),
+    assert [allocator.pages_of("hd64", s.req_id) for s in seqs["hd64"]] == [list(range(20, 24)),
                                                                             list(range(24, 28))]
     held = _step_both(engines, allocator, seqs)
     assert held["hd80"] & held["hd64"], "no page went from one head size to the other"

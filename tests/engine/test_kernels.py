@@ -83,9 +83,13 @@ def test_for_limits_stays_within_its_byte_budget():
 
 
 class _Seq:
-    def __init__(self, seq_id, tokens, pages):
-        self.seq_id, self.token_ids, self.pages = seq_id, tokens, pages
+    def __init__(self, req_id, tokens, pages):
+        self.req_id, self.token_ids, self.pages = req_id, tokens, pages
         self.num_tokens = len(tokens)
+
+    @property
+    def last_token_id(self):
+        return self.token_ids[-1]
 
 
 def _old_prepare(layout, seqs, is_prefill):

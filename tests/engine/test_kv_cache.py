@@ -208,19 +208,19 @@ def run_checking_pool(llm: LLM, prompts, params) -> tuple[list[list[int]], int]:
     while engine.has_unfinished():
         engine.step()
         steps += 1
-        live = [s for s in seqs if allocator.owns(model, s.seq_id)]
-        assert {s.seq_id for s in live} == {s.seq_id for s in engine.scheduler.running}
-        owned = [page for s in live for page in allocator.pages_of(model, s.seq_id)]
+        live = [s for s in seqs if allocator.owns(model, s.req_id)]
+        assert {s.req_id for s in live} == {s.req_id for s in engine.scheduler.running}
+        owned = [page for s in live for page in allocator.pages_of(model, s.req_id)]
         assert len(owned) == len(set(owned)), "a page has two owners"
         assert all(0 <= page < allocator.num_pages for page in owned)
         assert len(owned) + allocator.num_free == allocator.num_pages
         assert allocator.used_by(model) == len(owned)
         for s in live:
-            assert s.pages == allocator.pages_of(model, s.seq_id)
+            assert s.pages == allocator.pages_of(model, s.req_id)
             # Pages for every token whose K/V is in the pool: all but the newest sampled one.
             assert len(s.pages) == engine.layout.pages_for(s.num_tokens - 1)
         for s in seqs:
-            if not allocator.owns(model, s.seq_id):
+            if not allocator.owns(model, s.req_id):
                 assert s.pages == []
     assert allocator.num_free == allocator.num_pages
     return [s.output_token_ids for s in seqs], steps

@@ -66,11 +66,12 @@ class Harness:
         self.sched = MuxScheduler(llms, self.allocator, links, get_policy(policy), budget, threshold,
                                   quota=quota, clock=self.clock, adapt_interval=adapt_interval)
         self.requests: dict[str, Request] = {}
+        self.finished: list[Request] = []  # what the results returned as finished, in order
 
     def add(self, name, prompt, max_tokens=16, **params) -> Request:
         n = len(self.requests)
-        req = Request(f"r{n}", n, name, list(prompt), SamplingParams(max_tokens=max_tokens, temperature=0, **params),
-                      arrival=self.clock())
+        req = Request(f"r{n}", list(prompt), SamplingParams(max_tokens=max_tokens, temperature=0, **params),
+                      idx=n, llm=name, arrival=self.clock())
         self.requests[req.req_id] = req
         self.sched.add(req)
         return req
@@ -84,7 +85,9 @@ class Harness:
         return new
 
     def finish(self, job: Job, tokens: list[int]) -> list[Request]:
-        return self.sched.on_result(JobResult(job.job_id, "fake", tokens, 0.0))
+        done = self.sched.on_result(JobResult(job.job_id, "fake", tokens, 0.0))
+        self.finished.extend(done)
+        return done
 
     def waiting(self, name) -> list[str]:
         return [r.req_id for r in self.sched.llms[name].waiting]
@@ -143,7 +146,7 @@ def test_prefill_then_decode_with_exact_page_deltas():
     assert (r0.output_token_ids, r0.finish_reason, r0.end) == ([10, 11, 12], "length", 2.0)
     assert not h.allocator.owns("a", "r0")
     assert h.allocator.num_free == 62
-    assert h.sched.finished == [r0]
+    assert h.finished == [r0]
 
     [(_, _, job3)] = h.step()
     assert job3.release == ["r0"]  # the decode runtime may drop r0's page list
@@ -503,7 +506,7 @@ class FakeRuntimes:
                 assert len(pages) == math.ceil(s.num_tokens / PAGE_TOKENS)
                 req = h.requests[s.req_id]
                 assert s.num_tokens == req.num_tokens
-                assert s.token_ids == (req.all_token_ids if phase is P else req.all_token_ids[-1:])
+                assert s.token_ids == (req.token_ids if phase is P else req.token_ids[-1:])
             self.jobs[job.job_id] = job
         assert sorted(h.sched.inflight) == sorted(self.jobs)
 
@@ -543,7 +546,7 @@ def test_every_request_completes_under_every_policy(policy, num_pages, threshold
         if i % 4 == 3:
             runtimes.schedule()
     runtimes.run_to_completion()
-    assert len(h.sched.finished) == 24
+    assert len(h.finished) == 24
     for r in reqs:
         assert r.output_token_ids == fake_model_alone(r.prompt_token_ids, r.params.max_tokens)
         assert r.finish_reason == "length"

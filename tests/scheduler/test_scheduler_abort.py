@@ -40,7 +40,7 @@ def test_abort_waiting_request_leaves_the_queue():
     assert h.sched.abort("nope") is False
     h.finish(job, [9])
     assert h.sched.llms["a"].release[P] == []  # r1 never reached a runtime
-    assert r0.finish_reason is None and h.sched.finished == []
+    assert r0.finish_reason is None and h.finished == []
 
 
 def test_abort_running_request_frees_its_pages_and_runtimes_drop_it():
@@ -56,7 +56,7 @@ def test_abort_running_request_frees_its_pages_and_runtimes_drop_it():
     [(_, phase, job)] = h.step()
     assert phase is D and job.release == ["r0"] and ids(job) == ["r1"]
     assert h.sched.llms["a"].release[P] == ["r0"]  # goes out with the next prefill job
-    assert h.sched.finished == []
+    assert h.finished == []
     # its pages serve the next request
     h.finish(job, [21])
     h.add("a", [8, 9, 10, 11, 12, 13])
@@ -79,7 +79,7 @@ def test_abort_inside_an_inflight_job_takes_effect_when_its_result_comes_back():
     assert h.finish(job, [10, 20]) == [r0]  # r0 finished, r1 aborted: neither runs again
     assert seen == [("r0", 10)]  # the aborted request's token is dropped
     assert r1.output_token_ids == [] and (r1.finish_reason, r1.end) == ("abort", 2.0)
-    assert h.sched.finished == [r0]
+    assert h.finished == [r0]
     assert h.allocator.num_free == 64
     assert not h.sched.has_work() and h.step() == []
     assert h.sched.llms["a"].release[D] == ["r0", "r1"]

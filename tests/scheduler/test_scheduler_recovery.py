@@ -136,7 +136,7 @@ def test_every_request_completes_through_random_runtime_deaths(seed):
         elif down:
             h.sched.runtime_ready(*down.pop())
     assert deaths > 10
-    assert len(h.sched.finished) == 48
+    assert len(h.finished) == 48
     for r in reqs:
         assert r.output_token_ids == fake_model_alone(r.prompt_token_ids, r.params.max_tokens)
     assert h.allocator.num_free == 12 and h.sched.sm.refs == [0] * 10
