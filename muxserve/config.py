@@ -35,7 +35,9 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Percentage = Annotated[int, msgspec.Meta(ge=1, le=100)]
 
 
-class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class LLMConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One LLM of the model_config: its model, parallelism, placement, SM shares and dtype."""
+
     name: str
     model: str
     tensor_parallel_size: PositiveInt = 1
@@ -73,10 +75,10 @@ class MuxServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     overload_threshold: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
     gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
     kv_cache_bytes: PositiveInt | None = None
-    models: Annotated[list[ModelEntry], msgspec.Meta(min_length=1)]
+    models: Annotated[list[LLMConfig], msgspec.Meta(min_length=1)]
     workloads: WorkloadsEntry = msgspec.field(default_factory=WorkloadsEntry)
 
-    def model(self, name: str) -> ModelEntry:
+    def model(self, name: str) -> LLMConfig:
         for entry in self.models:
             if entry.name == name:
                 return entry

@@ -37,10 +37,10 @@ from muxserve.instance.cli import (
 )
 from muxserve.instance.instance import Instance
 from muxserve.progress import Progress
+from muxserve.scheduler.recovery import LLMUnavailable
 from muxserve.scheduler.request import Request
-from muxserve.scheduler.scheduler import LLMUnavailable
 from muxserve.scheduler.stats import format_stats, summarize_run
-from muxserve.workload.workload_file import Workload, load_workload
+from muxserve.workload.workload_file import Workload, WorkloadRequest, load_workload
 
 logger = logging.getLogger("muxserve.launch")
 
@@ -139,25 +139,23 @@ def replay(instance: Instance, workload: Workload, max_drain_s: float | None = N
     requests = []
     aborted = False
     t0 = time.monotonic()
+
+    def due() -> float | None:
+        """Submit what has arrived, abort what is left after the drain time; seconds to the next arrival."""
+        nonlocal aborted
+        now = time.monotonic() - t0
+        while pending and pending[0].arrival <= now:
+            requests.append(_submit(instance, pending.popleft(), t0))
+        if max_drain_s is not None and not aborted and not pending and now > last_arrival + max_drain_s:
+            left = [r for r in requests if r.end is None]
+            logger.warning("%.0f s after the last arrival: aborting %d unfinished requests", max_drain_s, len(left))
+            for r in left:
+                instance.abort(r.req_id)
+            aborted = True
+        return pending[0].arrival - now if pending else None
+
     with Progress(len(pending), "requests", "req") as bar:
-        while pending or instance.scheduler.has_work():
-            now = time.monotonic() - t0
-            while pending and pending[0].arrival <= now:
-                r = pending.popleft()
-                params = SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
-                try:
-                    requests.append(instance.submit(r.llm, r.prompt_token_ids, params, t0 + r.arrival, r.idx))
-                except LLMUnavailable as e:
-                    requests.append(Request(str(-r.idx), list(r.prompt_token_ids), params, idx=r.idx, llm=r.llm,
-                                            arrival=t0 + r.arrival, finish_reason=FinishReason.ERROR, error=str(e)))
-            if max_drain_s is not None and not aborted and not pending and now > last_arrival + max_drain_s:
-                left = [r for r in requests if r.end is None]
-                logger.warning("%.0f s after the last arrival: aborting %d unfinished requests", max_drain_s, len(left))
-                for r in left:
-                    instance.abort(r.req_id)
-                aborted = True
-            wait = min(0.05, pending[0].arrival - now) if pending else 0.05
-            bar.update(len(instance.poll(max(0.0, wait))))
+        instance.run_until_done(due, lambda finished: bar.update(len(finished)))
     for r in requests:  # report times relative to the start of replay
         if r.finish_reason in (FinishReason.ABORT, FinishReason.ERROR):
             r.end = None
@@ -165,6 +163,16 @@ def replay(instance: Instance, workload: Workload, max_drain_s: float | None = N
             if getattr(r, key) is not None:
                 setattr(r, key, getattr(r, key) - t0)
     return requests
+
+
+def _submit(instance: Instance, r: WorkloadRequest, t0: float) -> Request:
+    """Queue one workload request; one of an LLM that failed comes back ended with ``error``."""
+    params = SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
+    try:
+        return instance.submit(r.llm, r.prompt_token_ids, params, t0 + r.arrival, r.idx)
+    except LLMUnavailable as e:
+        return Request(str(-r.idx), list(r.prompt_token_ids), params, idx=r.idx, llm=r.llm, arrival=t0 + r.arrival,
+                       finish_reason=FinishReason.ERROR, error=str(e))
 
 
 def run(args) -> int:
@@ -189,15 +197,14 @@ def run(args) -> int:
         logger.info("replaying %d requests of %s with %s", len(workload.requests), workload_path,
                     args.schedule_approach)
         requests = replay(instance, workload, args.max_drain_s)
-        preemptions = instance.scheduler.num_preemptions
-        waits = instance.scheduler.decode_waits()
+        figures = instance.metrics()
         failed = instance.failed_llms
     finally:
         instance.stop()
     records = [r.record() for r in requests]
     summary = summarize_run(records, bases)
-    summary["overall"]["scheduler_preemptions"] = preemptions
-    for llm, wait in waits.items():
+    summary["overall"]["scheduler_preemptions"] = figures.preemptions
+    for llm, wait in figures.decode_waits.items():
         if llm in summary["per_model"]:
             summary["per_model"][llm]["scheduler"] = wait
     print(format_stats(summary), flush=True)

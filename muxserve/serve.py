@@ -76,15 +76,15 @@ def _served_models(config: MuxServeConfig, instance: Instance) -> dict:
     out = {}
     for m in config.models:
         folder = folders[m.name]
-        info = instance.scheduler.llms[m.name].info
+        limits = instance.limits(m.name)
         tokenizer = None
         if any((folder / name).is_file() for name in TOKENIZER_FILES):
             tokenizer = AutoTokenizer.from_pretrained(folder)
         else:
             logger.warning("%s: %s has no tokenizer; it takes prompts as token ids and answers with empty text",
                            m.name, folder)
-        out[m.name] = ServedModel(m.name, m.model, folder, info.max_model_len, info.vocab_size,
-                                  instance.max_tokens(m.name), tokenizer)
+        out[m.name] = ServedModel(m.name, m.model, folder, limits.max_model_len, limits.vocab_size,
+                                  limits.max_tokens, tokenizer)
     return out
 
 
@@ -94,8 +94,8 @@ def _warm_up(instance: Instance, names: list[str]) -> None:
     reqs = [instance.submit(n, [i % 7 + 1 for i in range(WARMUP_PROMPT_LEN)],
                             SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), time.monotonic())
             for n in names]
-    for req in reqs:
-        instance.wait_for(req)
+    instance.run_until_done()
+    instance.raise_if_failed(reqs)
     logger.info("warm-up done in %.1f s", time.monotonic() - start)
 
 

@@ -140,6 +140,13 @@ class MuxScheduler(RuntimeRecovery):
     def has_work(self) -> bool:
         return bool(self.inflight) or any(s.waiting or s.running for s in self.llms.values())
 
+    def info(self, llm: str) -> LLMInfo:
+        return self.llms[llm].info
+
+    def queue_lengths(self) -> dict[str, tuple[int, int]]:
+        """Per LLM: (requests running or inside a job, requests waiting)."""
+        return {name: (s.active, len(s.waiting)) for name, s in self.llms.items()}
+
     def quota_of(self, llm: str) -> int:
         cap = self.llms[llm].info.max_num_seqs
         if self.quota is None:

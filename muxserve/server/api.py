@@ -27,6 +27,7 @@ from fastapi.responses import PlainTextResponse, Response
 from starlette.responses import StreamingResponse
 
 import muxserve
+from muxserve.engine.sequence import FinishReason
 from muxserve.server import prompts, schema
 from muxserve.server.detokenizer import IncrementalDetokenizer
 from muxserve.server.driver import EngineDriver, ErrorEvent, RequestHandle, ServedModel
@@ -66,7 +67,7 @@ class ServerState:
 class Delta:
     text: str
     token_id: int
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     stop_reason: str | None = None
 
 
@@ -80,7 +81,7 @@ class Generation:
     detokenizer: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: str | None = None
 
     def usage(self) -> dict[str, int]:
@@ -130,8 +131,8 @@ async def run(state: ServerState, gen: Generation) -> AsyncIterator[Delta]:
             gen.token_ids.append(event.token)
             text = gen.detokenizer.add(event.token)
             if gen.detokenizer.stopped:
-                gen.finish_reason, gen.stop_reason = "stop", gen.detokenizer.matched
-                state.driver.abort(gen.handle, "stop")  # the engine may still be generating it
+                gen.finish_reason, gen.stop_reason = FinishReason.STOP, gen.detokenizer.matched
+                state.driver.abort(gen.handle, FinishReason.STOP)  # the engine may still be generating it
             elif event.finish_reason is not None:
                 gen.finish_reason = event.finish_reason
                 gen.handle.closed = True

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from muxserve.engine.sampling_params import SamplingParams
+from muxserve.engine.sequence import FinishReason
 from muxserve.instance.instance import Instance
+from muxserve.scheduler.recovery import LLMUnavailable
 from muxserve.scheduler.request import Request
-from muxserve.scheduler.scheduler import LLMUnavailable
-from muxserve.server.metrics import ModelLoad, ServerMetrics
+from muxserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class ServedModel:
 @dataclass(frozen=True)
 class TokenEvent:
     token: int
-    finish_reason: str | None  # stop or length on the last token
+    finish_reason: FinishReason | None  # stop or length on the last token
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,36 @@ class RequestHandle:
     arrival: float = field(default_factory=time.monotonic)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     closed: bool = False  # finished, or an abort/finish was sent: no more commands for it
+
+
+# Commands from the event loop to the engine thread.
+@dataclass(frozen=True)
+class _Submit:
+    handle: RequestHandle
+
+
+@dataclass(frozen=True)
+class _Abort:
+    handle: RequestHandle
+    reason: FinishReason  # abort (client gone) or stop (a stop string was found)
+
+
+@dataclass(frozen=True)
+class _AbortAll:
+    message: str
+
+
+@dataclass(frozen=True)
+class _Refresh:
+    done: concurrent.futures.Future
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+_Command = _Submit | _Abort | _AbortAll | _Refresh | _Stop
 
 
 @dataclass
@@ -103,8 +134,6 @@ class EngineDriver:
         self._by_handle: dict[int, str] = {}  # id(handle) -> req_id, engine thread only
         self._outbox: list[tuple[RequestHandle, Any]] = []  # engine thread only
         self._failed: list[str] = []  # requests whose token handling failed: aborted after the poll
-        instance.scheduler.on_token = self._on_token
-        instance.scheduler.on_error = self._on_error
 
     # -- event loop side --------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -118,25 +147,25 @@ class EngineDriver:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     def submit(self, handle: RequestHandle) -> None:
-        if not self._post(("submit", handle)):
+        if not self._post(_Submit(handle)):
             handle.events.put_nowait(ErrorEvent(503, self._stopped_message()))
 
-    def abort(self, handle: RequestHandle, reason: str = "abort") -> None:
+    def abort(self, handle: RequestHandle, reason: FinishReason = FinishReason.ABORT) -> None:
         """End a request early: ``abort`` (client gone) or ``stop`` (a stop string was found)."""
         if not handle.closed:
             handle.closed = True
-            self._post(("abort", handle, reason))
+            self._post(_Abort(handle, reason))
 
     def abort_all(self, message: str) -> None:
         """Fail every unfinished request with a 503 (drain timeout, forced shutdown)."""
-        self._post(("abort_all", message))
+        self._post(_AbortAll(message))
 
     async def refresh_metrics(self, timeout_s: float = 5.0) -> None:
         """Ask the engine thread to update the load gauges; returns when done (or on timeout)."""
         if not self.alive:
             return
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        if not self._post(("refresh", fut)):
+        if not self._post(_Refresh(fut)):
             return
         try:
             await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
@@ -148,7 +177,7 @@ class EngineDriver:
         if self._thread is None:
             self.instance.stop()
             return
-        self._post(("stop",))
+        self._post(_Stop())
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             logger.error("engine thread did not stop in %.0f s", timeout_s)
@@ -156,7 +185,7 @@ class EngineDriver:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    def _post(self, command: tuple) -> bool:
+    def _post(self, command: _Command) -> bool:
         """Queue a command for the engine thread and wake it; False once the engine thread has ended."""
         with self._closed_lock:
             if self._closed:
@@ -178,7 +207,7 @@ class EngineDriver:
         try:
             while self._handle_commands():
                 self._flush()  # refusals of the commands just handled go out now, not after the wait
-                wait = BUSY_WAIT_S if self.instance.scheduler.has_work() else IDLE_WAIT_S
+                wait = BUSY_WAIT_S if self.instance.has_work() else IDLE_WAIT_S
                 self.instance.poll(wait, wake_fd=self._wake_r)
                 self._abort_failed()
                 self._flush()
@@ -206,31 +235,34 @@ class EngineDriver:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return True
-            kind = cmd[0]
-            if kind == "stop":
+            if isinstance(cmd, _Stop):
                 self._fail_all(503, "the server is shutting down")
                 self._flush()
                 return False
-            try:
-                if kind == "submit":
-                    self._submit(cmd[1])
-                elif kind == "abort":
-                    self._abort(cmd[1], cmd[2])
-                elif kind == "abort_all":
-                    self._fail_all(503, cmd[1])
-                elif kind == "refresh":
-                    self._refresh(cmd[1])
-            except Exception as exc:  # noqa: BLE001 - a bug with one request fails that request only
-                if kind not in ("submit", "abort"):
-                    raise
-                logger.exception("%s of a request failed", kind)
-                self._fail(cmd[1], exc)
+            if isinstance(cmd, _AbortAll):
+                self._fail_all(503, cmd.message)
+            elif isinstance(cmd, _Refresh):
+                self._refresh(cmd.done)
+            else:
+                self._request_command(cmd)
+
+    def _request_command(self, cmd: _Submit | _Abort) -> None:
+        """Submit or abort one request; a bug while doing it fails that request only."""
+        try:
+            if isinstance(cmd, _Submit):
+                self._submit(cmd.handle)
+            else:
+                self._abort(cmd.handle, cmd.reason)
+        except Exception as exc:  # noqa: BLE001 - a bug with one request fails that request only
+            logger.exception("%s of a request failed", type(cmd).__name__.strip("_").lower())
+            self._fail(cmd.handle, exc)
 
     def _submit(self, handle: RequestHandle) -> None:
         if handle.closed:  # aborted before it reached us
             return
         try:
-            req = self.instance.submit(handle.llm, handle.prompt_token_ids, handle.params, handle.arrival)
+            req = self.instance.submit(handle.llm, handle.prompt_token_ids, handle.params, handle.arrival,
+                                       on_token=self._on_token, on_error=self._on_error)
         except ValueError as exc:  # the HTTP layer checks first; this is the engine's last word
             self._outbox.append((handle, ErrorEvent(400, str(exc))))
             return
@@ -256,7 +288,7 @@ class EngineDriver:
                 logger.exception("abort of failed request %s failed", req_id)
         self._failed.clear()
 
-    def _abort(self, handle: RequestHandle, reason: str) -> None:
+    def _abort(self, handle: RequestHandle, reason: FinishReason) -> None:
         req_id = self._by_handle.pop(id(handle), None)
         tracked = self._tracked.pop(req_id, None) if req_id is not None else None
         if tracked is None:
@@ -272,7 +304,7 @@ class EngineDriver:
                     self.instance.abort(req_id)
             except Exception:  # noqa: BLE001 - the engine may be gone; the client still gets its error
                 logger.debug("abort of %s failed", req_id, exc_info=True)
-            self.metrics.on_finish(tracked.request, "abort", time.monotonic(), tracked.first_token)
+            self.metrics.on_finish(tracked.request, FinishReason.ABORT, time.monotonic(), tracked.first_token)
             self._outbox.append((tracked.handle, ErrorEvent(status, message)))
         self._tracked.clear()
         self._by_handle.clear()
@@ -280,7 +312,7 @@ class EngineDriver:
     def _on_token(self, req: Request, token: int) -> None:
         tracked = self._tracked.get(req.req_id)
         if tracked is None:
-            return  # calibration or an already aborted request
+            return  # failed while the engine thread handled one of its tokens: aborted after the poll
         try:
             self._deliver_token(tracked, req, token)
         except Exception as exc:  # noqa: BLE001 - called inside the scheduler: fail this request only
@@ -303,22 +335,14 @@ class EngineDriver:
         """``req``'s LLM failed: its client gets a 503 that names the LLM and the runtime."""
         tracked = self._tracked.pop(req.req_id, None)
         if tracked is None:
-            return  # warm-up, or already aborted
+            return  # failed while the engine thread handled one of its tokens
         self._by_handle.pop(id(tracked.handle), None)
-        self.metrics.on_finish(req, "abort", time.monotonic(), tracked.first_token)
+        self.metrics.on_finish(req, FinishReason.ABORT, time.monotonic(), tracked.first_token)
         self._outbox.append((tracked.handle, ErrorEvent(503, req.error or "the LLM failed")))
 
     def _refresh(self, fut: concurrent.futures.Future) -> None:
         try:
-            sched = self.instance.scheduler
-            stats = sched.allocator.stats()
-            per_model = {m.name: m for m in stats.models}
-            loads = {}
-            for name, state in sched.llms.items():
-                m = per_model.get(name)
-                loads[name] = ModelLoad(running=state.active, waiting=len(state.waiting),
-                                        used_pages=m.pages if m else 0, preemptions=m.preemptions if m else 0)
-            self.metrics.set_load(loads, stats.num_free, stats.num_pages)
+            self.metrics.set_load(self.instance.load())
         except Exception as exc:  # noqa: BLE001 - a scrape must not kill the engine
             fut.set_exception(exc)
             return
@@ -346,10 +370,10 @@ class EngineDriver:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 break
-            if cmd[0] == "submit":
-                late.append((cmd[1], ErrorEvent(503, message)))
-            elif cmd[0] == "refresh":
-                cmd[1].set_result(None)
+            if isinstance(cmd, _Submit):
+                late.append((cmd.handle, ErrorEvent(503, message)))
+            elif isinstance(cmd, _Refresh):
+                cmd.done.set_result(None)
         if late:
             self._call_soon(_deliver, late)
 

@@ -7,11 +7,11 @@ thread writes them; the HTTP thread renders them (prometheus_client is thread-sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from muxserve.engine.sequence import FinishReason
+from muxserve.instance.instance import InstanceLoad
 from muxserve.scheduler.request import Request
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py)
@@ -22,18 +22,8 @@ TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = tuple(str(r) for r in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT))
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-
-
-@dataclass
-class ModelLoad:
-    """One LLM's state at a scrape."""
-
-    running: int  # prefilled or inside a job
-    waiting: int
-    used_pages: int
-    preemptions: int  # since start
 
 
 class ServerMetrics:
@@ -94,11 +84,11 @@ class ServerMetrics:
         else:
             self.itl.labels(model_name=m).observe(now - last_token_time)
 
-    def on_finish(self, req: Request, reason: str, now: float, first_token_time: float | None) -> None:
+    def on_finish(self, req: Request, reason: FinishReason, now: float, first_token_time: float | None) -> None:
         """A request ended (``reason``: stop, length or abort) after ``len(req.output_token_ids)`` tokens."""
         m = req.llm
-        self.success.labels(model_name=m, finished_reason=reason).inc()
-        if reason == "abort":
+        self.success.labels(model_name=m, finished_reason=str(reason)).inc()
+        if reason is FinishReason.ABORT:
             return
         n = len(req.output_token_ids)
         self.e2e.labels(model_name=m).observe(now - req.arrival)
@@ -107,9 +97,10 @@ class ServerMetrics:
         if first_token_time is not None and n > 1:
             self.tpot.labels(model_name=m).observe((now - first_token_time) / (n - 1))
 
-    def set_load(self, loads: dict[str, ModelLoad], free_pages: int, total_pages: int) -> None:
+    def set_load(self, snapshot: InstanceLoad) -> None:
+        free_pages, total_pages = snapshot.free_pages, snapshot.total_pages
         self.total_pages.set(total_pages)
-        for name, load in loads.items():
+        for name, load in snapshot.llms.items():
             self.running.labels(model_name=name).set(load.running)
             self.waiting.labels(model_name=name).set(load.waiting)
             self.used_pages.labels(model_name=name).set(load.used_pages)

@@ -10,6 +10,8 @@ import pytest
 from e2e_plan import Launch, SystemPlan  # noqa: E402
 from e2e_runs import merge_parts  # noqa: E402
 
+from muxserve.instance.instance import Instance
+
 
 
 def _record(idx, model, arrival, out_len, end=True):
@@ -62,11 +64,12 @@ class _FakeRequest:
 
 
 class _FakeInstance:
-    """Requests of llm 'fast' finish at the next poll; 'slow' ones only when aborted."""
+    """Requests of llm 'fast' finish at the next poll; 'slow' ones only when aborted. Its loop is the Instance's."""
+
+    run_until_done = Instance.run_until_done
 
     def __init__(self):
         self.requests = []
-        self.scheduler = self
 
     def has_work(self):
         return any(r.end is None for r in self.requests)

@@ -42,8 +42,7 @@ def _instance(config: MuxServeConfig, *flags: str) -> Instance:
     """An Instance whose runtimes were recorded, not started (and which has stopped)."""
     args = build_parser().parse_args(["cfg.yaml", *flags])
     check_instance_args(args, config, "cpu", "cfg.yaml")
-    instance = Instance(config, instance_options(args, config, "cpu"))
-    instance.processes = _Recorder()
+    instance = Instance(config, instance_options(args, config, "cpu"), processes=_Recorder())
     try:
         instance._start_runtimes()
         assert stat.S_IMODE(instance.run_dir.stat().st_mode) == 0o700

@@ -18,8 +18,8 @@ import openai
 import pytest
 
 from muxserve.engine import LLM, SamplingParams
-from muxserve.workload.workload_file import WorkloadRequest, write_workload
 from muxserve.server.detokenizer import IncrementalDetokenizer
+from muxserve.workload.workload_file import WorkloadRequest, write_workload
 
 from .helpers import REPO, metric_samples, sse_events, start_server, write_config
 

@@ -17,8 +17,8 @@ import openai
 import pytest
 
 from muxserve.engine import LLM, SamplingParams
-from muxserve.workload.workload_file import WorkloadRequest, write_workload
 from muxserve.serve import build_parser
+from muxserve.workload.workload_file import WorkloadRequest, write_workload
 
 from .helpers import REPO, start_server, write_config
 
