@@ -7,7 +7,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from muxserve.engine.attention import AttentionMetadata
+from muxserve.engine.attention import AttentionBackend, AttentionMetadata
 from muxserve.engine.attention.page_table import PageTables
 from muxserve.engine.kv_cache import KVLayout
 from muxserve.engine.parallel import SINGLE, TensorParallel
@@ -61,7 +61,7 @@ class ModelRunner:
     sampling.
     """
 
-    def __init__(self, model: torch.nn.Module, layout: KVLayout, attention, device: torch.device, *,
+    def __init__(self, model: torch.nn.Module, layout: KVLayout, attention: AttentionBackend, device: torch.device, *,
                  max_num_seqs: int = 256, max_model_len: int | None = None, cuda_graphs: bool = False,
                  parallel: TensorParallel | None = None):
         self.model = model
@@ -70,15 +70,15 @@ class ModelRunner:
         self._page_tokens = layout.page_tokens  # a computed property: read it once
         self.attention = attention
         self.device = torch.device(device)
-        if getattr(attention, "name", "") == "triton" and hasattr(model, "fused_ops"):
+        if attention.name == "triton" and hasattr(model, "fused_ops"):
             model.fused_ops = True  # Triton RMSNorm, residual add, SiLU*mul and small-batch GEMMs
         max_tokens = max_model_len or getattr(getattr(model, "spec", None), "max_position_embeddings", 4096)
         self.tables = PageTables.for_limits(layout, self.device, max_num_seqs, max_tokens)
-        self._needs_block_tables = getattr(attention, "needs_block_tables", True)
+        self._needs_block_tables = attention.needs_block_tables
         self.graphs = None
         self.graph_argmax = True
         self.step_timer = None
-        if cuda_graphs and self.device.type == "cuda" and getattr(attention, "supports_cuda_graphs", False):
+        if cuda_graphs and self.device.type == "cuda" and attention.supports_cuda_graphs:
             from muxserve.engine.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(model, attention, self.tables, self.device, max_num_seqs)

@@ -17,6 +17,7 @@ import torch
 from conftest import TINY_KV_BYTES, engine_generate, random_prompts
 
 from muxserve.engine import LLM, SamplingParams
+from muxserve.engine.attention import AttentionBackend, TorchAttention
 from muxserve.engine.attention.page_table import PageTables
 from muxserve.engine.cuda_graph import DecodeGraphs, _Graph, _Staging
 from muxserve.engine.kv_cache import KVLayout
@@ -24,6 +25,7 @@ from muxserve.engine.runner import ModelRunner
 from muxserve.engine.sampler import greedy_tokens, sample
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float32, page_bytes=2048)  # 16 tokens a page
+UNUSED_ATTENTION = TorchAttention(torch.empty(0), 2, 2, 16)  # staging steps never attend
 
 
 # -- greedy token selection ---------------------------------------------------------------------
@@ -116,7 +118,7 @@ class _Seq:
 
 
 def test_stage_decode_writes_tokens_positions_slots_and_lengths():
-    runner = ModelRunner(torch.nn.Identity(), LAYOUT, object(), torch.device("cpu"), max_num_seqs=4,
+    runner = ModelRunner(torch.nn.Identity(), LAYOUT, UNUSED_ATTENTION, torch.device("cpu"), max_num_seqs=4,
                          max_model_len=256)
     rng = random.Random(0)
     seqs = []
@@ -138,7 +140,7 @@ def test_stage_decode_writes_tokens_positions_slots_and_lengths():
 def test_prefill_inputs_start_16_byte_aligned_whatever_the_lengths():
     """Triton specializes kernels on pointer alignment: every packed part must start aligned, or a
     batch of odd length compiles second variants of the kernels while requests wait."""
-    runner = ModelRunner(torch.nn.Identity(), LAYOUT, object(), torch.device("cpu"), max_num_seqs=4,
+    runner = ModelRunner(torch.nn.Identity(), LAYOUT, UNUSED_ATTENTION, torch.device("cpu"), max_num_seqs=4,
                          max_model_len=256)
     rng = random.Random(1)
     seqs = [_Seq(str(i), [rng.randrange(1000) for _ in range(n)], [], list(range(100 * i, 100 * i + LAYOUT.pages_for(n))))
@@ -158,7 +160,7 @@ def test_prefill_inputs_start_16_byte_aligned_whatever_the_lengths():
 
 
 # -- graph decode steps on the CPU -----------------------------------------------------------------
-class _SlotTableAttention:
+class _SlotTableAttention(AttentionBackend):
     """The torch reference attention fed from the slot tables, as the Triton kernels read them."""
 
     name = "slot-tables"

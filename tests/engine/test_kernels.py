@@ -7,13 +7,14 @@ import random
 import pytest
 import torch
 
-from muxserve.engine.attention import select_backend
+from muxserve.engine.attention import TorchAttention, select_backend
 from muxserve.engine.attention.page_table import PageTables
 from muxserve.engine.cuda_graph import graph_sizes
 from muxserve.engine.kv_cache import KVLayout
 from muxserve.engine.runner import ModelRunner
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=3, head_dim=64, dtype=torch.float32)  # 32 tokens/page, 6 pages/block
+UNUSED_ATTENTION = TorchAttention(torch.empty(0), 3, 3, 64)  # building metadata never attends
 
 
 def expected_table(pages: list[int], blocks: int) -> torch.Tensor:
@@ -118,7 +119,7 @@ def _old_prepare(layout, seqs, is_prefill):
 
 @pytest.mark.parametrize("is_prefill", [True, False])
 def test_runner_metadata_equals_the_former_construction(is_prefill):
-    runner = ModelRunner(torch.nn.Identity(), LAYOUT, object(), torch.device("cpu"), max_num_seqs=4,
+    runner = ModelRunner(torch.nn.Identity(), LAYOUT, UNUSED_ATTENTION, torch.device("cpu"), max_num_seqs=4,
                          max_model_len=512)
     rng = random.Random(1)
     seqs = []

@@ -11,6 +11,7 @@ import importlib.util
 
 import torch
 
+from muxserve.engine.attention.base import AttentionBackend
 from muxserve.engine.attention.metadata import AttentionMetadata
 from muxserve.engine.attention.torch_ref import TorchAttention
 
@@ -33,7 +34,7 @@ def select_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def make_attention(name: str, kv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
+def make_attention(name: str, kv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> AttentionBackend:
     if name == "torch":
         return TorchAttention(kv, num_heads, num_kv_heads, head_dim)
     if name == "triton":
@@ -43,5 +44,5 @@ def make_attention(name: str, kv: torch.Tensor, num_heads: int, num_kv_heads: in
     raise ValueError(f"unknown attention backend {name!r}")
 
 
-__all__ = ["AttentionMetadata", "TorchAttention", "select_backend", "make_attention", "BACKENDS",
+__all__ = ["BACKENDS", "AttentionBackend", "AttentionMetadata", "TorchAttention", "make_attention", "select_backend",
            "triton_available"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from muxserve.engine.attention.base import AttentionBackend
 from muxserve.engine.attention.metadata import AttentionMetadata
 
 
@@ -28,17 +29,10 @@ def gather_kv(kv: torch.Tensor, layer: int, meta: AttentionMetadata) -> tuple[to
     return pages[0], pages[1]
 
 
-class TorchAttention:
+class TorchAttention(AttentionBackend):
     """Attention of one model over its view of the KV pool."""
 
     name = "torch"
-
-    def __init__(self, kv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
-        self.kv = kv
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.scale = head_dim**-0.5
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 
 from muxserve.engine.attention import triton_kernels as K
+from muxserve.engine.attention.base import AttentionBackend
 from muxserve.engine.attention.metadata import AttentionMetadata
 
 
-class TritonAttention:
+class TritonAttention(AttentionBackend):
     """Attention of one model over its view of the KV pool, on CUDA."""
 
     name = "triton"
@@ -29,11 +30,7 @@ class TritonAttention:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
-        self.kv = kv
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        super().__init__(kv, num_heads, num_kv_heads, head_dim)
         self.num_sms = torch.cuda.get_device_properties(kv.device).multi_processor_count
 
     def num_splits(self, batch: int) -> int:

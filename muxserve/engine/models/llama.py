@@ -72,7 +72,7 @@ class Attention(nn.Module):
         v = v.view(-1, s.num_kv_heads, s.head_dim)
         if s.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if getattr(attn, "fuses_rotary", False):  # rotary runs inside the backend's page-write kernel
+        if attn.fuses_rotary:  # rotary runs inside the backend's page-write kernel
             out = attn.forward_rotary(self.layer, q, k, v, positions, rotary, meta)  # (N, Hq, D)
         else:
             q, k = rotary(positions, q, k)
