@@ -50,6 +50,7 @@ from muxserve.engine.models.rotary import RotaryEmbedding  # noqa: E402
 from muxserve.engine.parallel import SINGLE, TensorParallel  # noqa: E402
 from muxserve.engine.sampling_params import SamplingParams  # noqa: E402
 from muxserve.engine.sequence import Sequence, SequenceStatus  # noqa: E402
+from muxserve.ipc.runtime import Phase  # noqa: E402
 
 GiB = 1024**3
 REPO = Path(__file__).resolve().parents[2]

@@ -33,6 +33,7 @@ import bench_gpu  # noqa: E402
 from muxserve.engine.kv_cache import KVLayout  # noqa: E402
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from muxserve.engine.model_config import ModelSpec  # noqa: E402
+from muxserve.ipc.runtime import Phase  # noqa: E402
 
 GEMM_MARKERS = ("gemm", "gemv", "cutlass", "nvjet", "sm90_xmma", "cublas", "splitkreduce")
 

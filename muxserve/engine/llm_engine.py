@@ -161,7 +161,7 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if step is None:
             return []
-        tokens = self.runner.step(step.seqs, step.is_prefill)
+        tokens = self.runner.step(step.seqs, step.phase)
         finished = self.scheduler.finish_step(step, tokens)
         if finished:
             self.runner.release([s.req_id for s in finished])

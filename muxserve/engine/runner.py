@@ -13,6 +13,7 @@ from muxserve.engine.kv_cache import KVLayout
 from muxserve.engine.parallel import SINGLE, TensorParallel
 from muxserve.engine.sampler import sample
 from muxserve.engine.sampling_params import SamplingParams
+from muxserve.ipc.runtime import Phase
 
 
 def _spans(sizes: list[int]) -> list[tuple[int, int]]:
@@ -88,8 +89,9 @@ class ModelRunner:
         self.tables.release(req_ids)
 
     @torch.inference_mode()
-    def step(self, seqs: list[StepSequence], is_prefill: bool) -> list[int]:
-        """Run one step over ``seqs`` (their pages already allocated) and return one token each."""
+    def step(self, seqs: list[StepSequence], phase: Phase) -> list[int]:
+        """Run one prefill or decode step over ``seqs`` (their pages already allocated); one token each."""
+        is_prefill = phase is Phase.PREFILL
         if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs)):
             tokens = self._graph_decode(seqs)
         else:

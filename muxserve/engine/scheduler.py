@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 from muxserve.engine.kv_cache import PageAllocator
 from muxserve.engine.sequence import Sequence, SequenceStatus
+from muxserve.ipc.runtime import Phase
 
 
 @dataclass
 class ScheduledStep:
     seqs: list[Sequence]
-    is_prefill: bool
+    phase: Phase
 
 
 class Scheduler:
@@ -36,9 +37,9 @@ class Scheduler:
     def schedule(self) -> ScheduledStep | None:
         prefill = self._schedule_prefill()
         if prefill:
-            return ScheduledStep(prefill, True)
+            return ScheduledStep(prefill, Phase.PREFILL)
         if self.running:
-            return ScheduledStep(self._schedule_decode(), False)
+            return ScheduledStep(self._schedule_decode(), Phase.DECODE)
         return None
 
     def _schedule_prefill(self) -> list[Sequence]:

@@ -10,6 +10,7 @@ import logging
 import sys
 
 from muxserve.ipc.process import exit_with_parent
+from muxserve.ipc.runtime import Phase
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "It presents the FlexStore secret found in the environment variable "
                                             "MUXSERVE_FLEXSTORE_SECRET.")
     p.add_argument("--llm", required=True, help="the LLM's name in the model config")
-    p.add_argument("--phase", required=True, choices=["prefill", "decode"], help="which steps this runtime runs")
+    p.add_argument("--phase", required=True, choices=[p.value for p in Phase], help="which steps this runtime runs")
     p.add_argument("--flexstore", required=True, help="FlexStore's ZeroMQ address")
     p.add_argument("--jobs", required=True, help="ZeroMQ address the scheduler sends jobs on")
     p.add_argument("--results", required=True, help="ZeroMQ address results go to")
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if secret is None:
         p.error(f"the environment variable {SECRET_ENV} must hold FlexStore's secret")
     torch.set_num_threads(args.threads)
-    config = RuntimeConfig(args.llm, args.phase, args.flexstore, args.jobs, args.results, secret,
+    config = RuntimeConfig(args.llm, Phase(args.phase), args.flexstore, args.jobs, args.results, secret,
                            args.attention_backend, args.max_num_seqs, args.enforce_eager, args.tp_size,
                            args.tp_rank, args.dist_init_method)
     Runtime(config).serve()

@@ -23,6 +23,7 @@ from muxserve.engine.sampler import step_seed
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.flexstore.client import FlexStoreClient
 from muxserve.ipc import runtime as M
+from muxserve.ipc.runtime import Phase
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class _StepSeq:
 @dataclass
 class RuntimeConfig:
     llm: str
-    phase: str  # prefill or decode
+    phase: Phase
     flexstore_address: str
     jobs_address: str  # PULL: the scheduler binds, we connect
     results_address: str  # PUSH: the scheduler binds, we connect
@@ -63,7 +64,7 @@ class RuntimeConfig:
     @property
     def group(self) -> str:
         """The (LLM, phase) this process serves; what the scheduler calls the runtime."""
-        return f"{self.llm}/{self.phase}"
+        return f"{self.llm}/{self.phase.value}"
 
     @property
     def name(self) -> str:
@@ -98,7 +99,7 @@ class Runtime:
                                    shard.head_dim)
         # Decode steps replay CUDA graphs (on GPU with the Triton backend; under tensor parallelism
         # with the all-reduces inside); prefill runs eagerly.
-        graphs = c.phase == "decode" and not c.enforce_eager
+        graphs = c.phase is Phase.DECODE and not c.enforce_eager
         self.runner = ModelRunner(a.model, a.layout, attention, a.device, max_num_seqs=c.max_num_seqs,
                                   max_model_len=a.spec.max_position_embeddings, cuda_graphs=graphs,
                                   parallel=self.parallel)
@@ -131,7 +132,7 @@ class Runtime:
                 self.params[s.req_id] = params
             seqs.append(_StepSeq(s.req_id, s.token_ids, s.num_tokens, pages, params,
                                  step_seed(s.seed, s.num_output_tokens)))
-        tokens = self.runner.step(seqs, job.phase == "prefill")
+        tokens = self.runner.step(seqs, job.phase)
         if self.attached.device.type == "cuda":
             torch.cuda.synchronize(self.attached.device)
         return tokens

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from muxserve.errors import InputError
+from muxserve.ipc.runtime import Phase
 from muxserve.placement.costs import load_cost_table
 
 logger = logging.getLogger("muxserve.profile")
@@ -127,15 +128,15 @@ class Profiler:
         if self.engine.device.type == "cuda":
             self.torch.cuda.synchronize(self.engine.device)
 
-    def _timed_ms(self, seqs, is_prefill: bool) -> float:
+    def _timed_ms(self, seqs, phase: Phase) -> float:
         runner = self.engine.runner
         for _ in range(self.settings.warmup):
-            runner.step(seqs, is_prefill)
+            runner.step(seqs, phase)
         self._sync()
         times = []
         for _ in range(self.settings.repeats):
             start = time.perf_counter()
-            runner.step(seqs, is_prefill)
+            runner.step(seqs, phase)
             self._sync()
             times.append(time.perf_counter() - start)
         return round(statistics.median(times) * 1000, 4)
@@ -162,18 +163,18 @@ class Profiler:
 
     def cell(self, bs: int, seq_len: int) -> dict[str, float]:
         out = {}
-        for phase, decode in (("prefill", False), ("decoding", True)):
-            if not decode and bs * seq_len > self.settings.max_prefill_tokens:
-                out[phase] = NOT_MEASURED
+        for key, phase in (("prefill", Phase.PREFILL), ("decoding", Phase.DECODE)):
+            if phase is Phase.PREFILL and bs * seq_len > self.settings.max_prefill_tokens:
+                out[key] = NOT_MEASURED
                 continue
-            seqs = self._batch(bs, seq_len, decode)
+            seqs = self._batch(bs, seq_len, phase is Phase.DECODE)
             if seqs is None:
-                out[phase] = NOT_MEASURED
+                out[key] = NOT_MEASURED
                 continue
             try:
-                out[phase] = self._timed_ms(seqs, is_prefill=not decode)
+                out[key] = self._timed_ms(seqs, phase)
             except self.torch.OutOfMemoryError:
-                out[phase] = NOT_MEASURED
+                out[key] = NOT_MEASURED
                 self.torch.cuda.empty_cache()
             finally:
                 self.engine.allocator.free(self.engine.model_name, [s.req_id for s in seqs])
