@@ -44,9 +44,8 @@ from bench_offline import SHAPES, environment, hf_generate, make_requests, scrat
 
 from muxserve.engine.cuda_graph import StepTimer  # noqa: E402
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from muxserve.engine.loader import load_model, random_checkpoint  # noqa: E402
 from muxserve.engine.model_config import ModelSpec  # noqa: E402
-from muxserve.engine.models import build_model  # noqa: E402
-from muxserve.engine.models.rotary import RotaryEmbedding  # noqa: E402
 from muxserve.engine.parallel import SINGLE, TensorParallel  # noqa: E402
 from muxserve.engine.sampling_params import SamplingParams  # noqa: E402
 from muxserve.engine.sequence import Sequence, SequenceStatus  # noqa: E402
@@ -176,20 +175,13 @@ def check_device(p: argparse.ArgumentParser, device: str) -> None:
 
 def random_model(folder: Path, dtype: torch.dtype, device: torch.device, parallel: TensorParallel = SINGLE):
     """(model, spec): the shape with FlexStore's seeded random weights (``parallel``: one rank's slice) on ``device``."""
-    from muxserve.flexstore.weights import random_model as build
-
     spec = ModelSpec.from_folder(folder)
-    return build(spec, dtype, device, seed=0, parallel=parallel), spec
+    return load_model(spec, dtype, device, random_checkpoint(spec, dtype, device, seed=0), parallel), spec
 
 
 def ours_from_hf(hf, folder: Path):
     spec = ModelSpec.from_folder(folder)
-    with torch.device("meta"):
-        model = build_model(spec)
-    model = model.to_empty(device=DEV).to(torch.bfloat16)
-    model.rotary = RotaryEmbedding(spec.rope, spec.head_dim, spec.max_position_embeddings).to(DEV)
-    model.load_weights((n, p.data) for n, p in hf.named_parameters())
-    return model.eval(), spec
+    return load_model(spec, torch.bfloat16, torch.device(DEV), ((n, p.data) for n, p in hf.named_parameters())), spec
 
 
 def weight_bytes(model, spec) -> int:
@@ -311,7 +303,7 @@ class Ours:
             for i in range(steps + 2):
                 sync()
                 t0 = time.perf_counter()
-                tokens = self.runner.step(seqs, False)
+                tokens = self.runner.step(seqs, Phase.DECODE)
                 if i >= 2:
                     times.append(time.perf_counter() - t0)
                 for s, t in zip(seqs, tokens):
@@ -332,7 +324,7 @@ class Ours:
                 if i == 2:  # the first steps may capture the graph
                     self.runner.step_timer = timer
                 sync()
-                tokens = self.runner.step(seqs, False)
+                tokens = self.runner.step(seqs, Phase.DECODE)
                 for s, t in zip(seqs, tokens):
                     s.output_token_ids.append(t)
         finally:
@@ -349,7 +341,7 @@ class Ours:
     def prefill_time(self, lens: list[int], vocab: int) -> float:
         seqs = self.make_seqs(lens, 0, vocab)
         try:
-            return cuda_time(lambda: self.runner.step(seqs, True), warmup=1, reps=3)
+            return cuda_time(lambda: self.runner.step(seqs, Phase.PREFILL), warmup=1, reps=3)
         finally:
             self.free(seqs)
 

@@ -87,13 +87,13 @@ def profile_batch(bench: bench_gpu.Ours, batch: int, args, vocab: int) -> dict:
     seqs = bench.make_seqs([args.ctx] * batch, args.steps + 8, vocab)
     try:
         for _ in range(3):  # capture and warm up outside the profile
-            for s, t in zip(seqs, bench.runner.step(seqs, False)):
+            for s, t in zip(seqs, bench.runner.step(seqs, Phase.DECODE)):
                 s.output_token_ids.append(t)
         bench_gpu.sync()
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                for s, t in zip(seqs, bench.runner.step(seqs, False)):
+                for s, t in zip(seqs, bench.runner.step(seqs, Phase.DECODE)):
                     s.output_token_ids.append(t)
             bench_gpu.sync()
             wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps

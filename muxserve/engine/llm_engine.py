@@ -10,11 +10,9 @@ import torch
 
 from muxserve.engine.attention import make_attention, select_backend
 from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES, KVLayout, KVPool, PageAllocator, pool_pages
-from muxserve.engine.loader import iter_weights
+from muxserve.engine.loader import iter_weights, load_model
 from muxserve.engine.model_config import ModelSpec, end_token_ids
 from muxserve.engine.model_hub import resolve_model
-from muxserve.engine.models import build_model
-from muxserve.engine.models.rotary import RotaryEmbedding
 from muxserve.engine.parallel import TensorParallel, shard_spec
 from muxserve.engine.runner import ModelRunner
 from muxserve.engine.sampling_params import SamplingParams
@@ -23,21 +21,6 @@ from muxserve.engine.sequence import RequestLimits, Sequence, check_request
 from muxserve.ipc.devices import parse_device, parse_dtype
 
 logger = logging.getLogger(__name__)
-
-def load_model(folder, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-               parallel: TensorParallel | None = None) -> torch.nn.Module:
-    """Build the model on ``device`` and fill it from the checkpoint in ``folder``.
-
-    With ``parallel`` of world size > 1: this rank's shard, sliced from the whole checkpoint.
-    """
-    with torch.device("meta"):
-        model = build_model(spec, parallel)
-    model = model.to_empty(device=device).to(dtype)
-    # Rotary tables are computed, not loaded: build them on the device in float32.
-    model.rotary = RotaryEmbedding(spec.rope, spec.head_dim, spec.max_position_embeddings).to(device)
-    model.load_weights(iter_weights(folder, dtype))
-    return model.eval()
-
 
 @dataclass
 class EngineConfig:
@@ -111,8 +94,9 @@ class LLMEngine:
         self.parallel = parallel
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)
-        self.model = model if model is not None else load_model(self.folder, self.spec, self.dtype, self.device,
-                                                                parallel)
+        if model is None:
+            model = load_model(self.spec, self.dtype, self.device, iter_weights(self.folder, self.dtype), parallel)
+        self.model = model
         page_bytes = pool.page_bytes if pool is not None else config.page_bytes
         # Per rank: only this rank's kv heads.
         self.layout = KVLayout(self.shard.num_layers, self.shard.num_kv_heads, self.shard.head_dim,

@@ -6,9 +6,9 @@ import re
 from dataclasses import dataclass
 
 from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES
+from muxserve.engine.loader import LOAD_FORMATS
 from muxserve.ipc.devices import DTYPES
 
-LOAD_FORMATS = ("auto", "random")
 _ADDRESS = re.compile(r"^(tcp://\S+:\d+|ipc://\S+|inproc://\S+)$")
 _SHM_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 

@@ -84,7 +84,8 @@ def build_engine(settings: ProfileSettings):
     import torch
 
     from muxserve.engine.kv_cache import KVLayout
-    from muxserve.engine.llm_engine import EngineConfig, LLMEngine, load_model
+    from muxserve.engine.llm_engine import EngineConfig, LLMEngine
+    from muxserve.engine.loader import checkpoint, load_model
     from muxserve.engine.model_config import ModelSpec
     from muxserve.engine.model_hub import resolve_model
     from muxserve.ipc.devices import parse_device, parse_dtype
@@ -97,12 +98,8 @@ def build_engine(settings: ProfileSettings):
         spec = ModelSpec.from_folder(folder)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"model {settings.model!r}: {e}") from None
-    if random_weights:
-        from muxserve.flexstore.weights import random_model
-
-        model = random_model(spec, dtype, device, settings.seed)
-    else:
-        model = load_model(folder, spec, dtype, device)
+    weights = checkpoint(folder, spec, dtype, device, "random" if random_weights else "auto", settings.seed)
+    model = load_model(spec, dtype, device, weights)
     config = EngineConfig(model=str(folder), dtype=settings.dtype, device=settings.device)
     layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, config.page_bytes)
     kv_bytes = max(settings.batch_sizes) * layout.pages_for(max(settings.seq_lens) + 1) * config.page_bytes

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from muxserve.engine.llm_engine import EngineConfig, LLMEngine, load_model
+from muxserve.engine.llm_engine import EngineConfig, LLMEngine
+from muxserve.engine.loader import iter_weights, load_model
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.flexstore import FlexStoreConfig, ModelEntry, attached_engine
@@ -35,8 +36,8 @@ def test_kv_and_weights_written_by_one_process_are_seen_by_another(shared_store,
 def test_attached_weights_equal_the_checkpoint_and_are_not_copied(client, tiny_models):
     for name in ("llama-a", "qwen-b", "llama-c"):
         attached = client.attach(name)
-        reference = load_model(tiny_models[name], ModelSpec.from_folder(tiny_models[name]), torch.float32,
-                               torch.device("cpu"))
+        reference = load_model(ModelSpec.from_folder(tiny_models[name]), torch.float32, torch.device("cpu"),
+                               iter_weights(tiny_models[name], torch.float32))
         ours, theirs = dict(attached.model.named_parameters()), dict(reference.named_parameters())
         assert sorted(ours) == sorted(theirs)
         for pname, param in theirs.items():

@@ -8,7 +8,8 @@ import signal
 import pytest
 import torch
 
-from muxserve.engine.llm_engine import EngineConfig, LLMEngine, load_model
+from muxserve.engine.llm_engine import EngineConfig, LLMEngine
+from muxserve.engine.loader import iter_weights, load_model
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.flexstore import attached_engine
@@ -47,8 +48,8 @@ def test_cuda_kv_and_weights_are_shared_across_processes(cuda_store, tiny_models
         assert weight.view(-1)[0].item() == 1234.5  # the same device memory
         weight.view(-1)[0] = before
 
-        reference = load_model(tiny_models["qwen-b"], ModelSpec.from_folder(tiny_models["qwen-b"]), torch.float32,
-                               torch.device("cuda"))
+        reference = load_model(ModelSpec.from_folder(tiny_models["qwen-b"]), torch.float32, torch.device("cuda"),
+                               iter_weights(tiny_models["qwen-b"], torch.float32))
         ours = dict(attached.model.named_parameters())
         for name, param in reference.named_parameters():
             assert torch.equal(ours[name], param), name

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from muxserve.engine.loader import load_model, meta_model, random_checkpoint
 from muxserve.engine.parallel import TensorParallel
 from muxserve.flexstore import protocol as P
 from muxserve.flexstore.config import FlexStoreConfig, ModelEntry
 from muxserve.flexstore.manager import FlexStoreManager
-from muxserve.flexstore.weights import meta_model, random_checkpoint, random_model
 
 from .helpers import PAGE_BYTES
 
@@ -74,7 +74,8 @@ def test_random_shards_are_slices_of_the_whole_random_model(tiny_models):
     whole = dict(random_checkpoint(spec, torch.float32, torch.device("cpu"), seed=5))
     shards = []
     for rank in range(2):
-        model = random_model(spec, torch.float32, torch.device("cpu"), seed=5, parallel=TensorParallel(2, rank))
+        model = load_model(spec, torch.float32, torch.device("cpu"),
+                           random_checkpoint(spec, torch.float32, torch.device("cpu"), seed=5), TensorParallel(2, rank))
         shards.append(dict(model.named_parameters()))
     down = torch.cat([s["layers.0.mlp.down_proj.weight"] for s in shards], dim=1)
     assert torch.equal(down, whole["layers.0.mlp.down_proj.weight"])
