@@ -60,24 +60,8 @@ class PlacementLLM:
 
 def model_facts(model: str) -> tuple[int, int]:
     """(parameter count, KV elements per token) of a model, from its config.json."""
-    return _model_facts(model.removeprefix("random:"))
-
-
-@lru_cache(maxsize=None)
-def _model_facts(model: str) -> tuple[int, int]:
-    import torch
-
-    from muxserve.engine.model_config import ModelSpec
-    from muxserve.engine.model_hub import resolve_model
-    from muxserve.engine.models import build_model
-
-    try:
-        spec = ModelSpec.from_folder(resolve_model(model))
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"cannot size model {model!r} (placement reads its config.json): {e}") from None
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_model(spec).parameters())
-    return params, 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim
+    spec = _spec(model.removeprefix("random:"))
+    return _param_count(spec), 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim
 
 
 TP_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
@@ -86,26 +70,9 @@ TP_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 def model_tp_facts(model: str) -> tuple[int, int, tuple[tuple[int, int], ...]]:
     """(layers, hidden size, ((tp, parameters of one rank), ...)) for each power-of-two TP up to 64
     that the engine can split the model into (``muxserve.engine.parallel.check_tensor_parallel``)."""
-    return _model_tp_facts(model.removeprefix("random:"))
-
-
-@lru_cache(maxsize=None)
-def _model_tp_facts(model: str) -> tuple[int, int, tuple[tuple[int, int], ...]]:
-    import torch
-
-    from muxserve.engine.model_config import ModelSpec
-    from muxserve.engine.model_hub import resolve_model
-    from muxserve.engine.models import build_model
     from muxserve.engine.parallel import check_tensor_parallel, shard_spec
 
-    try:
-        spec = ModelSpec.from_folder(resolve_model(model))
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"cannot size model {model!r} (placement reads its config.json): {e}") from None
-    def count(s) -> int:
-        with torch.device("meta"):
-            return sum(p.numel() for p in build_model(s).parameters())
-
+    spec = _spec(model.removeprefix("random:"))
     ranks = []
     for tp in TP_CANDIDATES:
         try:
@@ -113,9 +80,30 @@ def _model_tp_facts(model: str) -> tuple[int, int, tuple[tuple[int, int], ...]]:
         except ValueError:
             continue
         # one rank's model with 1 and 2 layers: the rest (embeddings, final norm, lm_head) and one layer
-        one, two = (count(shard_spec(dataclasses.replace(spec, num_layers=n), tp)) for n in (1, 2))
+        one, two = (_param_count(shard_spec(dataclasses.replace(spec, num_layers=n), tp)) for n in (1, 2))
         ranks.append((tp, one + (spec.num_layers - 1) * (two - one)))
     return spec.num_layers, spec.hidden_size, tuple(ranks)
+
+
+@lru_cache(maxsize=None)
+def _spec(model: str):
+    from muxserve.engine.model_config import ModelSpec
+    from muxserve.engine.model_hub import resolve_model
+
+    try:
+        return ModelSpec.from_folder(resolve_model(model))
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"cannot size model {model!r} (placement reads its config.json): {e}") from None
+
+
+@lru_cache(maxsize=None)
+def _param_count(spec) -> int:
+    """Parameters of the model of ``spec`` as the engine builds it (on the meta device)."""
+    import torch
+
+    from muxserve.engine.loader import meta_model
+
+    return sum(p.numel() for p in meta_model(spec, torch.float32).parameters())
 
 
 def cost_key(model: str, costs: CostModel) -> str | None:
