@@ -35,7 +35,7 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Percentage = Annotated[int, msgspec.Meta(ge=1, le=100)]
 
 
-class LLMConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class LLMConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """One LLM of the model_config: its model, parallelism, placement, SM shares and dtype."""
 
     name: str
@@ -65,11 +65,11 @@ class LLMConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return self.placement[0]
 
 
-class WorkloadsEntry(msgspec.Struct, forbid_unknown_fields=True):
+class WorkloadsEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     workload_file: str | None = None
 
 
-class MuxServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class MuxServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     num_gpus: PositiveInt = 1
     max_num_seqs: PositiveInt = 256
     overload_threshold: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2

@@ -36,6 +36,7 @@ from muxserve.instance.cli import (
     run_instance_command,
 )
 from muxserve.instance.instance import Instance
+from muxserve.instance.options import InstanceOptions
 from muxserve.progress import Progress
 from muxserve.scheduler.recovery import LLMUnavailable
 from muxserve.scheduler.request import Request
@@ -63,9 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.distributed port of rank 0 (default: 29500)")
     g.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=None,
                    help="GPUs of this mesh; must equal num_gpus of the config on GPU (default: num_gpus)")
-    g.add_argument("--server-port", type=int, default=None,
-                   help="base port of the tensor-parallel runtimes' torch.distributed groups (the k-th group at "
-                        "port + k; refused if taken); default: files in the instance's private directory, no port")
     g = p.add_argument_group("run")
     g.add_argument("--workload-file", help="workload JSON to replay (default: workloads.workload_file of the config)")
     g.add_argument("--split-by-model", help="serve only this LLM of the config and its requests (spatial partitioning)")
@@ -104,7 +102,15 @@ def check_args(args, config: MuxServeConfig, device: str) -> None:
     if device == "cuda" and args.nproc_per_node is not None and args.nproc_per_node != config.num_gpus:
         raise ConfigError(f"--nproc_per_node {args.nproc_per_node} differs from num_gpus {config.num_gpus} "
                           f"in {args.model_config}")
-    check_instance_args(args, config, device, args.model_config)
+    check_instance_args(args, config, device, args.model_config, dist_host=args.master_addr)
+
+
+def launch_options(args, config: MuxServeConfig, device: str, workload: Workload | None = None) -> InstanceOptions:
+    """The instance's options from the launcher's flags; the workload's rates and lengths size the quotas."""
+    if workload is None:
+        return instance_options(args, config, device, dist_host=args.master_addr)
+    return instance_options(args, config, device, rates=workload.rates(), avg_seq_len=average_seq_len(workload),
+                            dist_host=args.master_addr)
 
 
 def select(config: MuxServeConfig, workload: Workload, split_by_model: str | None, source: str):
@@ -185,7 +191,7 @@ def run(args) -> int:
     check_token_ids(workload, config, workload_path)
     device = resolve_device(args.device)
     check_args(args, config, device)
-    options = instance_options(args, config, device, rates=workload.rates(), avg_seq_len=average_seq_len(workload))
+    options = launch_options(args, config, device, workload)
     planned = planned_max_tokens(config, options.page_bytes, device)
     if planned is not None:
         check_requests_fit(workload, planned, workload_path)

@@ -59,10 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="largest request body accepted; larger ones get 413 before they are read "
                         f"(default: {DEFAULT_MAX_REQUEST_BYTES} = {DEFAULT_MAX_REQUEST_BYTES >> 20} MiB)")
-    g = p.add_argument_group("mesh")
-    g.add_argument("--server-port", type=int, default=None,
-                   help="base port of the tensor-parallel runtimes' torch.distributed groups (the k-th group at "
-                        "port + k; refused if taken); default: files in the instance's private directory, no port")
     add_instance_arguments(p)
     return p
 

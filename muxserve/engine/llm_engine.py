@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from muxserve.engine.attention import make_attention, select_backend
@@ -22,21 +22,35 @@ from muxserve.ipc.devices import parse_device, parse_dtype
 
 logger = logging.getLogger(__name__)
 
-@dataclass
-class EngineConfig:
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """One engine: its model, where it runs and how large its KV pool and batches are.
+
+    Attributes:
+        model: a short name, a Hugging Face folder or a ``.gguf`` file (``model_hub``).
+        dtype, device: ``float32``/``bfloat16``/``float16`` (or fp32, bf16, fp16); ``cpu``/``cuda``.
+        kv_cache_bytes: the pool; default 512 MiB on CPU, ``gpu_memory_utilization`` on GPU
+            (``kv_cache.pool_pages``). Under tensor parallelism each rank's own pool.
+        page_bytes: the KV page size.
+        max_num_seqs, max_num_batched_tokens: sequences in a batch, prompt tokens in a prefill
+            (default: at least 2048 and the context).
+        max_model_len: the context (at most the model's).
+        attention_backend: ``auto`` (triton on CUDA, torch on CPU), ``torch`` or ``triton``.
+        enforce_eager: no CUDA graphs for decode steps.
+        tensor_parallel_size: ranks of a tensor-parallel group; > 1 needs ``LLMEngine(parallel=...)``
+            or an initialized default torch.distributed group of this size.
+    """
+
     model: str = "smollm2-135m"
     dtype: str = "float32"
     device: str = "cpu"
-    kv_cache_bytes: int | None = None  # pool size; default: 512 MiB on CPU, gpu_memory_utilization on GPU
-    gpu_memory_utilization: float = 0.5  # GPU: the pool's share of total memory (kv_cache.pool_pages)
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.5
     page_bytes: int = DEFAULT_PAGE_BYTES
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
-    attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
-    # Ranks of a tensor-parallel group; > 1 needs LLMEngine(parallel=...) or an initialized default
-    # torch.distributed group of this size. kv_cache_bytes is then each rank's own pool.
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:

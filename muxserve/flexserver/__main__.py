@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from muxserve.flexserver.config import RuntimeConfig
 from muxserve.ipc.process import exit_with_parent
 from muxserve.ipc.runtime import Phase
 
@@ -34,25 +35,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
-    if args.tp_size < 1 or not 0 <= args.tp_rank < args.tp_size:
-        p.error(f"--tp-rank {args.tp_rank} must be in [0, --tp-size {args.tp_size})")
-    if args.tp_size > 1 and not args.dist_init_method:
-        p.error("--tp-size > 1 needs --dist-init-method URL")
+    try:
+        config = RuntimeConfig(llm=args.llm, phase=Phase(args.phase), flexstore_address=args.flexstore,
+                               jobs_address=args.jobs, results_address=args.results,
+                               attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
+                               enforce_eager=args.enforce_eager, tp_size=args.tp_size, tp_rank=args.tp_rank,
+                               dist_init_method=args.dist_init_method)
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s runtime %(message)s")
     exit_with_parent()  # before the heavy imports: a launcher killed meanwhile leaves no orphan
     import torch
 
-    from muxserve.flexserver.runtime import Runtime, RuntimeConfig
+    from muxserve.flexserver.runtime import Runtime
     from muxserve.flexstore.auth import SECRET_ENV, secret_from_env
 
     secret = secret_from_env()
     if secret is None:
         p.error(f"the environment variable {SECRET_ENV} must hold FlexStore's secret")
     torch.set_num_threads(args.threads)
-    config = RuntimeConfig(args.llm, Phase(args.phase), args.flexstore, args.jobs, args.results, secret,
-                           args.attention_backend, args.max_num_seqs, args.enforce_eager, args.tp_size,
-                           args.tp_rank, args.dist_init_method)
-    Runtime(config).serve()
+    Runtime(config, secret).serve()
     return 0
 
 

@@ -11,7 +11,7 @@ import gc
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import zmq
@@ -21,6 +21,7 @@ from muxserve.engine.parallel import TensorParallel, join_group, leave_group
 from muxserve.engine.runner import ModelRunner
 from muxserve.engine.sampler import step_seed
 from muxserve.engine.sampling_params import SamplingParams
+from muxserve.flexserver.config import RuntimeConfig
 from muxserve.flexstore.client import FlexStoreClient
 from muxserve.ipc import runtime as M
 from muxserve.ipc.runtime import Phase
@@ -44,43 +45,18 @@ class _StepSeq:
         return self.token_ids[-1]
 
 
-@dataclass
-class RuntimeConfig:
-    llm: str
-    phase: Phase
-    flexstore_address: str
-    jobs_address: str  # PULL: the scheduler binds, we connect
-    results_address: str  # PUSH: the scheduler binds, we connect
-    secret: str = field(repr=False)  # FlexStore's
-    attention_backend: str = "auto"
-    max_num_seqs: int = 256  # the largest decode batch (sizes the page table and CUDA graphs)
-    enforce_eager: bool = False  # no CUDA graphs
-    # Tensor parallelism: this process is rank ``tp_rank`` of ``tp_size``; the ranks of one
-    # (LLM, phase) form a torch.distributed group that meets at ``dist_init_method`` (file:// or tcp://).
-    tp_size: int = 1
-    tp_rank: int = 0
-    dist_init_method: str | None = None
-
-    @property
-    def group(self) -> str:
-        """The (LLM, phase) this process serves; what the scheduler calls the runtime."""
-        return f"{self.llm}/{self.phase.value}"
-
-    @property
-    def name(self) -> str:
-        """This process: the group, plus the rank under tensor parallelism."""
-        return self.group if self.tp_size == 1 else f"{self.group}/rank{self.tp_rank}"
-
-
-@dataclass
 class Runtime:
-    config: RuntimeConfig
-    pages: dict[str, list[int]] = field(default_factory=dict)
-    params: dict[str, SamplingParams] = field(default_factory=dict)
+    """Serves the jobs of one (LLM, phase); ``secret`` is FlexStore's."""
+
+    def __init__(self, config: RuntimeConfig, secret: str):
+        self.config = config
+        self._secret = secret
+        self.pages: dict[str, list[int]] = {}  # request id -> its page list
+        self.params: dict[str, SamplingParams] = {}
 
     def attach(self) -> None:
         c = self.config
-        client = FlexStoreClient(c.flexstore_address, c.secret)
+        client = FlexStoreClient(c.flexstore_address, self._secret)
         try:
             init = None
             if c.tp_size > 1:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+import msgspec
 
 from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES
 from muxserve.engine.loader import LOAD_FORMATS
@@ -13,8 +14,7 @@ _ADDRESS = re.compile(r"^(tcp://\S+:\d+|ipc://\S+|inproc://\S+)$")
 _SHM_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-@dataclass(frozen=True)
-class ModelEntry:
+class ModelEntry(msgspec.Struct, frozen=True):
     """One LLM of the instance.
 
     Args:
@@ -37,7 +37,6 @@ class ModelEntry:
     devices: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "devices", tuple(self.devices))
         if not self.name or any(c.isspace() for c in self.name):
             raise ValueError(f"model name {self.name!r} must be non-empty and have no spaces")
         if self.load_format not in LOAD_FORMATS:
@@ -49,8 +48,7 @@ class ModelEntry:
                              f"{self.tensor_parallel_size} distinct device(s), one per tensor-parallel rank")
 
 
-@dataclass(frozen=True)
-class FlexStoreConfig:
+class FlexStoreConfig(msgspec.Struct, frozen=True):
     """Settings of one FlexStore process: one mesh of ``num_devices`` GPUs (or CPU stand-ins).
 
     ``device`` is ``cpu`` or the mesh's first GPU (``cuda`` = ``cuda:0``); position ``i`` of the
@@ -75,7 +73,6 @@ class FlexStoreConfig:
     num_devices: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "models", tuple(self.models))
         if not self.models:
             raise ValueError("FlexStore needs at least one model")
         if self.num_devices < 1:

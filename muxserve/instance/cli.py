@@ -34,6 +34,9 @@ def add_instance_arguments(parser: argparse.ArgumentParser, default_log_dir: str
     g.add_argument("--flexstore-port", type=int, default=None,
                    help="serve FlexStore on this TCP port of 127.0.0.1; refused if the port is taken (default: "
                         "an ipc socket in the instance's private directory, which no other user can reach)")
+    g.add_argument("--server-port", type=int, default=None,
+                   help="base port of the tensor-parallel runtimes' torch.distributed groups (the k-th group at "
+                        "port + k; refused if taken); default: files in the instance's private directory, no port")
     g.add_argument("--mps-dir", help="MPS directory given to scripts/start_mps.sh; runtimes then run under MPS "
                                      "with their mps_percentage (without it they time-share the GPU)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -72,8 +75,11 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_instance_args(args: argparse.Namespace, config: MuxServeConfig, device: str, source: str) -> None:
-    """Refuse, before anything starts, what this version cannot run (ConfigError naming the value)."""
+def check_instance_args(args: argparse.Namespace, config: MuxServeConfig, device: str, source: str,
+                        dist_host: str = "127.0.0.1") -> None:
+    """Refuse, before anything starts, what this version cannot run (ConfigError naming the value).
+
+    ``dist_host``: where the tensor-parallel groups meet with ``--server-port`` (the launcher's ``--master-addr``)."""
     for m in config.models:
         if m.pipeline_parallel_size > 1:
             raise ConfigError(f"{source}: LLM {m.name!r} asks for pipeline_parallel_size {m.pipeline_parallel_size}; "
@@ -99,14 +105,13 @@ def check_instance_args(args: argparse.Namespace, config: MuxServeConfig, device
             raise ConfigError(f"--flexstore-port must be a TCP port (1-65535), got {args.flexstore_port}")
         check_port_free("--flexstore-port", "127.0.0.1", args.flexstore_port)
     groups = 2 * sum(m.tensor_parallel_size > 1 for m in config.models)
-    server_port = getattr(args, "server_port", None)
+    server_port = args.server_port
     if groups and server_port is not None:
         if not 1 <= server_port <= 65536 - groups:
             raise ConfigError(f"--server-port {server_port}: the {groups} tensor-parallel groups need ports "
                               f"{server_port}..{server_port + groups - 1}")
-        host = getattr(args, "master_addr", "127.0.0.1")
         for port in range(server_port, server_port + groups):
-            check_port_free("--server-port", host, port)
+            check_port_free("--server-port", dist_host, port)
 
 
 def check_port_free(flag: str, host: str, port: int) -> None:
@@ -174,16 +179,18 @@ def planned_max_tokens(config: MuxServeConfig, page_bytes: int, device: str) -> 
 
 
 def instance_options(args: argparse.Namespace, config: MuxServeConfig, device: str,
-                     rates: dict[str, float] | None = None, avg_seq_len: int | None = None) -> InstanceOptions:
-    """InstanceOptions from the shared flags; ``rates``/``avg_seq_len`` size the initial ADBS quotas."""
+                     rates: dict[str, float] | None = None, avg_seq_len: int | None = None,
+                     dist_host: str = "127.0.0.1") -> InstanceOptions:
+    """InstanceOptions from the shared flags; ``rates``/``avg_seq_len`` size the initial ADBS quotas;
+    ``dist_host`` as for ``check_instance_args``."""
     extra = {} if avg_seq_len is None else {"avg_seq_len": avg_seq_len}
     return InstanceOptions(
         policy=get_policy(args.schedule_approach), device=device,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         page_bytes=page_bytes_for(config, args.block_size), mps_dir=args.mps_dir,
         flexstore_address=None if args.flexstore_port is None else f"tcp://127.0.0.1:{args.flexstore_port}",
-        log_dir=Path(args.log_dir), rates=dict(rates or {}), enforce_eager=getattr(args, "enforce_eager", False),
-        dist_host=getattr(args, "master_addr", "127.0.0.1"), dist_base_port=getattr(args, "server_port", None),
+        log_dir=Path(args.log_dir), rates=dict(rates or {}), enforce_eager=args.enforce_eager,
+        dist_host=dist_host, dist_base_port=args.server_port,
         restart=RestartPolicy(args.max_runtime_restarts, args.restart_backoff), **extra,
     )
 

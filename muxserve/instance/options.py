@@ -2,31 +2,49 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
+from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES
 from muxserve.instance.supervisor import RestartPolicy
 from muxserve.scheduler.policy import SchedulePolicy
 
 
-@dataclass
-class InstanceOptions:
-    """How to run a config: the launcher's flags that are not part of the YAML."""
+class InstanceOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """How to run a config: the launcher's and the server's flags that are not part of the YAML.
+
+    Attributes:
+        policy: the schedule approach (``scheduler.policy.POLICIES``).
+        device: ``cpu`` or ``cuda``.
+        max_num_batched_tokens: prompt tokens in one prefill job at most.
+        max_num_seqs: sequences per LLM at most; overrides the config's instance-wide value.
+        page_bytes: the KV page size.
+        mps_dir: the MPS daemon's directory (None: no MPS).
+        flexstore_address: None: an ipc socket in the instance's private directory.
+        log_dir: where FlexStore and each runtime log (None: nowhere).
+        rates, avg_seq_len: requests/s per LLM and the average request length, for the initial
+            quotas (416: the original's default when the workload has no length statistics).
+        enforce_eager: decode runtimes without CUDA graphs.
+        ready_timeout_s: how long processes may take to start.
+        dist_host, dist_base_port: torch.distributed rendezvous of tensor-parallel runtimes: a file in
+            the private directory, or with ``dist_base_port`` the k-th group (an LLM's prefill or
+            decode ranks) at ``dist_host:dist_base_port + k``.
+        restart: what a dead runtime gets.
+    """
 
     policy: SchedulePolicy
-    device: str = "cpu"  # cpu or cuda
+    device: str = "cpu"
     max_num_batched_tokens: int = 2048
-    max_num_seqs: int | None = None  # overrides the config's instance-wide value
-    page_bytes: int = 16 * 1024
+    max_num_seqs: int | None = None
+    page_bytes: int = DEFAULT_PAGE_BYTES
     mps_dir: str | None = None
-    flexstore_address: str | None = None  # None: an ipc socket in the instance's private directory
+    flexstore_address: str | None = None
     log_dir: Path | None = None
-    rates: dict[str, float] = field(default_factory=dict)  # requests/s per LLM, for the quotas
-    avg_seq_len: int = 416  # the original's default when the workload has no length stats
-    enforce_eager: bool = False  # decode runtimes without CUDA graphs
+    rates: dict[str, float] = msgspec.field(default_factory=dict)
+    avg_seq_len: int = 416
+    enforce_eager: bool = False
     ready_timeout_s: float = 600.0
-    # torch.distributed rendezvous of tensor-parallel runtimes: a file in the private directory,
-    # or with dist_base_port the k-th group (an LLM's prefill or decode ranks) at dist_host:dist_base_port + k
     dist_host: str = "127.0.0.1"
     dist_base_port: int | None = None
-    restart: RestartPolicy = field(default_factory=RestartPolicy)  # what a dead runtime gets
+    restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import msgspec
+
 from muxserve.instance.processes import Child, ProcessGroup
 from muxserve.ipc import runtime as M
 from muxserve.ipc.process import describe_exit
@@ -30,11 +32,14 @@ class RuntimeState(enum.Enum):
     FAILED = "failed"  # restarts exhausted (or its LLM failed): never runs again
 
 
-@dataclass(frozen=True)
-class RestartPolicy:
-    max_restarts: int = 3  # restarts in a row before the LLM fails (0: the first death fails it)
-    backoff_s: float = 0.5  # wait before the first restart; doubles with each further one
-    stable_s: float = 60.0  # a group that served this long since its last start counts restarts from 0
+class RestartPolicy(msgspec.Struct, frozen=True):
+    """What a dead runtime gets: ``max_restarts`` restarts in a row before its LLM fails (0: the first
+    death fails it), ``backoff_s`` before the first (doubling with each further one); a group that
+    served ``stable_s`` since its last start counts restarts from 0 again."""
+
+    max_restarts: int = 3
+    backoff_s: float = 0.5
+    stable_s: float = 60.0
 
 
 @dataclass

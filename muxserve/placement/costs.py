@@ -35,6 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from muxserve import files
@@ -94,8 +95,7 @@ def _interp_extrapolate(x: float, xs: list[float], ys: list[float], proportional
     return ys[-1] + slope * (x - xs[-1])
 
 
-@dataclass(frozen=True)
-class TPEstimate:
+class TPEstimate(msgspec.Struct, frozen=True):
     """Step latencies on ``n`` GPUs (TP = n) from those measured on ``m`` GPUs: an estimate (see the
     module docstring), used only for mesh sizes that the cost table lacks."""
 

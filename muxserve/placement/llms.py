@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
+import msgspec
+
 from muxserve.errors import InputError
 from muxserve.placement.costs import CostModel, TPEstimate, models_of
 from muxserve.workload.models_file import LLMEntry
@@ -15,8 +17,7 @@ GB = 1024**3
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
-@dataclass(frozen=True)
-class PlacementSettings:
+class PlacementSettings(msgspec.Struct, frozen=True):
     gpu_memory_gb: float = 80.0  # per GPU
     memory_fraction: float = 0.98  # of each GPU's memory that weights, reserve and KV may use
     reserve_gb: float = 7.6  # per LLM and GPU: activations (6 GB) + two runtime processes (2 x 0.8 GB)

@@ -32,9 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from muxserve.errors import InputError
 from muxserve.ipc.runtime import Phase
@@ -45,8 +46,7 @@ logger = logging.getLogger("muxserve.profile")
 NOT_MEASURED = -1
 
 
-@dataclass(frozen=True)
-class ProfileSettings:
+class ProfileSettings(msgspec.Struct, frozen=True):
     key: str  # the model's name in the cost table
     model: str  # short name, folder, .gguf or random:FOLDER
     batch_sizes: tuple[int, ...]
@@ -83,7 +83,7 @@ def build_engine(settings: ProfileSettings):
     """An LLMEngine whose pool holds the largest cell (on a GPU: at most half the free memory)."""
     import torch
 
-    from muxserve.engine.kv_cache import KVLayout
+    from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES, KVLayout
     from muxserve.engine.llm_engine import EngineConfig, LLMEngine
     from muxserve.engine.loader import checkpoint, load_model
     from muxserve.engine.model_config import ModelSpec
@@ -100,13 +100,12 @@ def build_engine(settings: ProfileSettings):
         raise InputError(f"model {settings.model!r}: {e}") from None
     weights = checkpoint(folder, spec, dtype, device, "random" if random_weights else "auto", settings.seed)
     model = load_model(spec, dtype, device, weights)
-    config = EngineConfig(model=str(folder), dtype=settings.dtype, device=settings.device)
-    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, config.page_bytes)
-    kv_bytes = max(settings.batch_sizes) * layout.pages_for(max(settings.seq_lens) + 1) * config.page_bytes
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, DEFAULT_PAGE_BYTES)
+    kv_bytes = max(settings.batch_sizes) * layout.pages_for(max(settings.seq_lens) + 1) * DEFAULT_PAGE_BYTES
     if device.type == "cuda":
-        kv_bytes = min(kv_bytes, torch.cuda.mem_get_info(device)[0] // 2 // config.page_bytes * config.page_bytes)
-    config.kv_cache_bytes = kv_bytes
-    config.max_model_len = max(settings.seq_lens) + 2
+        kv_bytes = min(kv_bytes, torch.cuda.mem_get_info(device)[0] // 2 // DEFAULT_PAGE_BYTES * DEFAULT_PAGE_BYTES)
+    config = EngineConfig(model=str(folder), dtype=settings.dtype, device=settings.device, kv_cache_bytes=kv_bytes,
+                          max_model_len=max(settings.seq_lens) + 2)
     return LLMEngine(config, model=model)
 
 

@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+import msgspec
 
 
 class QuotaMode(str, enum.Enum):
@@ -21,14 +22,21 @@ class QuotaMode(str, enum.Enum):
     NONE = "none"  # the config's max_num_seqs only
 
 
-@dataclass(frozen=True)
-class SchedulePolicy:
+class SchedulePolicy(msgspec.Struct, frozen=True):
+    """One schedule approach as flags of the scheduler loop.
+
+    ``fcfs_order``: pick the LLM of the oldest request instead of round-robin;
+    ``stop_on_blocked_prefill``: a prefill blocked on SM units ends the round;
+    ``exclusive_phases``: prefill and decode of one LLM never overlap;
+    ``prefill_mps_reduction``: the prefill runtime starts this many points lower.
+    """
+
     name: str
     quota: QuotaMode
-    fcfs_order: bool = False  # pick the LLM of the oldest request instead of round-robin
+    fcfs_order: bool = False
     stop_on_blocked_prefill: bool = False
-    exclusive_phases: bool = False  # prefill and decode of one LLM never overlap
-    prefill_mps_reduction: int = 0  # the prefill runtime starts this many points lower
+    exclusive_phases: bool = False
+    prefill_mps_reduction: int = 0
 
 
 POLICIES = {

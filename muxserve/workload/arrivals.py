@@ -9,15 +9,13 @@ The first request arrives one gap after ``start``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import msgspec
 import numpy as np
 
 DISTRIBUTIONS = ("poisson", "gamma", "uniform")
 
 
-@dataclass(frozen=True)
-class ArrivalProcess:
+class ArrivalProcess(msgspec.Struct, frozen=True):
     distribution: str
     rate: float  # requests/s
     cv: float = 1.0

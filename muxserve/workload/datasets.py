@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from muxserve.errors import InputError
@@ -34,8 +35,7 @@ class Dialog:
     reply: str  # second turn ("" when there is none)
 
 
-@dataclass(frozen=True)
-class LengthFilter:
+class LengthFilter(msgspec.Struct, frozen=True):
     """Which dialogs become requests (defaults: the original's ShareGPT filter)."""
 
     min_turns: int = 2
@@ -49,7 +49,7 @@ class LengthFilter:
                 and prompt_len + output_len <= self.max_total_len)
 
     def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+        return msgspec.structs.asdict(self)
 
 
 @dataclass(frozen=True)

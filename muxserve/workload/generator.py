@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import zlib
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import msgspec
 import numpy as np
 
 from muxserve.errors import InputError
@@ -26,15 +26,14 @@ DEFAULT_NUM_REQUESTS = 200  # requests of the most popular LLM when neither coun
 DEFAULT_TOKENIZER = "smollm2-135m"
 
 
-@dataclass(frozen=True)
-class GenerateOptions:
+class GenerateOptions(msgspec.Struct, frozen=True):
     distribution: str = "poisson"
     cv: float = 1.0
     start: float = 0.0
     num_requests: int | None = None  # of the most popular LLM; the others get theirs in proportion to rate
     duration: float | None = None  # or: every arrival in [start, start + duration)
     seed: int = 0
-    length_filter: LengthFilter = field(default_factory=LengthFilter)
+    length_filter: LengthFilter = msgspec.field(default_factory=LengthFilter)
     max_output_len: int | None = None  # cap on output lengths (None: the dataset's)
     dataset: str = SHAREGPT_FILE  # recorded in info
 

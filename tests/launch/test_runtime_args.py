@@ -13,7 +13,7 @@ from muxserve.errors import ConfigError
 from muxserve.flexstore.auth import SECRET_ENV
 from muxserve.instance.cli import check_instance_args, instance_options
 from muxserve.instance.instance import Instance
-from muxserve.launch import build_parser
+from muxserve.launch import build_parser, check_args, launch_options
 
 
 @pytest.fixture
@@ -41,8 +41,8 @@ class _Recorder:
 def _instance(config: MuxServeConfig, *flags: str) -> Instance:
     """An Instance whose runtimes were recorded, not started (and which has stopped)."""
     args = build_parser().parse_args(["cfg.yaml", *flags])
-    check_instance_args(args, config, "cpu", "cfg.yaml")
-    instance = Instance(config, instance_options(args, config, "cpu"), processes=_Recorder())
+    check_args(args, config, "cpu")
+    instance = Instance(config, launch_options(args, config, "cpu"), processes=_Recorder())
     try:
         instance._start_runtimes()
         assert stat.S_IMODE(instance.run_dir.stat().st_mode) == 0o700
