@@ -8,8 +8,10 @@ import re
 import sys
 from pathlib import Path
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 
-def readme_command(which: str, readme: Path = Path(__file__).resolve().parent.parent / "README.md") -> str:
+
+def readme_command(which: str, readme: Path = README) -> str:
     text = readme.read_text()
     match = re.search(rf"<!-- {which}-command -->\s*```bash\n(.*?)\n```", text, re.S)
     if not match:

@@ -50,7 +50,8 @@ def test_valid_config_loads(tmp_path):
     m0, m1 = config.models
     assert (m0.prefill_percentage, m0.decode_percentage, m0.torch_dtype_name, m0.devices) == (100, 30, "float32", [0])
     # the larger percentage runs prefill, whatever the order
-    assert (m1.prefill_percentage, m1.decode_percentage, m1.torch_dtype_name, m1.devices) == (80, 40, "bfloat16", [0, 1])
+    assert (m1.prefill_percentage, m1.decode_percentage, m1.torch_dtype_name, m1.devices) == (
+        80, 40, "bfloat16", [0, 1])
     assert (m1.tensor_parallel_size, m1.pipeline_parallel_size, m1.load_format) == (2, 1, "auto")
 
 

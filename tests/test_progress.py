@@ -44,11 +44,10 @@ def test_a_file_gets_a_line_per_interval_and_one_at_the_end(tmp_path):
 
 def test_unknown_total_failure_and_disabled():
     clock, out = Clock(), io.StringIO()
-    with pytest.raises(RuntimeError):
-        with Progress(None, "cells", "cell", file=out, clock=clock) as bar:
-            bar.update(3)
-            clock.now += 2
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), Progress(None, "cells", "cell", file=out, clock=clock) as bar:
+        bar.update(3)
+        clock.now += 2
+        raise RuntimeError("boom")
     assert out.getvalue() == "cells: 3 cell, stopped after 2.0 s\n"
     quiet = io.StringIO()
     with Progress(5, "generating", file=quiet, enabled=False) as bar:

@@ -1,6 +1,6 @@
 """A small synthetic trace in the LMSYS-Chat format, for smoke tests of the ChatLMSYS pipeline.
 
-    python benchmark/chatlmsys/make_synthetic_trace.py --output /tmp/chatlmsys_synthetic.json
+    python -m benchmark.chatlmsys.make_synthetic_trace --output /tmp/chatlmsys_synthetic.json
 
 No real LMSYS-Chat trace is available offline. This writes records shaped like the ones the
 original's ``chatlmsys.json`` holds and that ``python -m muxserve.muxsched.workload_utils lmsys``
@@ -69,7 +69,7 @@ def make_trace(num_requests: int, days: float, num_models: int, zipf: float, diu
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="make_synthetic_trace.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmark.chatlmsys.make_synthetic_trace", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="trace file to write")
     p.add_argument("--num-requests", type=int, default=2000, help="records (default: 2000)")

@@ -1,10 +1,10 @@
 """The end-to-end pipeline driven by an LMSYS-Chat-style trace (the paper's ChatLMSYS workload).
 
-    python benchmark/chatlmsys/run_chatlmsys.py --trace chatlmsys.json --start-day 55 --end-day 55.5 \\
+    python -m benchmark.chatlmsys.run_chatlmsys --trace chatlmsys.json --start-day 55 --end-day 55.5 \\
         --condense 600 1200 2400 --prepare-only                     # workloads (needs a tokenizer)
-    python benchmark/chatlmsys/run_chatlmsys.py --trace chatlmsys.json --start-day 55 --end-day 55.5 \\
+    python -m benchmark.chatlmsys.run_chatlmsys --trace chatlmsys.json --start-day 55 --end-day 55.5 \\
         --condense 600 1200 2400 --device cuda                      # the three systems, resumable
-    python benchmark/end_to_end/analyze.py --runs-dir benchmark/results/chatlmsys/runs
+    python -m benchmark.end_to_end.analyze --runs-dir benchmark/results/chatlmsys/runs
 
 The trace window is translated once by ``workload_utils.translate_lmsys`` (the ``lmsys`` mode of
 ``python -m muxserve.muxsched.workload_utils``: the ShareGPT length filter, each trace model ->
@@ -24,18 +24,22 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "end_to_end"))
-
-from e2e_common import BenchError, fmt_num, read_json  # noqa: E402
-from e2e_grid import Point, record_command  # noqa: E402
-from run_end_to_end import DEFAULT_LLMS, absolute_paths, add_machine_args, add_run_args, add_system_args, run_pipeline  # noqa: E402
-
-from muxserve.workload.datasets import LengthFilter, load_tokenizer, read_json_records  # noqa: E402
+from benchmark.end_to_end.e2e_common import BenchError, fmt_num, read_json
+from benchmark.end_to_end.e2e_grid import Point, record_command
+from benchmark.end_to_end.run_end_to_end import (
+    DEFAULT_LLMS,
+    absolute_paths,
+    add_machine_args,
+    add_run_args,
+    add_system_args,
+    run_pipeline,
+)
+from muxserve.workload.datasets import LengthFilter, load_tokenizer, read_json_records
 from muxserve.workload.generator import DEFAULT_TOKENIZER, length_info
 from muxserve.workload.lmsys import translate_lmsys
-from muxserve.workload.models_file import LLMEntry, ModelsFile, write_models_file  # noqa: E402
+from muxserve.workload.models_file import LLMEntry, ModelsFile, write_models_file
 from muxserve.workload.workload_file import (
-    WorkloadRequest,  # noqa: E402
+    WorkloadRequest,
     write_workload,
 )
 
@@ -43,7 +47,7 @@ DEFAULT_OUT = "benchmark/results/chatlmsys/runs"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="run_chatlmsys.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmark.chatlmsys.run_chatlmsys", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("trace")
     g.add_argument("--trace", required=True, help="LMSYS-Chat-style trace: JSON array or lines of "
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_duration": args.max_duration}
         return trace_points(args, out), info
 
-    return run_pipeline("benchmark/chatlmsys/run_chatlmsys.py", args, argv, DEFAULT_OUT, prepare)
+    return run_pipeline("benchmark.chatlmsys.run_chatlmsys", args, argv, DEFAULT_OUT, prepare)
 
 
 if __name__ == "__main__":

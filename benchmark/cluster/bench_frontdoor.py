@@ -1,7 +1,7 @@
 """What the cluster's front door costs: the same requests sent to one instance directly and through
 ``muxserve cluster up``'s front door, alternating, on a cluster started here (a Ray of its own).
 
-    python benchmark/cluster/bench_frontdoor.py --placement examples/cluster/placement --model llm-2 \\
+    python -m benchmark.cluster.bench_frontdoor --placement examples/cluster/placement --model llm-2 \\
         --result-file benchmark/results/cluster_frontdoor_cpu.json -- --device cpu
 
 Measured per path: the latency of one-token completions sent one after another (median, p90), and

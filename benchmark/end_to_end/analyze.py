@@ -1,6 +1,6 @@
 """Tables, plots and a markdown report of the end-to-end runs.
 
-    python benchmark/end_to_end/analyze.py [--runs-dir benchmark/results/end_to_end/runs] \\
+    python -m benchmark.end_to_end.analyze [--runs-dir benchmark/results/end_to_end/runs] \\
         [--output-dir benchmark/results/end_to_end] [--slo-scale 8] [--target 0.99]
 
 Reads every merged statistics file (``points/<tag>/<system>.json``) of a run folder of
@@ -22,15 +22,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from e2e_common import REPO, SYSTEM_LABELS, SYSTEMS, BenchError, read_json, write_json
-from e2e_metrics import bases_for, group_key, load_runs, pooled_bases, run_metrics, sustained_table
-from e2e_report import write_report
+from benchmark.end_to_end.e2e_common import REPO, SYSTEM_LABELS, SYSTEMS, BenchError, read_json, write_json
+from benchmark.end_to_end.e2e_metrics import bases_for, group_key, load_runs, pooled_bases, run_metrics, sustained_table
+from benchmark.end_to_end.e2e_report import write_report
 
 DEFAULT_RUNS = "benchmark/results/end_to_end/runs"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="analyze.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmark.end_to_end.analyze", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs-dir", default=DEFAULT_RUNS,
                    help="output folder of run_end_to_end.py / run_chatlmsys.py (default: %(default)s)")
@@ -70,7 +70,7 @@ def analyze(runs_dir: Path, out: Path, slo_scale: int = 8, target: float = 0.99,
     out.mkdir(parents=True, exist_ok=True)
     figures = []
     if plots:
-        import e2e_plots
+        from benchmark.end_to_end import e2e_plots
 
         figures = [e2e_plots.throughput_vs_group(rows, out), e2e_plots.slo_vs_scale(rows, out, target),
                    e2e_plots.latency_vs_rate(rows, out), e2e_plots.slo_vs_rate(rows, out, slo_scale, target)]

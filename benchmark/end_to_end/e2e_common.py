@@ -6,13 +6,10 @@ import json
 import os
 import platform
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO))
 
 SYSTEMS = ("muxserve", "temporal", "spatial")
 SYSTEM_LABELS = {"muxserve": "MuxServe", "temporal": "Temporal multiplexing", "spatial": "Spatial partitioning"}

@@ -31,12 +31,11 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from e2e_common import REPO, SYSTEMS, BenchError, read_json, write_json
-from e2e_lanes import Lane, daemon_env, make_lanes
-from e2e_placement import groups_doc, placement_groups
-from e2e_plan import LLM, Machine, PlanOptions, default_groups, describe_llms, plan_systems
-from e2e_runs import Cancelled, MPSControl, compact, merge_parts, run_system
-
+from benchmark.end_to_end.e2e_common import REPO, SYSTEMS, BenchError, read_json, write_json
+from benchmark.end_to_end.e2e_lanes import Lane, daemon_env, make_lanes
+from benchmark.end_to_end.e2e_placement import groups_doc, placement_groups
+from benchmark.end_to_end.e2e_plan import LLM, Machine, PlanOptions, default_groups, describe_llms, plan_systems
+from benchmark.end_to_end.e2e_runs import Cancelled, MPSControl, compact, merge_parts, run_system
 from muxserve.workload.models_file import load_models_file
 from muxserve.workload.workload_file import load_workload
 
@@ -288,7 +287,7 @@ def run_grid(out: Path, points: list[Point], machine: Machine, opts: GridOptions
                   "run the same command again to resume", flush=True)
     finally:
         cancel.set()  # nothing if every run finished; else (Ctrl-C, SIGTERM, an error) stop the lanes' launches
-        for job, lane, thread in running.values():
+        for _job, _lane, thread in running.values():
             thread.join()
         while not finished.empty():  # what the stopped lanes ended with
             lane_index, result, _ = finished.get()

@@ -31,7 +31,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from e2e_common import BenchError
+from benchmark.end_to_end.e2e_common import BenchError
 
 LANE_PORTS = 1000  # ports per lane
 LAUNCH_PORTS = 50  # ports per launch of a run: FlexStore +0..9, --master-port +10..19, --server-port +20 (30 ports)

@@ -23,9 +23,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2e_common import SYSTEMS, read_json
-from e2e_runs import to_bases, to_records
-
+from benchmark.end_to_end.e2e_common import SYSTEMS, read_json
+from benchmark.end_to_end.e2e_runs import to_bases, to_records
 from muxserve.scheduler.stats import BaseLatency, RequestRecord, summarize
 
 SLO_SCALES = tuple(range(1, 21))
@@ -99,7 +98,7 @@ def sustained_rate(points: list[tuple[float, float]], target: float = 0.99) -> d
     if not pts:
         return {"rate": None, "interpolated": None, "all_pass": False, "none_pass": True}
     passing = None
-    for i, (rate, att) in enumerate(pts):
+    for i, (_rate, att) in enumerate(pts):
         if att + 1e-12 < target:
             break
         passing = i

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from e2e_common import BenchError
-from e2e_plan import LLM, Group, Machine, kv_budget
+
+from benchmark.end_to_end.e2e_common import BenchError
+from benchmark.end_to_end.e2e_plan import LLM, Group, Machine, kv_budget
 
 
 def placement_groups(point_dir: Path, models_yaml: Path, workload_path: Path, cost_file: Path, llms: list[LLM],

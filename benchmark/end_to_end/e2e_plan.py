@@ -23,8 +23,8 @@ from pathlib import Path
 
 import msgspec
 import yaml
-from e2e_common import REPO, BenchError, write_json
 
+from benchmark.end_to_end.e2e_common import REPO, BenchError, write_json
 from muxserve.config import MuxServeConfig, check_config
 from muxserve.errors import ConfigError
 from muxserve.placement.llms import DTYPE_BYTES, GB, model_facts

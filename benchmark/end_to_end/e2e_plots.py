@@ -7,8 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from e2e_common import SYSTEM_LABELS, SYSTEMS  # noqa: E402
+import matplotlib.pyplot as plt
+
+from benchmark.end_to_end.e2e_common import SYSTEM_LABELS, SYSTEMS
 
 STYLE = {"muxserve": dict(color="tab:red", marker="o"), "temporal": dict(color="tab:blue", marker="s"),
          "spatial": dict(color="tab:green", marker="^")}

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import yaml
-from e2e_common import SYSTEM_LABELS, SYSTEMS, read_json
+
+from benchmark.end_to_end.e2e_common import SYSTEM_LABELS, SYSTEMS, read_json
 
 SHOWN_SCALES = (1, 2, 3, 5, 8, 10, 15, 20)
 TARGET_TPT, TARGET_SUSTAINED = 1.5, 2.0  # targets vs spatial partitioning (alpha >= 1.3), after the paper's claims
@@ -71,7 +72,8 @@ def _setup(summary: dict, runs_dir: Path) -> list[str]:
                      "(every call: `commands.txt` there):")
     for dev in infos:
         gpu = "; ".join(dev.get("nvidia_smi", [])) or ", ".join(dev.get("gpus", [])) or dev.get("host_cpu", "?")
-        lines.append(f"- device: {dev.get('device', m.get('device', '?'))}: {gpu}; {dev.get('cpu_count', '?')} CPU cores")
+        lines.append(f"- device: {dev.get('device', m.get('device', '?'))}: {gpu}; "
+                     f"{dev.get('cpu_count', '?')} CPU cores")
         lines.append(f"  - versions: python {dev.get('python', '?')}, torch {dev.get('torch', '?')}"
                      + (f" (CUDA {dev['cuda']})" if dev.get("cuda") else "")
                      + (f", triton {dev['triton']}" if dev.get("triton") else "")

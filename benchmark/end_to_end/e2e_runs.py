@@ -22,14 +22,12 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from e2e_common import REPO, BenchError, read_json
-from e2e_lanes import Lane, launch_env, launch_ports
-from e2e_plan import SystemPlan
-
+from benchmark.end_to_end.e2e_common import REPO, BenchError, read_json
+from benchmark.end_to_end.e2e_lanes import Lane, launch_env, launch_ports
+from benchmark.end_to_end.e2e_plan import SystemPlan
 from muxserve.scheduler.stats import BaseLatency, RequestRecord, summarize_run
 
 logger = logging.getLogger("end_to_end")
-HERE = Path(__file__).resolve().parent
 RECORD_FIELDS = {f.name for f in fields(RequestRecord)}
 
 
@@ -78,7 +76,7 @@ def launch_command(launch, point_dir: Path, run_dir: Path, rank: int, count: int
                    mps_dir: Path | None, extra: list[str], max_drain_s: float | None = None,
                    ports: dict[str, int] | None = None, cpus: list[int] | None = None) -> list[str]:
     """``ports``: FlexStore, --master-port, --server-port (e2e_lanes.launch_ports); ``cpus``: CPU affinity."""
-    cmd = [sys.executable, str(HERE / "launch_synced.py"), "--barrier-dir", str(run_dir / "barrier"),
+    cmd = [sys.executable, "-m", "benchmark.end_to_end.launch_synced", "--barrier-dir", str(run_dir / "barrier"),
            "--barrier-count", str(count), "--barrier-rank", str(rank)]
     if max_drain_s is not None:
         cmd += ["--max-drain-s", f"{max_drain_s:g}"]

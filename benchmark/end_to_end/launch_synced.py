@@ -1,6 +1,6 @@
 """``python -m muxserve.launch`` with a start barrier, for launches that run side by side.
 
-    python benchmark/end_to_end/launch_synced.py --barrier-dir D --barrier-count N --barrier-rank K \\
+    python -m benchmark.end_to_end.launch_synced --barrier-dir D --barrier-count N --barrier-rank K \\
         -- CONFIG --workload-file W --stats-file S ...        (every flag of muxserve.launch)
 
 The launches of one system run (spatial partitioning: one per LLM; several meshes: one per mesh)
@@ -33,11 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[2]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
-
-import muxserve.launch as launch  # noqa: E402
+import muxserve.launch as launch
 
 POLL_S = 0.005
 
@@ -107,7 +103,7 @@ def install(barrier: Barrier, max_drain_s: float | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="launch_synced.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmark.end_to_end.launch_synced", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--barrier-dir", required=True, help="folder shared by the launches of one run")
     p.add_argument("--barrier-count", type=int, required=True, help="how many launches run side by side")

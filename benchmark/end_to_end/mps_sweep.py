@@ -1,7 +1,7 @@
 """Decode and prefill latency of one model under MPS at 30 ... 100 % active threads (paper Fig. 3).
 
-    python benchmark/end_to_end/mps_sweep.py                      # GPU: Llama-3-8B shape, bf16, MPS started here
-    python benchmark/end_to_end/mps_sweep.py --from-table T.json  # only the table and plot of a cost table
+    python -m benchmark.end_to_end.mps_sweep                      # GPU: Llama-3-8B shape, bf16, MPS started here
+    python -m benchmark.end_to_end.mps_sweep --from-table T.json  # only the table and plot of a cost table
 
 Runs the cost profiler (``python -m muxserve.muxsched.profile --mps-dir D --sm-percentages ...``:
 one child process per percentage, started with ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``) on a grid
@@ -26,15 +26,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from e2e_common import REPO, BenchError, device_info, read_json
-from e2e_plan import model_ref
-from e2e_runs import MPSControl
+from benchmark.end_to_end.e2e_common import REPO, BenchError, device_info, read_json
+from benchmark.end_to_end.e2e_plan import model_ref
+from benchmark.end_to_end.e2e_runs import MPSControl
 
 DEFAULT_OUT = "benchmark/results/end_to_end"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mps_sweep.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmark.end_to_end.mps_sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="examples/shapes/llama-3-8b",
                    help="model (folder with config.json only -> random weights; default: the Llama-3-8B shape)")
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         try:
             plot(out / f"mps_sweep_{key}.png", key, sms_list, rows)
         except ImportError:  # the GPU machine may lack matplotlib: plot later with --from-table
-            print(f"matplotlib is missing: no plot; later: python benchmark/end_to_end/mps_sweep.py --from-table "
+            print(f"matplotlib is missing: no plot; later: python -m benchmark.end_to_end.mps_sweep --from-table "
                   f"{out / f'mps_sweep_{key}.json'}", flush=True)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)

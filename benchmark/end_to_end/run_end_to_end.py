@@ -1,9 +1,9 @@
 """End-to-end benchmark: MuxServe vs temporal multiplexing vs spatial partitioning on the same workloads.
 
     # one GPU (H100/H200): 4 LLMs (1B, 1.7B, 3B, 8B shapes, random weights, bf16), alpha 0.7/1.3/2.1
-    python benchmark/end_to_end/run_end_to_end.py --prepare-only      # workloads (needs the ShareGPT package)
-    python benchmark/end_to_end/run_end_to_end.py --device cuda       # all runs (resumable)
-    python benchmark/end_to_end/analyze.py                            # tables, plots, report
+    python -m benchmark.end_to_end.run_end_to_end --prepare-only      # workloads (needs the ShareGPT package)
+    python -m benchmark.end_to_end.run_end_to_end --device cuda       # all runs (resumable)
+    python -m benchmark.end_to_end.analyze                            # tables, plots, report
 
 For every (alpha, rate scale) it writes models.yaml and a workload with the power-law generator
 (rates (i+1)^-alpha, llm-0 gets --max-rate x scale; ShareGPT prompt/output lengths; Poisson
@@ -25,14 +25,22 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from e2e_common import REPO, SYSTEMS, BenchError, device_info, fmt_num, gpu_memory_gib, read_json, write_json
-from e2e_grid import GridOptions, Point, profile_models, record_command, run_grid
-from e2e_lanes import DEFAULT_PORT_BASE, LANE_PORTS, Lane, make_lanes, visible_gpus
-from e2e_plan import Machine, PlanOptions, describe_llms, model_ref
-
+from benchmark.end_to_end.e2e_common import (
+    REPO,
+    SYSTEMS,
+    BenchError,
+    device_info,
+    fmt_num,
+    gpu_memory_gib,
+    read_json,
+    write_json,
+)
+from benchmark.end_to_end.e2e_grid import GridOptions, Point, profile_models, record_command, run_grid
+from benchmark.end_to_end.e2e_lanes import DEFAULT_PORT_BASE, LANE_PORTS, Lane, make_lanes, visible_gpus
+from benchmark.end_to_end.e2e_plan import Machine, PlanOptions, describe_llms, model_ref
 from muxserve.errors import InputError
 from muxserve.workload.cli import parse_llm_count
 from muxserve.workload.datasets import SHAREGPT_FILE, LengthFilter, load_sharegpt
@@ -145,10 +153,11 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="run_end_to_end.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmark.end_to_end.run_end_to_end", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("LLMs and rates")
-    g.add_argument("--llms", type=parse_llm_count, nargs="+", default=[(m, 1) for m in DEFAULT_LLMS], metavar="MODEL[=COUNT]",
+    g.add_argument("--llms", type=parse_llm_count, nargs="+", default=[(m, 1) for m in DEFAULT_LLMS],
+                   metavar="MODEL[=COUNT]",
                    help="models in popularity order (llm-0 most popular): folders (config.json only -> random "
                         "weights), short names or random:FOLDER (default: the 1B, 1.7B, 3B and 8B shapes of "
                         "examples/shapes)")
@@ -268,7 +277,7 @@ def execute(args, out: Path, points: list[Point], argv: list[str], extra_info: d
     for f in status["failed"]:
         print(f"  failed: {f} (see {out / 'points' / f.split('/')[0] / (f.split('/')[1] + '.error.txt')})")
     if not args.dry_run and not status["pending"]:
-        print(f"analyze: python benchmark/end_to_end/analyze.py --runs-dir {out}", flush=True)
+        print(f"analyze: python -m benchmark.end_to_end.analyze --runs-dir {out}", flush=True)
     return 1 if status["failed"] else 0
 
 
@@ -335,7 +344,7 @@ def _sigterm(signum, _frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_pipeline(script: str, args, argv: list[str], default_out: str,
+def run_pipeline(module: str, args, argv: list[str], default_out: str,
                  prepare: Callable[[Path], tuple[list[Point], dict]]) -> int:
     """The main of a workload pipeline (this script, benchmark/chatlmsys): log, record the command,
     ``prepare(out)`` the points (workloads) and the experiment's description, then run the grid
@@ -343,7 +352,7 @@ def run_pipeline(script: str, args, argv: list[str], default_out: str,
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _sigterm)
     out = (REPO / args.output_dir if args.output_dir == default_out else Path(args.output_dir)).resolve()
-    record_command(out, ["python", script, *argv])
+    record_command(out, ["python", "-m", module, *argv])
     try:
         points, info = prepare(out)
         if args.prepare_only:
@@ -369,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 "distribution": args.distribution, "seed": args.seed, "max_output_len": args.max_output_len}
         return power_law_points(args, out, argv), info
 
-    return run_pipeline("benchmark/end_to_end/run_end_to_end.py", args, argv, DEFAULT_OUT, prepare)
+    return run_pipeline("benchmark.end_to_end.run_end_to_end", args, argv, DEFAULT_OUT, prepare)
 
 
 if __name__ == "__main__":

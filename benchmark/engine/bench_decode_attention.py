@@ -9,26 +9,20 @@ grid covers the GPU ``fill`` times). It prints microseconds per layer and the fr
 copy bandwidth that the KV bytes read per layer make, and the largest difference from the
 default setting's output.
 
-Example: python benchmark/engine/bench_decode_attention.py --shape llama-3-8b --batches 1 8 32 64 --ctx 512 2048
+Example: python -m benchmark.engine.bench_decode_attention --shape llama-3-8b --batches 1 8 32 64 --ctx 512 2048
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
-sys.path.insert(0, str(HERE))
-
-import bench_gpu  # noqa: E402
-from bench_gemm import graph_time_us  # noqa: E402
-
-from muxserve.engine.kv_cache import KVLayout, KVPool  # noqa: E402
+from benchmark.engine import bench_gpu
+from benchmark.engine.bench_gemm import graph_time_us
+from muxserve.engine.kv_cache import KVLayout, KVPool
 
 LAUNCHES = [(32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2),
             (128, 8, 2), (128, 8, 3)]
@@ -98,7 +92,7 @@ def main(argv=None) -> None:
                   f"max diff {max(r['max_diff'] for r in results):.3g}", flush=True)
             for r in results[1:6]:
                 print(f"      {r['us']:6.1f} us launch {r['launch']} fill {r['fill']} ({r['splits']} splits)")
-            del kv, tables
+            kv = tables = None  # free this pool before the next one
             torch.cuda.empty_cache()
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)

@@ -11,26 +11,20 @@ fraction of the copy bandwidth, for:
 - ``cublaslt``: the same after ``torch.backends.cuda.preferred_blas_library("cublaslt")``;
 - ``triton``: ``muxserve.engine.skinny_gemm`` (the best of its configurations).
 
-Example: python benchmark/engine/bench_gemm.py --shape llama-3-8b --m 1 8 32 64 --output-json out.json
+Example: python -m benchmark.engine.bench_gemm --shape llama-3-8b --m 1 8 32 64 --output-json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
-sys.path.insert(0, str(HERE))
-
-import bench_gpu  # noqa: E402
-
-from muxserve.engine.model_config import ModelSpec  # noqa: E402
+from benchmark.engine import bench_gpu
+from muxserve.engine.model_config import ModelSpec
 
 
 def layer_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
@@ -109,7 +103,7 @@ def main(argv=None) -> None:
                   f"({row['cublas_bw_frac']:.0%}), cublaslt {row['cublaslt']:7.1f} us ({row['cublaslt_bw_frac']:.0%}), "
                   f"triton {row['triton']:7.1f} us ({row['triton_bw_frac']:.0%}) {row['triton_config']} "
                   f"err {row['triton_max_err']:.3g}", flush=True)
-        del weights
+        weights = None  # free this layer's copies before the next
         torch.cuda.empty_cache()
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ the input embedding is not counted (a step reads B rows of it). Prefill efficien
 (2 x linear weights x tokens + causal attention) / time, next to the measured matmul peak.
 Both models hold the same weights (ours copied from the transformers model).
 
-Example: python benchmark/engine/bench_gpu.py --shape llama-3-8b --e2e --output-json out.json
+Example: python -m benchmark.engine.bench_gpu --shape llama-3-8b --e2e --output-json out.json
 """
 
 from __future__ import annotations
@@ -39,17 +39,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_offline import SHAPES, environment, hf_generate, make_requests, scratch_folder  # noqa: E402
-
-from muxserve.engine.cuda_graph import StepTimer  # noqa: E402
-from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
-from muxserve.engine.loader import load_model, random_checkpoint  # noqa: E402
-from muxserve.engine.model_config import ModelSpec  # noqa: E402
-from muxserve.engine.parallel import SINGLE, TensorParallel  # noqa: E402
-from muxserve.engine.sampling_params import SamplingParams  # noqa: E402
-from muxserve.engine.sequence import Sequence, SequenceStatus  # noqa: E402
-from muxserve.ipc.runtime import Phase  # noqa: E402
+from benchmark.engine.bench_offline import SHAPES, environment, hf_generate, make_requests, scratch_folder
+from muxserve.engine.cuda_graph import StepTimer
+from muxserve.engine.llm_engine import EngineConfig, LLMEngine
+from muxserve.engine.loader import load_model, random_checkpoint
+from muxserve.engine.model_config import ModelSpec
+from muxserve.engine.parallel import SINGLE, TensorParallel
+from muxserve.engine.sampling_params import SamplingParams
+from muxserve.engine.sequence import Sequence, SequenceStatus
+from muxserve.ipc.runtime import Phase
 
 GiB = 1024**3
 REPO = Path(__file__).resolve().parents[2]
@@ -102,11 +100,11 @@ def ceilings() -> dict:
     a = torch.randint(0, 255, (n,), dtype=torch.uint8, device=DEV)
     b = torch.empty_like(a)
     t = cuda_time(lambda: b.copy_(a))
-    del a, b
+    a = b = None
     x = torch.randn(m, m, dtype=torch.bfloat16, device=DEV)
     y = torch.randn(m, m, dtype=torch.bfloat16, device=DEV)
     tm = cuda_time(lambda: x @ y)
-    del x, y
+    x = y = None
     free()
     return {"copy_bandwidth_GBps": round(2 * n / t / 1e9, 1), "bf16_matmul_TFLOPs": round(2 * m**3 / tm / 1e12, 1)}
 
@@ -174,7 +172,7 @@ def check_device(p: argparse.ArgumentParser, device: str) -> None:
 
 
 def random_model(folder: Path, dtype: torch.dtype, device: torch.device, parallel: TensorParallel = SINGLE):
-    """(model, spec): the shape with FlexStore's seeded random weights (``parallel``: one rank's slice) on ``device``."""
+    """(model, spec): the shape with FlexStore's seeded random weights (``parallel``: one rank's slice)."""
     spec = ModelSpec.from_folder(folder)
     return load_model(spec, dtype, device, random_checkpoint(spec, dtype, device, seed=0), parallel), spec
 
@@ -407,7 +405,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     global DEV
     DEV = args.device
-    result = {"benchmark": "engine_gpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.datetime.now(datetime.timezone.utc)
+    result = {"benchmark": "engine_gpu", "date": now.isoformat(timespec="seconds"),
               "command": shlex.join(["python"] + sys.argv), "environment": environment(DEV),
               "shape": args.shape, "dtype": "bfloat16"}
 
@@ -479,7 +478,8 @@ def main(argv=None) -> None:
             floor = res["floor_s"][key]
             log(f"ours decode breakdown b={b} ctx={c}: wall {d['wall_s'] * 1e3:.3f} ms = host prep "
                 f"{d['prep_s'] * 1e3:.3f} + graph GPU {d['replay_gpu_s'] * 1e3:.3f} (x{d['replay_gpu_s'] / floor:.2f} "
-                f"floor) + after graph {d['sample_s'] * 1e3:.3f} ms (medians); replay call {d['launch_s'] * 1e3:.3f} ms, "
+                f"floor) + after graph {d['sample_s'] * 1e3:.3f} ms (medians); "
+                f"replay call {d['launch_s'] * 1e3:.3f} ms, "
                 f"outside the graph {d['host_s'] * 1e3:.3f} ms")
             save()
     for b, c in args.eager_points:
@@ -509,7 +509,8 @@ def main(argv=None) -> None:
         el = ours.e2e(requests)
         out_tok = sum(r.output_len for r in requests)
         res["e2e"] = {"requests": len(requests), "max_num_seqs": ours.engine.config.max_num_seqs,
-                      "elapsed_s": round(el, 3), "output_tokens": out_tok, "output_tokens_per_s": round(out_tok / el, 1),
+                      "elapsed_s": round(el, 3), "output_tokens": out_tok,
+                      "output_tokens_per_s": round(out_tok / el, 1),
                       "mean_prompt_len": round(sum(len(r.prompt) for r in requests) / len(requests), 1),
                       "mean_output_len": round(out_tok / len(requests), 1),
                       "preemptions": ours.engine.scheduler.num_preemptions}

@@ -53,7 +53,8 @@ _LLAMA3 = dict(vocab_size=128256, num_attention_heads=32, num_key_value_heads=8,
                bos_token_id=128000, eos_token_id=128001)
 SHAPES = {
     "llama-3-8b": ("llama", dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                 max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 5e5})),
+                                 max_position_embeddings=8192,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 5e5})),
     "llama-3.2-1b": ("llama", dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
                                    max_position_embeddings=131072, tie_word_embeddings=True,
                                    rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0,
@@ -64,8 +65,9 @@ SHAPES = {
                                  rms_norm_eps=1e-6, use_sliding_window=False, bos_token_id=151643, eos_token_id=151643,
                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     "tiny": ("llama", dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                           bos_token_id=1, eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                           rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
 }
 # ShareGPT-like lengths: log-normal (mu, sigma of log length), clipped to [4, 1024] as vLLM's
 # ShareGPT filter does; the clipped means are about 161 prompt and 338 output tokens.
@@ -97,12 +99,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true", help="run only the muxserve engine")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per system; the fastest is reported, "
                    "all are kept in the JSON (default: %(default)s)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="muxserve: max running requests (default: %(default)s)")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="muxserve: max running requests (default: %(default)s)")
     p.add_argument("--kv-cache-gb", type=float, help="muxserve: KV pool size in GiB (default: the engine's: "
                    "512 MiB on cpu, most free memory on cuda; lower it if decode runs out of GPU memory)")
     p.add_argument("--cpu-threads", type=int, help="torch.set_num_threads for both systems (default: torch's "
                    "own; 1 is faster and steadier on small shared VMs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and random weights (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of prompts, lengths and random weights (default: %(default)s)")
     p.add_argument("--output-json", type=Path, help="write the results as JSON here")
     p.add_argument("--output-md", type=Path, help="write the results as a markdown table here")
     args = p.parse_args(argv)
@@ -186,7 +190,8 @@ def warmup_requests(requests: list[Request]) -> list[Request]:
 
 def run_ours(folder: Path, requests: list[Request], args) -> tuple[list[float], list[list[int]], dict]:
     kv_bytes = int(args.kv_cache_gb * 1024**3) if args.kv_cache_gb else None
-    llm = LLM(str(folder), dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs, kv_cache_bytes=kv_bytes)
+    llm = LLM(str(folder), dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+              kv_cache_bytes=kv_bytes)
     engine = llm.engine
 
     def submit_and_drain(reqs: list[Request]) -> list[list[int]]:
@@ -204,7 +209,7 @@ def run_ours(folder: Path, requests: list[Request], args) -> tuple[list[float], 
         raise RuntimeError(f"muxserve returned a wrong number of tokens for requests {wrong[:5]}")
     extra = {"preemptions_per_run": (engine.scheduler.num_preemptions - preempted) / args.repeats,
              "kv_pool_pages": engine.pool.num_pages}
-    del llm, engine
+    llm = engine = None  # free the pool and the weights before the next measurement
     free_memory(args.device)
     return times, outputs, extra
 
@@ -238,7 +243,7 @@ def run_hf(folder: Path, requests: list[Request], args) -> tuple[list[float], li
     times, outputs = timed(lambda: [o for b in batches for o in hf_generate(model, b, args.device, pad_id)],
                            args.repeats, args.device)
     generated = sum(len(b) * max(r.output_len for r in b) for b in batches)
-    del model
+    model = None
     free_memory(args.device)
     return times, outputs, {"batches": len(batches), "tokens_generated_incl_discarded": generated}
 
@@ -292,7 +297,8 @@ def report(args, folder: Path, requests: list[Request], systems: dict, agree: in
         "command": shlex.join([Path(sys.executable).name] + sys.argv), "argv": sys.argv,
         "environment": environment(args.device),
         "parameters": {
-            "model": f"random:{args.random_shape}" if args.random_shape else args.model, "model_folder": None if args.random_shape else str(folder),
+            "model": f"random:{args.random_shape}" if args.random_shape else args.model,
+            "model_folder": None if args.random_shape else str(folder),
             "device": args.device, "dtype": args.dtype, "num_prompts": n,
             "lengths": "fixed" if fixed else "sharegpt-like",
             "input_len": args.input_len if fixed else None, "output_len": args.output_len if fixed else None,
@@ -312,7 +318,8 @@ def markdown(result: dict) -> str:
     env, par = result["environment"], result["parameters"]
     lengths = (f"input {par['input_len']}, output {par['output_len']}" if par["lengths"] == "fixed"
                else f"ShareGPT-like, mean input {par['mean_prompt_len']}, mean output {par['mean_output_len']}")
-    rows = ["| system | elapsed s | requests/s | output tok/s | total tok/s | speedup |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| system | elapsed s | requests/s | output tok/s | total tok/s | speedup |",
+            "|---|---:|---:|---:|---:|---:|"]
     for name, s in result["systems"].items():
         speed = s.get("speedup_vs_transformers")
         rows.append(f"| {name} | {s['elapsed_s']:.2f} | {s['requests_per_s']:.3f} | {s['output_tokens_per_s']:.1f} "

@@ -13,7 +13,7 @@ function) and run one ``LLMEngine``. Measured on every rank alike, reported by r
   mean length of the common prefix (bf16 all-reduces sum in another order than one GPU's matmul,
   so near-ties may flip late tokens; exact parity is tested on tiny fp32 models).
 
-Example: python benchmark/engine/bench_tp.py --shape llama-3-8b --tp 1 2 4 --output-json out.json
+Example: python -m benchmark.engine.bench_tp --shape llama-3-8b --tp 1 2 4 --output-json out.json
 """
 
 from __future__ import annotations
@@ -32,16 +32,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_gpu  # noqa: E402
-
-from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
-from muxserve.engine.model_config import ModelSpec  # noqa: E402
-from muxserve.engine.parallel import SINGLE, join_group  # noqa: E402
-from muxserve.engine.sampling_params import SamplingParams  # noqa: E402
+from benchmark.engine import bench_gpu
+from muxserve.engine.llm_engine import EngineConfig, LLMEngine
+from muxserve.engine.model_config import ModelSpec
+from muxserve.engine.parallel import SINGLE, join_group
+from muxserve.engine.sampling_params import SamplingParams
 
 GiB = 1024**3
 PARITY_PROMPT_LENS = (16, 64, 200, 500)

@@ -8,7 +8,7 @@ kernel times, the gap between them (launch gaps and idle GPU), and the kernels g
 (GEMMs, this engine's Triton kernels, the rest) with the top kernels by time. ``--eager``
 profiles the same steps without graphs.
 
-Example: python benchmark/engine/profile_decode.py --shape llama-3-8b --batches 1 8 32 --output-json out.json
+Example: python -m benchmark.engine.profile_decode --shape llama-3-8b --batches 1 8 32 --output-json out.json
 """
 
 from __future__ import annotations
@@ -23,17 +23,11 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(HERE))
-
-import bench_gpu  # noqa: E402
-
-from muxserve.engine.kv_cache import KVLayout  # noqa: E402
-from muxserve.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
-from muxserve.engine.model_config import ModelSpec  # noqa: E402
-from muxserve.ipc.runtime import Phase  # noqa: E402
+from benchmark.engine import bench_gpu
+from muxserve.engine.kv_cache import KVLayout
+from muxserve.engine.llm_engine import EngineConfig, LLMEngine
+from muxserve.engine.model_config import ModelSpec
+from muxserve.ipc.runtime import Phase
 
 GEMM_MARKERS = ("gemm", "gemv", "cutlass", "nvjet", "sm90_xmma", "cublas", "splitkreduce")
 
@@ -117,16 +111,21 @@ def profile_batch(bench: bench_gpu.Ours, batch: int, args, vocab: int) -> dict:
             "top": [{"name": n[:120], **v} for n, v in top]}
 
 
+def _cell(kinds: dict, kind: str) -> str:
+    """``ms (calls)`` of one kind of kernel in a report row, ``-`` where there was none."""
+    return f"{kinds[kind]['ms']:.3f} ({kinds[kind]['calls']:.0f})" if kind in kinds else "-"
+
+
 def report(result: dict) -> str:
     lines = [f"# Decode step profile: {result['shape']} ({'eager' if result['eager'] else 'CUDA graphs'}), "
              f"context {result['ctx']}", "", f"- device: {result['device']}", f"- command: `{result['command']}`", "",
-             "| batch | wall ms | kernels ms | gap ms | kernels/step | GEMM ms (calls) | Triton ms (calls) | other ms (calls) |",
+             "| batch | wall ms | kernels ms | gap ms | kernels/step | GEMM ms (calls) | Triton ms (calls) "
+             "| other ms (calls) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["batches"]:
         k = r["kinds"]
-        cell = lambda kind: (f"{k[kind]['ms']:.3f} ({k[kind]['calls']:.0f})" if kind in k else "-")  # noqa: E731
         lines.append(f"| {r['batch']} | {r['wall_ms']:.3f} | {r['kernel_ms']:.3f} | {r['gap_ms']:.3f} | "
-                     f"{r['kernels_per_step']:.0f} | {cell('gemm')} | {cell('triton')} | {cell('other')} |")
+                     f"{r['kernels_per_step']:.0f} | {_cell(k, 'gemm')} | {_cell(k, 'triton')} | {_cell(k, 'other')} |")
     for r in result["batches"]:
         lines += ["", f"Top kernels at batch {r['batch']} (ms per step, calls per step):", ""]
         lines += [f"- {t['ms']:.3f} ms, {t['calls']:.0f}x: `{t['name']}`" for t in r["top"]]

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Markdown tables from bench_gpu.py JSON files, with the performance targets marked.
 
-Example: python benchmark/engine/report_gpu.py benchmark/results/engine_gpu_h100_*.json -o benchmark/results/engine_gpu.md
+Example:
+    python -m benchmark.engine.report_gpu benchmark/results/engine_gpu_h100_*.json -o benchmark/results/engine_gpu.md
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def section(d: dict) -> list[str]:
             lines.append(f"| muxserve, only transformers' requests | {s['requests']} | {s['elapsed_s']:.2f} | "
                          f"{s['output_tokens_per_s']:.0f} |")
         if he:
-            lines.append(f"| transformers generate, batch {he['batch_size']} | {he['requests']} | {he['elapsed_s']:.2f} | "
-                         f"{he['output_tokens_per_s']:.0f} |")
+            lines.append(f"| transformers generate, batch {he['batch_size']} | {he['requests']} | "
+                         f"{he['elapsed_s']:.2f} | {he['output_tokens_per_s']:.0f} |")
             speed = e["output_tokens_per_s"] / he["output_tokens_per_s"]
             lines += ["", f"muxserve / transformers (batch 32): {speed:.1f}x output tokens/s "
                       f"(target >= {E2E_TARGET:.0f}x: {'met' if speed >= E2E_TARGET else 'missed'}). "

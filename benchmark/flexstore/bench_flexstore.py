@@ -17,8 +17,8 @@
    and bound to the shared weights): the first attach in this process (cold: includes torch's
    one-time meta-device setup) and the mean of ``--attach-repeats`` more.
 
-Example (CPU):  python benchmark/flexstore/bench_flexstore.py
-Example (GPU):  python benchmark/flexstore/bench_flexstore.py --device cuda --attach-shape llama-3-8b
+Example (CPU):  python -m benchmark.flexstore.bench_flexstore
+Example (GPU):  python -m benchmark.flexstore.bench_flexstore --device cuda --attach-shape llama-3-8b
 Writes ``benchmark/results/flexstore_<device>.json`` unless ``--output-json`` says otherwise.
 """
 
@@ -36,10 +36,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
-
-from muxserve.flexstore import FlexStoreClient, FlexStoreConfig, FlexStoreProcess, ModelEntry  # noqa: E402
-from muxserve.flexstore import protocol as P  # noqa: E402
+from muxserve.flexstore import FlexStoreClient, FlexStoreConfig, FlexStoreProcess, ModelEntry
+from muxserve.flexstore import protocol as P
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 LLAMA3_ROPE = {"rope_type": "default", "rope_theta": 500000.0}

@@ -8,7 +8,7 @@ driven the same way. Reported per model and overall: request and output-token th
 TPOT (excluding the first token), ITL (gaps between streamed chunks) and E2E latency, as mean,
 median and P99 in milliseconds, in vLLM's printed layout and JSON keys.
 
-    python benchmark/serve/bench_serve.py --base-url http://127.0.0.1:8000 \\
+    python -m benchmark.serve.bench_serve --base-url http://127.0.0.1:8000 \\
         --workload-file examples/basic/sharedgpt_n3_rate_3_2_1.json --result-file log/bench_serve.json
 
 Load stays on this machine: the server must resolve to a loopback address. Concurrency, request
@@ -32,8 +32,7 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from muxserve.workload.workload_file import WorkloadRequest, load_workload  # noqa: E402
+from muxserve.workload.workload_file import WorkloadRequest, load_workload
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from muxserve.cluster.frontdoor import FrontDoorState, refresh_models
 from muxserve.cluster.host import HostSpec, InstanceHost
@@ -77,12 +77,12 @@ def stop_hosts(actors: dict, graceful: bool, timeout_s: float) -> None:
         for name, ref in refs.items():
             if ref not in ready:
                 logger.warning("%s did not stop within %.0f s; killing its actor", name, timeout_s)
-    except Exception:  # noqa: BLE001 - an actor already gone; killing it below is enough
+    except Exception:
         logger.debug("stopping the instances", exc_info=True)
     for actor in actors.values():
         try:
             ray.kill(actor, no_restart=True)
-        except Exception:  # noqa: BLE001
+        except Exception:
             logger.debug("killing an actor", exc_info=True)
 
 
@@ -103,7 +103,7 @@ async def read_model_lists(state: FrontDoorState) -> None:
     async def one(view) -> None:
         try:
             await refresh_models(state, view)
-        except Exception as e:  # noqa: BLE001 - /v1/models falls back to the placement's names
+        except Exception as e:
             view.models = []  # not asked again until its next start
             logger.warning("%s: its model list was not read (%s); /v1/models shows the placement's names",
                            view.name, e)

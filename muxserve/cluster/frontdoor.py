@@ -14,8 +14,8 @@ import contextlib
 import hmac
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import httpx
 from fastapi import FastAPI, Request

@@ -192,7 +192,7 @@ class InstanceHost:
                     return
                 self._set(state="restarting", url=None, pid=None, error=error,
                           restarts=self._status["restarts"] + 1)
-        except Exception as e:  # noqa: BLE001 - reported through status(), which the driver watches
+        except Exception as e:
             self._set(state="failed", url=None, pid=None, error=f"{type(e).__name__}: {e}")
         finally:
             if self._proc is not None:

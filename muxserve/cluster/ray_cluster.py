@@ -143,7 +143,7 @@ class Reservation:
         for group in self.groups.values():
             try:
                 remove_placement_group(group)
-            except Exception:  # noqa: BLE001 - Ray may be going away already
+            except Exception:
                 logger.debug("removing a placement group failed", exc_info=True)
         self.groups.clear()
 

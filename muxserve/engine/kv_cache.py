@@ -17,10 +17,10 @@ so ``torch.tensor(pages).view(num_blocks, L, H)`` is its page table.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import gt, itemgetter
-from typing import Iterable, Sequence
 
 import torch
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence as Seq
 
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine
 from muxserve.engine.sampling_params import SamplingParams

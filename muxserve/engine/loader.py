@@ -9,8 +9,8 @@ shapes, from a seeded random draw (``checkpoint``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open

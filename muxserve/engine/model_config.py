@@ -74,7 +74,8 @@ class ModelSpec:
         num_heads = int(cfg["num_attention_heads"])
         num_kv_heads = int(cfg.get("num_key_value_heads") or num_heads)
         if num_heads % num_kv_heads:
-            raise ValueError(f"{source}: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+            raise ValueError(f"{source}: num_attention_heads {num_heads} is not a multiple of "
+                             f"num_key_value_heads {num_kv_heads}")
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // num_heads)
         if variant == "qwen2":
             bias = True  # Qwen2 always has q/k/v bias, whatever attention_bias says

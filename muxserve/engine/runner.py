@@ -160,7 +160,8 @@ class ModelRunner:
         torch.cumsum(lens, 0, out=cu[1:])
         positions = torch.arange(len(tokens), dtype=torch.int64) - torch.repeat_interleave(cu[:-1], lens)
         token_slots = torch.repeat_interleave(slot_t, lens)
-        parts = [torch.from_numpy(np.array(tokens, dtype=np.int64)), positions, token_slots, lens, slot_t, cu, cu[1:] - 1]
+        parts = [torch.from_numpy(np.array(tokens, dtype=np.int64)), positions, token_slots, lens, slot_t, cu,
+                 cu[1:] - 1]
         spans = _spans([p.numel() for p in parts])
         host = torch.zeros(sum(spans[-1]), dtype=torch.int64)  # up to the end of the last part
         for part, (start, n) in zip(parts, spans):

@@ -42,7 +42,8 @@ class ModelEntry(msgspec.Struct, frozen=True):
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format {self.load_format!r} of model {self.name!r}; choose from {LOAD_FORMATS}")
         if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size of model {self.name!r} must be >= 1, got {self.tensor_parallel_size}")
+            raise ValueError(f"tensor_parallel_size of model {self.name!r} must be >= 1, "
+                             f"got {self.tensor_parallel_size}")
         if len(self.devices) != self.tensor_parallel_size or len(set(self.devices)) != len(self.devices):
             raise ValueError(f"model {self.name!r}: devices {list(self.devices)} must name "
                              f"{self.tensor_parallel_size} distinct device(s), one per tensor-parallel rank")

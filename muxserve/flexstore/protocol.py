@@ -7,8 +7,6 @@ path (``Allocate`` -> ``Allocated``) small and fast.
 
 from __future__ import annotations
 
-from typing import Union
-
 import msgspec
 
 from muxserve.engine.model_config import ModelSpec
@@ -66,7 +64,7 @@ class Shutdown(_Msg):
     """Reply, then release every segment and exit."""
 
 
-Request = Union[Ping, GetInfo, Attach, Allocate, CanAllocate, Free, PagesOf, GetStats, Shutdown]
+Request = Ping | GetInfo | Attach | Allocate | CanAllocate | Free | PagesOf | GetStats | Shutdown
 
 
 # -- pieces of replies -------------------------------------------------------------------------
@@ -187,7 +185,7 @@ class Error(_Msg):
 
 ERROR_CODES = ("malformed", "unknown_model", "unknown_request", "invalid", "internal")
 
-Reply = Union[Pong, Info, AttachInfo, Allocated, Answer, Pages, Stats, Ok, Error]
+Reply = Pong | Info | AttachInfo | Allocated | Answer | Pages | Stats | Ok | Error
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)

@@ -97,8 +97,8 @@ class FlexStoreServer:
         self._auth.stop()
         self._context.term()
         path = self.address[len("ipc://"):]
-        if self._bound and self.address.startswith("ipc://") and not path.startswith("@"):  # libzmq may leave the file behind
-            Path(path).unlink(missing_ok=True)
+        if self._bound and self.address.startswith("ipc://") and not path.startswith("@"):
+            Path(path).unlink(missing_ok=True)  # libzmq may leave the file behind
 
 
 def _raise_exit(signum, _frame):

@@ -62,7 +62,8 @@ def bind_parameters(model: nn.Module, buffer: torch.Tensor, tensors: list[Tensor
     for t in tensors:
         nbytes = math.prod(t.shape) * itemsize
         if t.offset % itemsize or t.offset + nbytes > buffer.numel():
-            raise ValueError(f"tensor {t.name!r} at offset {t.offset} ({nbytes} B) does not fit a segment of {buffer.numel()} B")
+            raise ValueError(f"tensor {t.name!r} at offset {t.offset} ({nbytes} B) does not fit a segment of "
+                             f"{buffer.numel()} B")
         view = buffer[t.offset: t.offset + nbytes].view(dtype).view(t.shape)
         module_name, _, attr = t.name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, nn.Parameter(view, requires_grad=False))
@@ -89,7 +90,8 @@ def load_shared(entry: ModelEntry, folder: Path, device: torch.device, segment_n
 def attach_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, buffer: torch.Tensor,
                  tensors: list[TensorSpec], parallel: TensorParallel = SINGLE) -> nn.Module:
     """The runnable model (``parallel``: this rank's shard) on a mapped weight segment (``loader.load_model``)."""
-    return load_model(spec, dtype, device, None, parallel, bind=lambda model: bind_parameters(model, buffer, tensors, dtype))
+    return load_model(spec, dtype, device, None, parallel,
+                      bind=lambda model: bind_parameters(model, buffer, tensors, dtype))
 
 
 def _align(n: int) -> int:

@@ -12,8 +12,8 @@ import errno
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from muxserve.config import MuxServeConfig
 from muxserve.engine.kv_cache import DEFAULT_CPU_KV_BYTES, DEFAULT_PAGE_BYTES, KVLayout

@@ -13,9 +13,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from muxserve.config import MuxServeConfig
 from muxserve.engine.model_config import ModelSpec, end_token_ids
@@ -380,7 +380,7 @@ class Instance:
         if self.flexstore is not None:
             try:
                 self.flexstore.stop()
-            except Exception:  # noqa: BLE001 - keep stopping the rest
+            except Exception:
                 logger.exception("stopping FlexStore failed")
             self.flexstore = None
         self.runtimes.close()

@@ -1,1 +1,1 @@
-"""What the processes of an instance share: the typed messages between them, dtypes and devices, the run directory, parent/child lifetime."""
+"""What an instance's processes share: typed messages, dtypes and devices, the run directory, lifetime."""

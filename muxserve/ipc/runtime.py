@@ -9,7 +9,6 @@ sequence carries the pages appended since ``page_offset``; offset 0 replaces the
 from __future__ import annotations
 
 import enum
-from typing import Union
 
 import msgspec
 
@@ -62,8 +61,8 @@ class Failure(msgspec.Struct, tag="failure"):
     message: str
 
 
-ToRuntime = Union[Job, Shutdown]
-FromRuntime = Union[JobResult, Ready, Failure]
+ToRuntime = Job | Shutdown
+FromRuntime = JobResult | Ready | Failure
 
 _encoder = msgspec.msgpack.Encoder()
 _to_runtime = msgspec.msgpack.Decoder(ToRuntime)

@@ -1,4 +1,4 @@
-"""``python -m muxserve.muxsched.placement``: the original's command for the placement optimizer (``muxserve.placement``)."""
+"""``python -m muxserve.muxsched.placement``: the original's command for ``muxserve.placement``."""
 
 import sys
 

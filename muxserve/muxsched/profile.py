@@ -1,4 +1,4 @@
-"""``python -m muxserve.muxsched.profile``: the original's command for the cost profiler (``muxserve.placement.profiler``)."""
+"""``python -m muxserve.muxsched.profile``: the original's command for ``muxserve.placement.profiler``."""
 
 import sys
 

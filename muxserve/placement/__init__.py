@@ -1,1 +1,1 @@
-"""Placement: which LLMs share which GPU mesh. The LLMs' sizes, the unit-throughput estimator, greedy and ILP placement, cost tables and the cost profiler."""
+"""Placement of LLMs on GPU meshes: model sizes, estimator, greedy and ILP, cost tables, profiler."""

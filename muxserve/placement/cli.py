@@ -161,7 +161,8 @@ def write_outputs(out: Path, prefix: str, est: Estimator, placement: Placement, 
                        "weights_gb_per_gpu": round(sum(est.llms[n].mesh_weight_bytes(mesh.size, s.model_dtype)
                                                        for n in mesh.llms) / mesh.size / GB, 3),
                        "llms": mesh.llms,
-                       "estimated_costs": [n for n in mesh.llms if est.costs.is_estimated(est.llms[n].cost_key, mesh.size)],
+                       "estimated_costs": [n for n in mesh.llms
+                                           if est.costs.is_estimated(est.llms[n].cost_key, mesh.size)],
                        "launch": launch_command(str(out / config), list(mesh.devices), len(meshes), mps=True),
                        "launch_temporal": launch_command(str(out / temporal), list(mesh.devices), len(meshes),
                                                          mps=False)})
@@ -218,7 +219,8 @@ def table_text(rows: list[dict]) -> str:
     for r in rows:
         mark = "*" if r.get("estimated_costs") else ""
         lines.append(f"| {r['mesh']} | {r['node']} | {r['devices']} | {r['llm']} | {r['model']} | {r['rate']:g} | "
-                     f"{r['expected_tpt']:.3f}{mark} | {r['mps_percentage']} | {r['batch_size']} | {r['max_num_seqs']} |")
+                     f"{r['expected_tpt']:.3f}{mark} | {r['mps_percentage']} | {r['batch_size']} | "
+                     f"{r['max_num_seqs']} |")
     if any(r.get("estimated_costs") for r in rows):
         lines.append("* latencies of this mesh size estimated from a smaller one (--estimate-tp), not profiled")
     return "\n".join(lines)
@@ -246,7 +248,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--overload-sm", type=int, default=d.overload_sm,
                    help="decode SM %% of a mesh may add up to 100 + this (CPU tables with only 100 %%: use e.g. 200)")
     g.add_argument("--max-decode-sm", type=int, default=d.max_decode_sm)
-    g.add_argument("--prefill-sm", type=int, default=None, help="default: 80 up to 10B parameters, 90 up to 20B, else 100")
+    g.add_argument("--prefill-sm", type=int, default=None,
+                   help="default: 80 up to 10B parameters, 90 up to 20B, else 100")
     g.add_argument("--model-dtype", choices=("fp16", "bf16", "fp32"), default=d.model_dtype)
     g.add_argument("--decode-overhead-ms", type=float, default=0.0, help="scheduling cost per sequence and decode step")
     g.add_argument("--write-kv-bytes", action="store_true", help="also write kv_cache_bytes (the pool size; CPU runs)")
@@ -310,8 +313,8 @@ def main(argv=None) -> int:
         return 2
     print(table_text(summary["llms"]))
     line = (f"mesh group {summary['mesh_group']}: {summary['expected_tpt']:.3f} of {summary['total_rate']:g} req/s "
-            f"served ({summary['method']}); average lengths {summary['avg_prompt_len']:g}/{summary['avg_output_len']:g} "
-            f"from {summary['avg_lengths_from']}")
+            f"served ({summary['method']}); average lengths "
+            f"{summary['avg_prompt_len']:g}/{summary['avg_output_len']:g} from {summary['avg_lengths_from']}")
     if "ilp_tpt" in summary:
         line += f"; exact optimum {summary['ilp_tpt']:.3f} (greedy gap {summary['greedy_gap']:.2%})"
     print(line)

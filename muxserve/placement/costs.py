@@ -52,8 +52,8 @@ def models_of(table: dict) -> list[str]:
 def _check_levels(node: Any, path: list[str], source: str, levels: tuple[str, ...]) -> None:
     where = f"cost table {source}: {'/'.join(path)}"
     if not levels:
-        ok = isinstance(node, dict) and all(
-            isinstance(node.get(k), (int, float)) and not isinstance(node.get(k), bool) for k in ("prefill", "decoding"))
+        ok = isinstance(node, dict) and all(isinstance(node.get(k), (int, float)) and not isinstance(node.get(k), bool)
+                                            for k in ("prefill", "decoding"))
         if not ok:
             raise InputError(f"{where} must be {{\"prefill\": ms, \"decoding\": ms}}, got {node!r}")
         return
@@ -121,7 +121,8 @@ class TPEstimate(msgspec.Struct, frozen=True):
     def step_ms(self, t_m: float, m: int, n: int, tokens: int, layers: int, hidden: int, dtype_bytes: int) -> float:
         """The latency on ``n`` GPUs of a step that takes ``t_m`` ms on ``m`` GPUs (``m`` divides ``n``)."""
         s = self.serial_fraction
-        comm = self.comm_ms(n, tokens, layers, hidden, dtype_bytes) - self.comm_ms(m, tokens, layers, hidden, dtype_bytes)
+        comm = (self.comm_ms(n, tokens, layers, hidden, dtype_bytes)
+                - self.comm_ms(m, tokens, layers, hidden, dtype_bytes))
         return max(t_m * m / n, t_m * (s + (1 - s) * m / n) + comm)
 
     def derive(self, by_sm: dict, m: int, n: int, layers: int, hidden: int, dtype_bytes: int) -> dict:
@@ -169,7 +170,8 @@ class CostModel:
         self.estimated: dict[str, dict[int, int]] = {}  # model -> {estimated mesh size: profiled size it came from}
         self.latencies = lru_cache(maxsize=None)(self._latencies)
 
-    def add_tp_estimates(self, key: str, sizes, tp: TPEstimate, layers: int, hidden: int, dtype_bytes: int) -> list[int]:
+    def add_tp_estimates(self, key: str, sizes, tp: TPEstimate, layers: int, hidden: int,
+                         dtype_bytes: int) -> list[int]:
         """Add estimated entries for the mesh sizes in ``sizes`` that the table lacks for ``key``, each
         from the largest profiled size that divides it; returns the sizes added. Call before any lookup."""
         profiled = self.mesh_sizes(key)

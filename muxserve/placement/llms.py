@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import msgspec
 
@@ -86,7 +86,7 @@ def model_tp_facts(model: str) -> tuple[int, int, tuple[tuple[int, int], ...]]:
     return spec.num_layers, spec.hidden_size, tuple(ranks)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _spec(model: str):
     from muxserve.engine.model_config import ModelSpec
     from muxserve.engine.model_hub import resolve_model
@@ -97,7 +97,7 @@ def _spec(model: str):
         raise InputError(f"cannot size model {model!r} (placement reads its config.json): {e}") from None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _param_count(spec) -> int:
     """Parameters of the model of ``spec`` as the engine builds it (on the meta device)."""
     import torch
@@ -124,7 +124,8 @@ def describe_llms(entries: list[LLMEntry], costs: CostModel, dtype: str) -> list
                              "profile it with python -m muxserve.muxsched.profile --model KEY=MODEL")
         params, kv_elems = model_facts(e.model)
         layers, hidden, ranks = model_tp_facts(e.model)
-        out.append(PlacementLLM(e.name, e.model, e.rate, key, params, kv_elems * DTYPE_BYTES[dtype], layers, hidden, ranks))
+        out.append(PlacementLLM(e.name, e.model, e.rate, key, params, kv_elems * DTYPE_BYTES[dtype], layers, hidden,
+                                ranks))
     return out
 
 

@@ -225,7 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-lens", type=_ints, default=(32, 64, 128, 256, 512))
     p.add_argument("--sm-percentages", type=_ints, default=(100,), help="needs --mps-dir unless only 100")
     p.add_argument("--mps-dir", default=None, help="MPS folder of scripts/start_mps.sh (nvidia-mps, nvidia-log)")
-    p.add_argument("--num-gpus", type=int, default=1, help="mesh size; only 1 (larger meshes: the placement's --estimate-tp)")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="mesh size; only 1 (larger meshes: the placement's --estimate-tp)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (fp32, bf16, fp16)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per cell")
@@ -268,7 +269,8 @@ def run(args: argparse.Namespace) -> dict:
         if args.merge:
             table = load_cost_table(out)
         elif not args.overwrite:
-            raise InputError(f"output file {out} already exists; pass --overwrite to replace it or --merge to add to it")
+            raise InputError(f"output file {out} already exists; pass --overwrite to replace it or --merge to add "
+                             "to it")
     if args.mps_dir is not None and not args.device.startswith("cuda"):
         logger.warning("--mps-dir on %s: SM percentages have no effect off the GPU", args.device)
     for s in settings:

@@ -35,7 +35,8 @@ def synthetic_table(scales: dict[str, float], ngpus=(1, 2, 4), sms=tuple(range(3
         for n in ngpus:
             for sm in sms:
                 for bs in bss:
-                    row = table.setdefault(key, {}).setdefault(str(n), {}).setdefault(str(sm), {}).setdefault(str(bs), {})
+                    row = (table.setdefault(key, {}).setdefault(str(n), {}).setdefault(str(sm), {})
+                           .setdefault(str(bs), {}))
                     for sl in sls:
                         pre = s * (1.5 + 0.012 * bs * sl) * (100 / sm) ** 0.8 / n ** 0.75
                         dec = s * (6 + 0.04 * bs + 0.00004 * bs * sl) * (1 + 0.5 * (100 - sm) / 100) / n ** 0.6

@@ -1,1 +1,1 @@
-"""The multiplexed scheduler (ADBS and its baselines): requests, policies, KV quotas, SM units, statistics, runtime recovery."""
+"""The multiplexed scheduler (ADBS, baselines): requests, policies, quotas, SM units, statistics, recovery."""

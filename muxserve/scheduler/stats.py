@@ -120,7 +120,8 @@ def format_stats(summary: dict) -> str:
         lines.append(f"  Throughput {s['throughput_req_s']:.2f} requests/s {s['throughput_tok_s']:.1f} tokens/s")
         for key, label in (("latency_s", "avg latency"), ("ttft_s", "TTFT"), ("tpot_s", "TPOT")):
             d = s[key]
-            lines.append(f"  [{label}] mean: {d['mean']:.3f} s, p50: {d['p50']:.3f}, p90: {d['p90']:.3f}, p99: {d['p99']:.3f}")
+            lines.append(f"  [{label}] mean: {d['mean']:.3f} s, p50: {d['p50']:.3f}, p90: {d['p90']:.3f}, "
+                         f"p99: {d['p99']:.3f}")
         if "slo_attainment" in s:
             att = ", ".join(f"{k}x: {v:.1%}" for k, v in s["slo_attainment"].items())
             lines.append(f"  [SLO attainment] {att}")

@@ -16,9 +16,10 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import msgspec
@@ -331,7 +332,7 @@ async def _token_chunks(state: ServerState, gen: Generation, body, head: dict, c
                 first = False
     except ApiError as exc:
         yield sse(exc.body())
-    except Exception as exc:  # noqa: BLE001 - a bug while streaming one request ends that stream only
+    except Exception as exc:
         logger.exception("stream %s failed", head["id"])
         yield sse(ApiError(500, f"internal error while streaming: {type(exc).__name__}: {exc}").body())
     else:

@@ -14,7 +14,8 @@ The non-streaming answer is built from the same deltas, so the two always agree.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 INITIAL_CONTEXT = 5  # prompt tokens decoded with the first output token
 _INCOMPLETE = "\ufffd"

@@ -21,9 +21,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.engine.sequence import FinishReason
@@ -211,7 +212,7 @@ class EngineDriver:
                 self.instance.poll(wait, wake_fd=self._wake_r)
                 self._abort_failed()
                 self._flush()
-        except BaseException as exc:  # noqa: BLE001 - any failure ends the engine; report it
+        except BaseException as exc:
             logger.exception("engine failed")
             self.error = exc
             self._fail_all(500, f"the engine failed: {type(exc).__name__}: {exc}", abort=False)
@@ -253,7 +254,7 @@ class EngineDriver:
                 self._submit(cmd.handle)
             else:
                 self._abort(cmd.handle, cmd.reason)
-        except Exception as exc:  # noqa: BLE001 - a bug with one request fails that request only
+        except Exception as exc:
             logger.exception("%s of a request failed", type(cmd).__name__.strip("_").lower())
             self._fail(cmd.handle, exc)
 
@@ -284,7 +285,7 @@ class EngineDriver:
         for req_id in self._failed:
             try:
                 self.instance.abort(req_id)
-            except Exception:  # noqa: BLE001 - its client has its error; keep serving the others
+            except Exception:
                 logger.exception("abort of failed request %s failed", req_id)
         self._failed.clear()
 
@@ -302,7 +303,7 @@ class EngineDriver:
             try:
                 if abort:
                     self.instance.abort(req_id)
-            except Exception:  # noqa: BLE001 - the engine may be gone; the client still gets its error
+            except Exception:
                 logger.debug("abort of %s failed", req_id, exc_info=True)
             self.metrics.on_finish(tracked.request, FinishReason.ABORT, time.monotonic(), tracked.first_token)
             self._outbox.append((tracked.handle, ErrorEvent(status, message)))
@@ -315,7 +316,7 @@ class EngineDriver:
             return  # failed while the engine thread handled one of its tokens: aborted after the poll
         try:
             self._deliver_token(tracked, req, token)
-        except Exception as exc:  # noqa: BLE001 - called inside the scheduler: fail this request only
+        except Exception as exc:
             logger.exception("request %s: handling a token failed", req.req_id)
             self._fail(tracked.handle, exc)
 
@@ -343,7 +344,7 @@ class EngineDriver:
     def _refresh(self, fut: concurrent.futures.Future) -> None:
         try:
             self.metrics.set_load(self.instance.load())
-        except Exception as exc:  # noqa: BLE001 - a scrape must not kill the engine
+        except Exception as exc:
             fut.set_exception(exc)
             return
         fut.set_result(None)

@@ -107,7 +107,7 @@ def chat_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
     try:
         encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=body.add_generation_prompt,
                                                 tokenize=True)
-    except Exception as exc:  # noqa: BLE001 - a template error is the request's fault (jinja raises many kinds)
+    except Exception as exc:
         raise ApiError(400, f"messages could not be rendered with the chat template of `{model.name}`: {exc}",
                        "messages") from None
     if hasattr(encoded, "keys") and "input_ids" in encoded:  # transformers 5: a BatchEncoding

@@ -1,1 +1,1 @@
-"""Workloads: the generator (ShareGPT prompts, power-law rates, LMSYS traces), datasets, arrival processes, the models file and the workload file."""
+"""Workloads: generator (ShareGPT, power law, LMSYS traces), datasets, arrivals, models and workload files."""

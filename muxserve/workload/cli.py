@@ -2,7 +2,8 @@
 LMSYS-Chat-style traces. The original's command works as written::
 
     python muxserve/muxsched/workload_utils.py --dataset-source ShareGPT_V3_unfiltered_cleaned_split.json \\
-        --workload_info_from_yaml True --output-file examples/basic/workload.json --model-yaml examples/basic/models.yaml
+        --workload_info_from_yaml True --output-file examples/basic/workload.json \\
+        --model-yaml examples/basic/models.yaml
 
 Three modes (the first word picks one; without it, ``generate``):
 
@@ -89,13 +90,15 @@ def _add_common(p: argparse.ArgumentParser, *, arrivals: bool = True) -> None:
         a.add_argument("--start", type=float, default=0.0, help="time of the stream's start (s)")
         count = a.add_mutually_exclusive_group()
         count.add_argument("--num-requests", type=int, default=None,
-                           help=f"requests of the most popular LLM, others in proportion (default {DEFAULT_NUM_REQUESTS})")
+                           help="requests of the most popular LLM, others in proportion "
+                                f"(default {DEFAULT_NUM_REQUESTS})")
         count.add_argument("--duration", type=float, default=None, help="seconds of traffic per LLM")
         a.add_argument("--seed", type=int, default=0, help="equal seeds give byte-identical files")
 
 
 def _length_filter(args) -> LengthFilter:
-    return LengthFilter(args.min_turns, args.min_prompt_len, args.min_output_len, args.max_prompt_len, args.max_total_len)
+    return LengthFilter(args.min_turns, args.min_prompt_len, args.min_output_len, args.max_prompt_len,
+                        args.max_total_len)
 
 
 def _generate_options(args) -> GenerateOptions:
@@ -106,7 +109,8 @@ def _generate_options(args) -> GenerateOptions:
 def parser(mode: str) -> argparse.ArgumentParser:
     prog = "python -m muxserve.muxsched.workload_utils"
     if mode == "generate":
-        p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--model-yaml", required=True, help="models.yaml with the LLMs and their rates")
         p.add_argument("--workload_info_from_yaml", "--workload-info-from-yaml", type=_bool, default=True,
                        help="kept from the original: the LLMs and rates always come from --model-yaml")

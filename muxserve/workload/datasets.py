@@ -104,7 +104,8 @@ def read_json_records(path: str | Path, what: str) -> list[Any]:
             record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             if text.rstrip().endswith("]"):
-                raise InputError(f"{what} {path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+                raise InputError(f"{what} {path}: not valid JSON at line {e.lineno} column {e.colno}: "
+                                 f"{e.msg}") from None
             if not records:
                 raise InputError(f"{what} {path} is cut off before its first complete record") from None
             logger.warning("%s %s is cut off (no closing ']'); using its %d complete records", what, path, len(records))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -101,7 +102,8 @@ class Tokenizers:
             except InputError as e:
                 if self.override or name == DEFAULT_TOKENIZER:
                     raise
-                logger.warning("%s: %s; using the %s tokenizer (choose one with --tokenizer)", llm, e, DEFAULT_TOKENIZER)
+                logger.warning("%s: %s; using the %s tokenizer (choose one with --tokenizer)", llm, e,
+                               DEFAULT_TOKENIZER)
                 self._by_name[name] = self.for_model(llm, DEFAULT_TOKENIZER)
         return self._by_name[name]
 
@@ -126,7 +128,8 @@ def check_vocabulary(who: str, model: str, tokenizer_name: str, tokenizer) -> No
                          "the model with --tokenizer")
 
 
-def generate(llms: list[LLMEntry], tokenizers: Tokenizers, options: GenerateOptions) -> tuple[dict, list[WorkloadRequest]]:
+def generate(llms: list[LLMEntry], tokenizers: Tokenizers,
+             options: GenerateOptions) -> tuple[dict, list[WorkloadRequest]]:
     """Arrivals and ShareGPT requests for every LLM; returns (info, requests)."""
     llms = sorted(llms, key=lambda m: natural_key(m.name))
     for m in llms:  # every vocabulary, before the first request is drawn
@@ -155,9 +158,11 @@ def generate(llms: list[LLMEntry], tokenizers: Tokenizers, options: GenerateOpti
             times = np.empty(0)
         counts[m.name] = len(times)
         used_tokenizers[m.name], dialogs = tokenizers.for_model(m.name, m.model)
-        samples = dialogs.sample(stream(options.seed, 1, m.name), len(times), f"the dataset for {m.name}") if len(times) else []
+        samples = (dialogs.sample(stream(options.seed, 1, m.name), len(times), f"the dataset for {m.name}")
+                   if len(times) else [])
         for t, s in zip(np.round(times, 6).tolist(), samples):
-            requests.append(WorkloadRequest(len(requests), m.name, t, s.prompt_token_ids, capped_output_len(s, options.max_output_len)))
+            output_len = capped_output_len(s, options.max_output_len)
+            requests.append(WorkloadRequest(len(requests), m.name, t, s.prompt_token_ids, output_len))
         bar.update(len(samples))
     bar.close()
     info = {

@@ -57,7 +57,8 @@ def translate_lmsys(records: list[Any], tokenizer, *, source: str, start_day: fl
     for (stamp, _, model, _), s in kept:
         llm = mapping.setdefault(model, f"llm-{len(mapping)}")
         arrival = round((stamp - t0) / condense, 6)
-        requests.append(WorkloadRequest(len(requests), llm, arrival, s.prompt_token_ids, capped_output_len(s, max_output_len)))
+        output_len = capped_output_len(s, max_output_len)
+        requests.append(WorkloadRequest(len(requests), llm, arrival, s.prompt_token_ids, output_len))
     names = list(mapping.values())
     rates, counts = [], []
     for llm in names:

@@ -95,7 +95,8 @@ def write_workload(path: str | Path, info: dict[str, Any], requests: list[Worklo
     doc = {
         "info": info,
         "arrivals": [r.arrival for r in ordered],
-        "requests": [{"model_name": r.llm, "idx": i, "data": [r.prompt_token_ids, len(r.prompt_token_ids), r.output_len]}
+        "requests": [{"model_name": r.llm, "idx": i,
+                      "data": [r.prompt_token_ids, len(r.prompt_token_ids), r.output_len]}
                      for i, r in enumerate(ordered)],
     }
     files.write_json(path, doc)

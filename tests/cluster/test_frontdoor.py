@@ -249,6 +249,7 @@ def test_a_stream_cut_by_a_dying_instance_ends_with_an_error_event():
 
     r = run(go())
     assert r.status_code == 200
-    error = {"error": {"message": "LLM `a` is unavailable: its instance mesh0 did not answer (ReadError); retry in 10 s",
+    error = {"error": {"message": "LLM `a` is unavailable: its instance mesh0 did not answer (ReadError); "
+                                  "retry in 10 s",
                        "type": "ServiceUnavailableError", "param": None, "code": 503}}
     assert r.content == SSE[0] + b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"

@@ -143,7 +143,8 @@ def test_prefill_inputs_start_16_byte_aligned_whatever_the_lengths():
     runner = ModelRunner(torch.nn.Identity(), LAYOUT, UNUSED_ATTENTION, torch.device("cpu"), max_num_seqs=4,
                          max_model_len=256)
     rng = random.Random(1)
-    seqs = [_Seq(str(i), [rng.randrange(1000) for _ in range(n)], [], list(range(100 * i, 100 * i + LAYOUT.pages_for(n))))
+    seqs = [_Seq(str(i), [rng.randrange(1000) for _ in range(n)], [],
+                 list(range(100 * i, 100 * i + LAYOUT.pages_for(n))))
             for i, n in enumerate([5, 16, 40])]  # 61 tokens, 3 sequences: odd sizes everywhere
     input_ids, positions, meta, last_index = runner._prepare(seqs, True)
     parts = {"input_ids": input_ids, "positions": positions, "token_slots": meta.token_slots,

@@ -26,7 +26,7 @@ def test_incremental_growth_equals_a_full_rebuild():
     rng = random.Random(0)
     pages = {k: [] for k in "abc"}
     lens = {k: rng.randrange(1, 40) for k in pages}
-    for step in range(60):
+    for _ in range(60):
         keys = sorted(pages)
         for k in keys:
             lens[k] += rng.randrange(0, 9)

@@ -82,8 +82,10 @@ def test_unsupported_architecture_is_named(tmp_path):
     from transformers import GPT2Config
 
     folder = tmp_path / "gpt2"
-    GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100, architectures=["GPT2LMHeadModel"]).save_pretrained(folder)
-    with pytest.raises(ValueError, match=r"unsupported architecture \['GPT2LMHeadModel'\].*supported: LlamaForCausalLM"):
+    config = GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100, architectures=["GPT2LMHeadModel"])
+    config.save_pretrained(folder)
+    with pytest.raises(ValueError,
+                       match=r"unsupported architecture \['GPT2LMHeadModel'\].*supported: LlamaForCausalLM"):
         LLM(str(folder), kv_cache_bytes=TINY_KV_BYTES)
 
 
@@ -100,7 +102,8 @@ def test_unsupported_rope_type_is_named(tiny_model, tmp_path):
 def test_missing_tensor_is_named(tiny_model, tmp_path):
     folder = weights_only_copy(tiny_model("qwen2"), tmp_path / "missing",
                                drop=["model.norm.weight", "model.layers.1.self_attn.k_proj.bias"])
-    with pytest.raises(ValueError, match=r"lacks tensors for Qwen2ForCausalLM: .*'layers\.1\.self_attn\.qkv_proj\.bias@128'.*'norm\.weight'"):
+    with pytest.raises(ValueError, match=r"lacks tensors for Qwen2ForCausalLM: "
+                                         r".*'layers\.1\.self_attn\.qkv_proj\.bias@128'.*'norm\.weight'"):
         LLM(str(folder), kv_cache_bytes=TINY_KV_BYTES)
 
 
@@ -109,7 +112,8 @@ def test_wrong_shape_and_unknown_tensors_are_named(tiny_model, tmp_path):
 
     folder = weights_only_copy(tiny_model("qwen2"), tmp_path / "shape",
                                change={"model.layers.0.mlp.up_proj.weight": torch.zeros(255, 128)})
-    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj.weight' has shape \(255, 128\), expected \(256, 128\)"):
+    with pytest.raises(ValueError,
+                       match=r"'model.layers.0.mlp.up_proj.weight' has shape \(255, 128\), expected \(256, 128\)"):
         LLM(str(folder), kv_cache_bytes=TINY_KV_BYTES)
     folder = weights_only_copy(tiny_model("qwen2"), tmp_path / "extra", change={"model.extra.weight": torch.zeros(3)})
     with pytest.raises(ValueError, match="'model.extra.weight' has no place in Qwen2ForCausalLM"):

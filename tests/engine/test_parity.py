@@ -14,6 +14,7 @@ from conftest import TINY_ARCHS, TINY_KV_BYTES, assert_near_argmax, copy_with_co
 from safetensors import safe_open
 
 from muxserve.engine import LLM, SamplingParams
+from muxserve.ipc.runtime import Phase
 
 NUM_NEW = 32
 # 1 token; within one page; just past one page of 32 tokens (64-dim fp32) or four of 16 (128-dim);
@@ -22,14 +23,14 @@ PROMPT_LENS = (1, 7, 33, 50)
 GREEDY = SamplingParams(max_tokens=NUM_NEW, temperature=0, ignore_eos=True)
 
 
-def _record_steps(llm: LLM, monkeypatch) -> list[tuple[int, bool]]:
-    """Spy on the runner: (batch size, is_prefill) of every step."""
-    steps: list[tuple[int, bool]] = []
+def _record_steps(llm: LLM, monkeypatch) -> list[tuple[int, Phase]]:
+    """Spy on the runner: (batch size, phase) of every step."""
+    steps: list[tuple[int, Phase]] = []
     real_step = llm.engine.runner.step
 
-    def step(seqs, is_prefill):
-        steps.append((len(seqs), is_prefill))
-        return real_step(seqs, is_prefill)
+    def step(seqs, phase):
+        steps.append((len(seqs), phase))
+        return real_step(seqs, phase)
 
     monkeypatch.setattr(llm.engine.runner, "step", step)
     return steps
@@ -47,7 +48,7 @@ def test_greedy_matches_transformers(arch, tiny_model, monkeypatch):
     outputs = llm.generate(prompts, GREEDY)
 
     # One prefill of the whole batch, then one decode step of the whole batch per further token.
-    assert steps == [(len(prompts), True)] + [(len(prompts), False)] * (NUM_NEW - 1)
+    assert steps == [(len(prompts), Phase.PREFILL)] + [(len(prompts), Phase.DECODE)] * (NUM_NEW - 1)
     for prompt, out, exp in zip(prompts, outputs, expected):
         assert out.prompt_token_ids == prompt
         assert out.token_ids == exp
@@ -128,7 +129,7 @@ SMOLLM2_PROMPTS = [
 def test_smollm2_greedy_matches_transformers(smollm2_llm, smollm2_hf, monkeypatch):
     steps = _record_steps(smollm2_llm, monkeypatch)
     outputs = smollm2_llm.generate(SMOLLM2_PROMPTS, GREEDY)
-    assert steps[0] == (3, True) and len(steps) == NUM_NEW
+    assert steps[0] == (3, Phase.PREFILL) and len(steps) == NUM_NEW
     tokenizer = smollm2_llm.get_tokenizer()
     prompt_ids = [tokenizer(p)["input_ids"] for p in SMOLLM2_PROMPTS]
     assert [o.prompt_token_ids for o in outputs] == prompt_ids

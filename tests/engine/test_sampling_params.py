@@ -131,7 +131,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_top_p_applies_to_what_top_k_left():
     # top_k=3 leaves 0.5, 0.3, 0.15 (renormalized: 0.526, 0.316, 0.158); the mass before the third is 0.842.
-    torch.testing.assert_close(one_row(SamplingParams(top_k=3, top_p=0.8)), torch.tensor([0.0, 0.5 / 0.8, 0.0, 0.3 / 0.8]))
+    torch.testing.assert_close(one_row(SamplingParams(top_k=3, top_p=0.8)),
+                               torch.tensor([0.0, 0.5 / 0.8, 0.0, 0.3 / 0.8]))
     torch.testing.assert_close(one_row(SamplingParams(top_k=3, top_p=0.9)),
                                torch.tensor([0.0, 0.5 / 0.95, 0.15 / 0.95, 0.3 / 0.95]))
 
@@ -141,7 +142,8 @@ def test_temperature_scales_before_the_filters():
     # top_p=0.9 keeps the first two (mass before the third: 0.925).
     sharp = PROBS**2 / (PROBS**2).sum()
     torch.testing.assert_close(one_row(SamplingParams(temperature=0.5, top_p=0.9)),
-                               torch.tensor([0.0, sharp[1] / (sharp[1] + sharp[3]), 0.0, sharp[3] / (sharp[1] + sharp[3])]))
+                               torch.tensor([0.0, sharp[1] / (sharp[1] + sharp[3]), 0.0,
+                                             sharp[3] / (sharp[1] + sharp[3])]))
 
 
 @pytest.mark.parametrize("vocab", [3000, 40])
@@ -260,7 +262,8 @@ def test_a_greedy_rows_top_p_does_not_widen_the_candidates(monkeypatch):
     monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", 8)
     sorted_rows = []
     real_sort = torch.Tensor.sort
-    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **k: sorted_rows.append(self.shape) or real_sort(self, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "sort",
+                        lambda self, *a, **k: sorted_rows.append(self.shape) or real_sort(self, *a, **k))
     logits = torch.zeros(2, 100)
     logits[1, 7] = 50.0
     params = [SamplingParams(temperature=0, top_p=0.5), SamplingParams(top_k=3)]

@@ -19,7 +19,8 @@ from muxserve.engine.llm_engine import EngineConfig, LLMEngine
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.parallel import TensorParallel, shard_spec
 
-ARCHS = ("llama-gqa-hd64", "qwen2", "llama-hd128-tied", "llama-attn-bias")  # GQA 4/2; q/k/v bias; MHA + tied; o_proj bias
+# GQA 4/2; q/k/v bias; MHA + tied; o_proj bias
+ARCHS = ("llama-gqa-hd64", "qwen2", "llama-hd128-tied", "llama-attn-bias")
 PROMPTS = random_prompts((5, 23, 70), seed=11)
 MAX_TOKENS = 20
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)

@@ -51,7 +51,8 @@ def write_tiny_model(folder: Path, name: str, seed: int = 0) -> Path:
     with torch.no_grad():
         for pname, param in model.named_parameters():
             if param.dim() == 1:
-                param.copy_(1 + 0.3 * torch.randn_like(param) if pname.endswith("norm.weight") else torch.randn_like(param))
+                noise = torch.randn_like(param)
+                param.copy_(1 + 0.3 * noise if pname.endswith("norm.weight") else noise)
     model.save_pretrained(folder)
     return folder
 

@@ -50,9 +50,8 @@ def test_a_client_without_the_secret_never_reaches_the_request_loop(shared_store
     assert not client.owns("llama-c", "intruder")
     # FlexStoreClient says so at once instead of waiting for its timeout
     start = time.monotonic()
-    with FlexStoreClient(address, secret, timeout_s=20) as refused:
-        with pytest.raises(FlexStoreAuthError) as excinfo:
-            refused.allocate("llama-c", [("intruder", 2)])
+    with FlexStoreClient(address, secret, timeout_s=20) as refused, pytest.raises(FlexStoreAuthError) as excinfo:
+        refused.allocate("llama-c", [("intruder", 2)])
     assert time.monotonic() - start < 5
     assert str(excinfo.value) == f"FlexStore at {address} {REFUSED}"
     assert client.stats() == before and client.ping() == shared_store.pid
@@ -65,7 +64,8 @@ def test_a_client_notices_at_once_that_flexstore_died(tiny_models, tmp_path):
         with store.client(timeout_s=60) as client:
             assert client.ping() == store.pid
             os.kill(store.pid, signal.SIGSTOP)  # it cannot answer: the request waits ...
-            killer = subprocess.Popen([sys.executable, "-c", f"import os, time; time.sleep(0.5); os.kill({store.pid}, 9)"])
+            killer = subprocess.Popen([sys.executable, "-c",
+                                       f"import os, time; time.sleep(0.5); os.kill({store.pid}, 9)"])
             start = time.monotonic()
             with pytest.raises(FlexStoreDied) as excinfo:
                 client.allocate("llama-c", [("r", 2)])
@@ -86,8 +86,9 @@ def test_a_taken_tcp_port_fails_the_start_with_a_message_naming_it(tiny_models, 
         config = make_config(tiny_models, f"tcp://127.0.0.1:{port}", names=["llama-c"])
         with pytest.raises(RuntimeError) as excinfo:
             start_flexstore(config, tmp_path / "flexstore.log")
-    assert str(excinfo.value) == (f"FlexStore exited with code 1 before it was ready: error: FlexStore cannot listen on "
-                                  f"tcp://127.0.0.1:{port}: it is already in use (log: {tmp_path / 'flexstore.log'})")
+    assert str(excinfo.value) == ("FlexStore exited with code 1 before it was ready: error: FlexStore cannot listen "
+                                  f"on tcp://127.0.0.1:{port}: it is already in use "
+                                  f"(log: {tmp_path / 'flexstore.log'})")
 
 
 def test_standalone_flexstore_takes_its_secret_from_a_file_it_creates(tiny_models, tmp_path):

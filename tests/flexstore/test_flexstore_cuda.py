@@ -59,7 +59,8 @@ def test_cuda_kv_and_weights_are_shared_across_processes(cuda_store, tiny_models
 
 def test_cuda_engine_on_flexstore_generates_as_in_process(cuda_store, tiny_models):
     gen = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(0, 300, (int(n),), generator=gen).tolist() for n in torch.randint(3, 30, (6,), generator=gen)]
+    prompts = [torch.randint(0, 300, (int(n),), generator=gen).tolist()
+               for n in torch.randint(3, 30, (6,), generator=gen)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
     def run(engine):

@@ -11,7 +11,7 @@ import pytest
 from muxserve.config import MuxServeConfig
 from muxserve.errors import ConfigError
 from muxserve.flexstore.auth import SECRET_ENV
-from muxserve.instance.cli import check_instance_args, instance_options
+from muxserve.instance.cli import check_instance_args
 from muxserve.instance.instance import Instance
 from muxserve.launch import build_parser, check_args, launch_options
 

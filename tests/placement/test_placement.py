@@ -85,7 +85,8 @@ def test_estimator_on_exact_numbers(models):
     table = constant_table(models["small"], {50: 10.0}, max_bs=10**6)  # batches bound by KV only
     est = estimator([LLMEntry("a", models["small"], 12.0), LLMEntry("b", models["small"], 4.0)], table)
     cand = est.candidates["a"][1]
-    assert (cand.decode_sm, cand.prefill_sm, cand.batch_size, cand.throughput, cand.satisfied) == (50, 50, 3, 15.0, True)
+    assert (cand.decode_sm, cand.prefill_sm, cand.batch_size, cand.throughput, cand.satisfied) == (
+        50, 50, 3, 15.0, True)
     # colocated: tpt_i = bs_i / 0.3; a grows 1 -> 4 (ties go to the first), then b 1 -> 2
     both = est.estimate(1, ["b", "a"])
     assert both.batch_sizes == {"a": 4, "b": 2}
@@ -191,7 +192,8 @@ def test_cli_writes_configs_that_load(tmp_path, models, capsys):
     assert summary["spatial_num_gpus"] == sum(s["num_gpus"] for s in summary["spatial"])
     # the output folder is not written twice without --overwrite
     assert main(["--model-yaml", str(models_yaml), "--cost-file", str(costs), "--output-dir", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: output folder {out} is not empty; pass --overwrite to write into it"
+    assert capsys.readouterr().err.strip() == (f"error: output folder {out} is not empty; pass --overwrite to write "
+                                               "into it")
 
 
 def test_cli_takes_average_lengths_from_the_workload(tmp_path, models, capsys):
@@ -213,7 +215,8 @@ def test_cli_takes_average_lengths_from_the_workload(tmp_path, models, capsys):
 @pytest.mark.parametrize("change, message", [
     ({"cost": None}, "error: cost table {tmp}/missing.json does not exist"),
     ({"cost": {"x": {"1": {"100": {"1": {"32": {"prefill": 1}}}}}}},
-     "error: cost table {tmp}/costs.json: x/1/100/1/32 must be {{\"prefill\": ms, \"decoding\": ms}}, got {{'prefill': 1}}"),
+     "error: cost table {tmp}/costs.json: x/1/100/1/32 must be {{\"prefill\": ms, \"decoding\": ms}}, "
+     "got {{'prefill': 1}}"),
     ({"rate": None}, "error: {tmp}/models.yaml: models[0] ('llm-0') has no 'rate' (requests/s)"),
 ])
 def test_cli_errors(change, message, tmp_path, models, capsys):

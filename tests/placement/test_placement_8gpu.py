@@ -203,7 +203,8 @@ def test_cli_on_the_example(tmp_path, capsys):
             assert config.num_gpus == n and config.model_names == mesh["llms"]
             for m in config.models:
                 assert m.tensor_parallel_size == n and m.placement == [list(range(n))]
-                assert m.load_format == "random" and m.model_dtype == "bf16" and (Path(m.model) / "config.json").is_file()
+                assert m.load_format == "random" and m.model_dtype == "bf16"
+                assert (Path(m.model) / "config.json").is_file()
             # the launcher refuses requests of LLMs its config lacks: each mesh replays its own
             assert load_workload(config.workloads.workload_file).llms == sorted(mesh["llms"])
         devices = ",".join(map(str, mesh["devices"]))
@@ -229,7 +230,8 @@ def test_the_example_outputs_are_current(tmp_path):
     assert rc == 0
     fresh = json.loads((tmp_path / "placement.json").read_text())
     for kind in ("muxserve", "temporal", "spatial"):
-        assert sorted(fresh["files"][kind]) == sorted(json.loads((committed / "placement.json").read_text())["files"][kind])
+        expected = json.loads((committed / "placement.json").read_text())["files"][kind]
+        assert sorted(fresh["files"][kind]) == sorted(expected)
         for rel in fresh["files"][kind]:
             assert (committed / rel).read_text() == (tmp_path / rel).read_text(), rel
             config = load_config(committed / rel)

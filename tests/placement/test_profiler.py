@@ -13,8 +13,8 @@ from muxserve.placement.costs import load_cost_table
 
 
 def cells(table: dict) -> list[tuple[tuple[str, ...], dict]]:
-    return [((m, g, s, b, l), c) for m, gs in table.items() for g, ss in gs.items() for s, bs in ss.items()
-            for b, ls in bs.items() for l, c in ls.items()]
+    return [((m, g, s, b, sl), c) for m, gs in table.items() for g, ss in gs.items() for s, bs in ss.items()
+            for b, sls in bs.items() for sl, c in sls.items()]
 
 
 def test_profiler_writes_the_cost_table(tmp_path, tiny_model, capsys):
@@ -30,7 +30,7 @@ def test_profiler_writes_the_cost_table(tmp_path, tiny_model, capsys):
     got = cells(table)
     assert [k for k, _ in got[:4]] == [("tiny", "1", "100", "1", "8"), ("tiny", "1", "100", "1", "16"),
                                       ("tiny", "1", "100", "2", "8"), ("tiny", "1", "100", "2", "16")]
-    for (model, _, _, bs, sl), cell in got:
+    for (_, _, _, bs, sl), cell in got:
         assert set(cell) == {"prefill", "decoding"}
         assert cell["decoding"] > 0
         if int(bs) * int(sl) > 16:  # over --max-prefill-tokens
@@ -66,7 +66,8 @@ def test_sm_percentages_run_in_child_processes_with_the_mps_environment(tmp_path
                        "100,50", "--mps-dir", str(tmp_path / "mps"), "--output", str(out)])
     assert rc == 0
     assert [env for _, env in calls] == [
-        {"CUDA_MPS_PIPE_DIRECTORY": f"{tmp_path}/mps/nvidia-mps", "CUDA_MPS_LOG_DIRECTORY": f"{tmp_path}/mps/nvidia-log",
+        {"CUDA_MPS_PIPE_DIRECTORY": f"{tmp_path}/mps/nvidia-mps",
+         "CUDA_MPS_LOG_DIRECTORY": f"{tmp_path}/mps/nvidia-log",
          "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": pct} for pct in ("50", "100")]
     cmd = calls[0][0]
     assert cmd[1:3] == ["-m", "muxserve.muxsched.profile"] and cmd[cmd.index("--model") + 1] == "m=smollm2-135m"

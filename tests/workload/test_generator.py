@@ -115,7 +115,7 @@ def test_measured_rates_match_the_yaml_by_duration(tmp_path, dataset, smollm2_fo
         times = [r.arrival for r in workload.requests if r.llm == name]
         expected = rate * 100
         assert abs(len(times) - expected) < 4 * math.sqrt(expected), (name, len(times))
-        assert 0 < times[0] and times[-1] < 100
+        assert times[0] > 0 and times[-1] < 100
     assert workload.info["num_requests"] == [sum(r.llm == n for r in workload.requests) for n in rates]
 
 
@@ -380,7 +380,8 @@ def test_a_model_whose_vocabulary_cannot_hold_the_token_ids_is_refused(tmp_path,
 
     yaml_out = tmp_path / "power.yaml"
     assert main(["power-law", "--alpha", "1", "--llms", "smollm2-135m", str(shape), "--models-yaml-out",
-                 str(yaml_out), "--dataset-source", str(dataset), "--num-requests", "4", "--output-file", str(out)]) == 2
+                 str(yaml_out), "--dataset-source", str(dataset), "--num-requests", "4",
+                 "--output-file", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == refusal
     assert not out.exists() and not yaml_out.exists()
 

@@ -294,8 +294,8 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, tables: torch.Tensor, sl
     _decode_kernel[(b, num_kv_heads, num_splits)](
         q, kv, tables, slots, seq_lens, out, part_o, part_lse, layer, scale, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0), tables.stride(1), kv.stride(0),
-        kv.stride(1), kv.stride(2), H=num_kv_heads, GROUP=group, BLOCK_G=max(16, _pow2(group)), D=d, BLOCK_D=block_d, T=t,
-        BLOCK_N=block_n, SPLIT=num_splits > 1, IEEE=ieee, num_warps=warps, num_stages=stages,
+        kv.stride(1), kv.stride(2), H=num_kv_heads, GROUP=group, BLOCK_G=max(16, _pow2(group)), D=d, BLOCK_D=block_d,
+        T=t, BLOCK_N=block_n, SPLIT=num_splits > 1, IEEE=ieee, num_warps=warps, num_stages=stages,
     )
     if num_splits > 1:
         _decode_combine_kernel[(b, hq)](

@@ -15,7 +15,8 @@ def build_model(spec: ModelSpec, parallel: TensorParallel | None = None) -> Llam
     try:
         cls = MODEL_REGISTRY[spec.architecture]
     except KeyError:
-        raise ValueError(f"unsupported architecture {spec.architecture!r}; supported: {sorted(MODEL_REGISTRY)}") from None
+        raise ValueError(f"unsupported architecture {spec.architecture!r}; "
+                         f"supported: {sorted(MODEL_REGISTRY)}") from None
     return cls(spec, parallel)
 
 

@@ -7,8 +7,8 @@ columns and are followed by an all-reduce; ``spec`` stays the whole model's.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -199,7 +199,8 @@ class LlamaForCausalLM(nn.Module):
                 size = dest.shape[split_dim]
                 tensor = tensor.narrow(split_dim, rank * size, size)
             if dest.shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+                raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(dest.shape)}")
             dest.copy_(tensor)
             loaded.add((target, None if rows is None else rows[0]))
         missing = sorted(f"{n}@{o}" if o is not None else n for n, o in _expected_slots(params, fused) - loaded)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from .helpers import E2E  # noqa: F401  (puts the benchmark folders on sys.path)
-
 import pytest
-from e2e_metrics import Run, pooled_bases, run_metrics, slo_attainment, sustained_rate, sustained_table  # noqa: E402
-from e2e_plan import split_kv, split_shares  # noqa: E402
 
-from muxserve.scheduler.stats import BaseLatency, RequestRecord  # noqa: E402
-
+from benchmark.end_to_end.e2e_metrics import (
+    Run,
+    pooled_bases,
+    run_metrics,
+    slo_attainment,
+    sustained_rate,
+    sustained_table,
+)
+from benchmark.end_to_end.e2e_plan import split_kv, split_shares
+from muxserve.scheduler.stats import BaseLatency, RequestRecord
 
 # prefill 0.1 s at 10 tokens, 0.3 s at 30 (linear in between); decode step 0.01 s
 BASE = {"llm-0": BaseLatency(((10, 0.1), (30, 0.3)), 0.01), "llm-1": BaseLatency(((10, 0.2),), 0.02)}

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-from .helpers import REPO
-
 import json
 
 import pytest
 import yaml
-from e2e_placement import placement_groups  # noqa: E402
-from e2e_plan import GB, Machine, PlanOptions, default_groups, describe_llms, kv_budget, overload_units, plan_systems  # noqa: E402
 
-from muxserve.placement.synthetic import synthetic_table  # noqa: E402
-from muxserve.workload.models_file import (  # noqa: E402
+from benchmark.end_to_end.e2e_placement import placement_groups
+from benchmark.end_to_end.e2e_plan import (
+    GB,
+    Machine,
+    PlanOptions,
+    default_groups,
+    describe_llms,
+    kv_budget,
+    overload_units,
+    plan_systems,
+)
+from muxserve.placement.synthetic import synthetic_table
+from muxserve.workload.models_file import (
     LLMEntry,
     ModelsFile,
-    write_models_file,  # noqa: E402
+    write_models_file,
 )
-from muxserve.workload.workload_file import Workload, WorkloadRequest, write_workload  # noqa: E402
+from muxserve.workload.workload_file import Workload, WorkloadRequest, write_workload
 
+from .helpers import REPO
 
 SHAPES = ["llama-3.2-1b", "smollm2-1.7b", "llama-3.2-3b", "llama-3-8b"]
 RATES = [8.0, 3.3, 1.9, 1.2]

@@ -4,17 +4,16 @@ time, own ports), then analyze.py."""
 
 from __future__ import annotations
 
-from .helpers import E2E, run_script, write_shape, write_sharegpt
-
 import json
 import shutil
 import tarfile
 
-import analyze  # noqa: E402
 import pytest
 
-from muxserve.workload.workload_file import load_workload  # noqa: E402
+from benchmark.end_to_end import analyze
+from muxserve.workload.workload_file import load_workload
 
+from .helpers import run_module, write_shape, write_sharegpt
 
 pytestmark = pytest.mark.timeout(600)
 SYSTEMS = ("muxserve", "temporal", "spatial")
@@ -28,7 +27,7 @@ def e2e(tmp_path_factory, smollm2_folder):  # the workload generator tokenizes w
             "--dataset-source", str(write_sharegpt(root / "sharegpt.json")), "--max-output-len", "8",
             "--device", "cpu", "--gpu-memory-gb", "1", "--kv-cache-gb", "0.03", "--output-dir", str(root / "runs"),
             "--lanes", "2", "--port-base", "26000"]
-    proc = run_script(E2E / "run_end_to_end.py", *args)
+    proc = run_module("end_to_end.run_end_to_end", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root, args, proc
 
@@ -88,7 +87,7 @@ def test_two_lanes_ran_side_by_side_on_their_own_ports(e2e):
 
 def test_second_run_resumes_without_launching_and_exports(e2e):
     root, args, _ = e2e
-    proc = run_script(E2E / "run_end_to_end.py", *args, "--export-tgz", str(root / "out" / "runs.tgz"))
+    proc = run_module("end_to_end.run_end_to_end", *args, "--export-tgz", str(root / "out" / "runs.tgz"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "done 0, failed 0, pending 0, already there 3" in proc.stdout
     assert "running" not in proc.stdout
@@ -105,7 +104,7 @@ def test_a_call_for_some_systems_keeps_the_others_plans_and_description(e2e, tmp
     shutil.copytree(root / "runs", runs)
     out_at = args.index("--output-dir") + 1
     again = args[:out_at] + [str(runs)] + args[out_at + 1:] + ["--systems", "spatial", "--dry-run"]
-    proc = run_script(E2E / "run_end_to_end.py", *again)
+    proc = run_module("end_to_end.run_end_to_end", *again)
     assert proc.returncode == 0, proc.stderr[-2000:]
     plan = json.loads((runs / "points" / "alpha1.3_scale1" / "plan.json").read_text())
     assert sorted(plan["systems"]) == sorted(SYSTEMS)
@@ -115,7 +114,7 @@ def test_a_call_for_some_systems_keeps_the_others_plans_and_description(e2e, tmp
     # a call on another machine adds its description, and the report lists both
     first = dict(experiment["device_info"], cpu_count=64, muxserve_commit="abc1234")
     (runs / "experiment.json").write_text(json.dumps(dict(experiment, device_infos=[first])))
-    proc = run_script(E2E / "run_end_to_end.py", *again)
+    proc = run_module("end_to_end.run_end_to_end", *again)
     assert proc.returncode == 0, proc.stderr[-2000:]
     experiment = json.loads((runs / "experiment.json").read_text())
     assert experiment["device_infos"] == [first, experiment["device_info"]]

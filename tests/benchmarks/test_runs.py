@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from .helpers import E2E  # noqa: F401
-
 import json
 
 import pytest
-from e2e_plan import Launch, SystemPlan  # noqa: E402
-from e2e_runs import merge_parts  # noqa: E402
 
+from benchmark.end_to_end.e2e_plan import Launch, SystemPlan
+from benchmark.end_to_end.e2e_runs import merge_parts
 from muxserve.instance.instance import Instance
-
 
 
 def _record(idx, model, arrival, out_len, end=True):

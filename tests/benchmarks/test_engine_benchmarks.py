@@ -1,22 +1,17 @@
-"""CPU dry runs of the engine benchmarks that measure on GPUs: decode and sampling steps, tensor parallelism, the decode profile."""
+"""CPU dry runs of the engine benchmarks that measure on GPUs: decode and sampling steps, tensor parallelism,
+the decode profile."""
 
 from __future__ import annotations
 
-from .helpers import REPO
-
 import json
-import subprocess
-import sys
 
 import pytest
 
-
-ENGINE = REPO / "benchmark" / "engine"
+from .helpers import REPO, run_module
 
 
 def _run(script: str, *args: str, timeout: float = 240):
-    return subprocess.run([sys.executable, str(ENGINE / script), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_module("engine." + script.removesuffix(".py"), *args, timeout=timeout)
 
 
 def test_bench_tp_on_cpu_ranks_agree_with_tp1(tiny_model, tmp_path):
@@ -60,10 +55,9 @@ def test_profile_decode_dry_run_writes_its_tables(tiny_model, tmp_path):
 
 
 def test_a_batch_the_kv_cache_cannot_hold_is_refused_with_the_numbers(tiny_model):
-    sys.path.insert(0, str(ENGINE))
-    import bench_gpu
     import torch
 
+    from benchmark.engine import bench_gpu
     from muxserve.engine.llm_engine import EngineConfig, LLMEngine
 
     folder = tiny_model("llama-gqa-hd64")
@@ -126,7 +120,8 @@ def test_bench_gpu_dry_run_times_sampled_decode_steps(tmp_path):
     assert f"| temperature 1 | {sampled['temperature 1']['4x64'] * 1e3:.2f} |" in report.stdout
 
 
-@pytest.mark.parametrize("flag, value", [("--sampled-points", "32"), ("--eager-points", "0x512"), ("--prefill", "8xabc")])
+@pytest.mark.parametrize("flag, value", [("--sampled-points", "32"), ("--eager-points", "0x512"),
+                                         ("--prefill", "8xabc")])
 def test_bench_gpu_names_a_bad_point(flag, value):
     proc = _run("bench_gpu.py", "--device", "cpu", "--shape", "tiny", flag, value)
     assert proc.returncode == 2

@@ -1,4 +1,4 @@
-"""Helpers of the benchmark smoke tests: tiny config-only model shapes, a tiny ShareGPT file, script paths."""
+"""Helpers of the benchmark smoke tests: tiny config-only model shapes, a tiny ShareGPT file, running a module."""
 
 from __future__ import annotations
 
@@ -10,11 +10,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-E2E = REPO / "benchmark" / "end_to_end"
-CHAT = REPO / "benchmark" / "chatlmsys"
-for folder in (E2E, CHAT):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
 
 # Llama shapes small enough for a CPU; vocab of the smollm2-135m tokenizer that the workload
 # generator falls back to for config-only folders. They load with random weights.
@@ -49,7 +44,11 @@ def write_sharegpt(path: Path, n: int = 40, seed: int = 0) -> Path:
     return path
 
 
-def run_script(script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def run_module(module: str, *args: str, timeout: float = 300, cwd: Path = REPO,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m benchmark.MODULE ARGS`` (``module``: e.g. ``end_to_end.run_end_to_end``), the
+    repository on the path as when run from its root."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **(env or {})}
+    return subprocess.run([sys.executable, "-m", f"benchmark.{module}", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

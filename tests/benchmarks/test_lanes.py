@@ -3,8 +3,6 @@ and the scheduler of run_grid (runs faked: no process is started)."""
 
 from __future__ import annotations
 
-from .helpers import E2E  # noqa: F401
-
 import json
 import socket
 import tarfile
@@ -13,13 +11,13 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import e2e_grid  # noqa: E402
 import pytest
-from e2e_common import BenchError  # noqa: E402
-from e2e_lanes import LANE_PORTS, daemon_env, launch_env, launch_ports, make_lanes  # noqa: E402
-from e2e_plan import Launch, Machine, SystemPlan  # noqa: E402
-from e2e_runs import Cancelled, launch_command  # noqa: E402
 
+from benchmark.end_to_end import e2e_grid
+from benchmark.end_to_end.e2e_common import BenchError
+from benchmark.end_to_end.e2e_lanes import LANE_PORTS, daemon_env, launch_env, launch_ports, make_lanes
+from benchmark.end_to_end.e2e_plan import Launch, Machine, SystemPlan
+from benchmark.end_to_end.e2e_runs import Cancelled, launch_command
 
 SMI = [("0", "GPU-aaaa"), ("1", "GPU-bbbb"), ("2", "GPU-cccc"), ("3", "GPU-dddd")]
 

@@ -4,18 +4,15 @@ a CPU reach their measurements with tiny flags (and leave no temporary folder be
 
 from __future__ import annotations
 
-from .helpers import REPO
-
 import argparse
 import importlib
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
+from .helpers import REPO, run_module
 
 BENCH = REPO / "benchmark"
 # Every script under benchmark/ with a command line -> the arguments it cannot start without;
@@ -44,10 +41,7 @@ GPU_DEFAULTS = ("end_to_end/mps_sweep.py", "engine/bench_decode_attention.py", "
 
 
 def _module(script: str):
-    folder = str((BENCH / script).parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    return importlib.import_module((BENCH / script).stem)
+    return importlib.import_module("benchmark." + script.removesuffix(".py").replace("/", "."))
 
 
 class _Parsed(Exception):
@@ -100,9 +94,8 @@ def test_gpu_defaults_without_a_gpu_are_a_clear_error(script, capsys):
 
 def _run(script: str, *args: str, tmp_path, timeout: float = 240) -> subprocess.CompletedProcess:
     # TMPDIR: whatever a script leaves in the temporary folder stays in tmp_path, to be checked.
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = run_module(script.removesuffix(".py").replace("/", "."), *args, timeout=timeout, cwd=tmp_path,
+                      env={"TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from .helpers import write_shape
-
 import json
 import signal
 
 import pytest
-import run_chatlmsys  # noqa: E402
 import yaml
-from make_synthetic_trace import make_trace  # noqa: E402
 
-from muxserve.workload.workload_file import WorkloadRequest, load_workload  # noqa: E402
+from benchmark.chatlmsys import run_chatlmsys
+from benchmark.chatlmsys.make_synthetic_trace import make_trace
+from muxserve.workload.workload_file import WorkloadRequest, load_workload
 
+from .helpers import write_shape
 
 
 def test_synthetic_trace_is_reproducible_and_in_lmsys_format():

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from .helpers import E2E  # noqa: F401
-
 import json
 
-import mps_sweep  # noqa: E402
-
+from benchmark.end_to_end import mps_sweep
 
 
 def _table():

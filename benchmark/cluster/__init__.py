@@ -1,0 +1,1 @@
+"""The cluster front door: latency and throughput it adds."""

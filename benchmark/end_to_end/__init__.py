@@ -1,0 +1,1 @@
+"""End-to-end experiments: power-law workloads, placement, MuxServe vs temporal vs spatial, analysis and report."""

@@ -1,0 +1,1 @@
+"""The engine alone: decode and prefill steps, kernels, GEMMs, tensor parallelism, offline throughput."""

@@ -1,0 +1,1 @@
+"""FlexStore: allocation round trips and attach times."""
