@@ -21,6 +21,7 @@ from pathlib import Path
 
 import msgspec
 
+from muxserve import files
 from muxserve.config import MuxServeConfig, load_config
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--workload-file", help="workload JSON to replay (default: workloads.workload_file of the config)")
     g.add_argument("--split-by-model", help="serve only this LLM of the config and its requests (spatial partitioning)")
-    g.add_argument("--stats-file", help="write per-request records (with output token ids) and the summary as JSON")
+    g.add_argument("--stats-file", help="write per-request records (with output token ids) and the summary as JSON "
+                                        "(gzip-compressed when the name ends in .gz)")
     g.add_argument("--no-slo", action="store_true", help="skip measuring each LLM alone (no SLO attainment figures)")
     g.add_argument("--max-drain-s", type=float, default=None,
                    help="abort requests still unfinished this many seconds after the last arrival; they count "
@@ -232,10 +234,8 @@ def write_stats(args, records, summary, bases) -> None:
         "base_latency": {k: {"prefill_points": v.prefill_points, "decode_step": v.decode_step}
                          for k, v in (bases or {}).items()},
     }
-    path = Path(args.stats_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(msgspec.json.format(msgspec.json.encode(doc), indent=1))
-    logger.info("statistics written to %s", path)
+    files.write_json(args.stats_file, doc, indent=1)  # gzip-compressed when the name ends in .gz
+    logger.info("statistics written to %s", args.stats_file)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from muxserve import files
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,16 +23,30 @@ class BenchError(RuntimeError):
 
 
 def write_json(path: str | Path, doc: Any, indent: int | None = 1) -> None:
-    """Write JSON atomically (a crash leaves the old file or none, never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=indent) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (a crash leaves the old file or none, never half a file), gzip-compressed
+    when the name ends in ``.gz`` (what the runs write for per-request data)."""
+    data = (json.dumps(doc, indent=indent) + "\n").encode()
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    files.write_atomic(Path(path), data)
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file, ``.json`` or ``.json.gz``."""
+    return json.loads(files.read_bytes(path))
+
+
+STATS_SUFFIXES = (".json.gz", ".json")  # merged statistics as written now, and as older runs wrote them
+
+
+def stats_files(runs_dir: Path) -> list[tuple[str, Path]]:
+    """(system, file) of every merged statistics file ``points/<tag>/<system>.json.gz`` (or ``.json``)."""
+    found = []
+    for path in sorted((runs_dir / "points").glob("*/*.json*")):
+        system, _, suffix = path.name.partition(".")
+        if system in SYSTEMS and f".{suffix}" in STATS_SUFFIXES:
+            found.append((system, path))
+    return found
 
 
 def fmt_num(x: float) -> str:

@@ -10,7 +10,8 @@ Layout of the output folder::
         plan.json              colocation, per-system launches, placement command
         configs/               the model configs of every launch
         placement/             output of python -m muxserve.muxsched.placement (with a cost table)
-        <system>.json          merged statistics of a finished run  (resume: exists -> skipped)
+        <system>.json.gz       merged statistics of a finished run  (resume: exists -> skipped;
+                               .json from older runs counts too)
         <system>.error.txt     why the last attempt failed
         runs/<system>/         per-launch stdout (*.log) and runtime logs (logs/)
 """
@@ -31,7 +32,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmark.end_to_end.e2e_common import REPO, SYSTEMS, BenchError, read_json, write_json
+from benchmark.end_to_end.e2e_common import REPO, STATS_SUFFIXES, SYSTEMS, BenchError, read_json, write_json
 from benchmark.end_to_end.e2e_lanes import Lane, daemon_env, make_lanes
 from benchmark.end_to_end.e2e_placement import groups_doc, placement_groups
 from benchmark.end_to_end.e2e_plan import LLM, Machine, PlanOptions, default_groups, describe_llms, plan_systems
@@ -75,7 +76,12 @@ def point_dir(out: Path, point: Point) -> Path:
 
 
 def stats_path(out: Path, point: Point, system: str) -> Path:
-    return point_dir(out, point) / f"{system}.json"
+    """Where a finished run's merged statistics go (every request's record: compressed)."""
+    return point_dir(out, point) / f"{system}.json.gz"
+
+
+def finished(out: Path, point: Point, system: str) -> bool:
+    return any((point_dir(out, point) / f"{system}{suffix}").exists() for suffix in STATS_SUFFIXES)
 
 
 def record_command(out: Path, argv: list[str]) -> None:
@@ -89,7 +95,7 @@ def todo_systems(out: Path, point: Point, opts: GridOptions) -> list[str]:
     for system in RUN_ORDER:
         if system not in opts.systems:
             continue
-        if not opts.rerun and stats_path(out, point, system).exists():
+        if not opts.rerun and finished(out, point, system):
             continue
         if opts.skip_failed and (point_dir(out, point) / f"{system}.error.txt").exists():
             continue

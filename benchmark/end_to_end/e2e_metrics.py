@@ -23,7 +23,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmark.end_to_end.e2e_common import SYSTEMS, read_json
+from benchmark.end_to_end.e2e_common import read_json, stats_files
 from benchmark.end_to_end.e2e_runs import to_bases, to_records
 from muxserve.scheduler.stats import BaseLatency, RequestRecord, summarize
 
@@ -55,9 +55,8 @@ def load_run(path: Path) -> Run:
 
 
 def load_runs(runs_dir: Path) -> list[Run]:
-    """Every merged statistics file under ``runs_dir/points/*/``: ``<system>.json`` (plans and
-    index maps are other JSON files there)."""
-    return [load_run(path) for path in sorted((runs_dir / "points").glob("*/*.json")) if path.stem in SYSTEMS]
+    """Every merged statistics file under ``runs_dir/points/*/`` (``e2e_common.stats_files``)."""
+    return [load_run(path) for _, path in stats_files(runs_dir)]
 
 
 def pooled_bases(runs: list[Run], reference: str = "temporal") -> dict[str, BaseLatency]:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
-from benchmark.end_to_end.e2e_common import SYSTEM_LABELS, SYSTEMS, read_json
+from benchmark.end_to_end.e2e_common import SYSTEM_LABELS, SYSTEMS, read_json, stats_files
 
 SHOWN_SCALES = (1, 2, 3, 5, 8, 10, 15, 20)
 TARGET_TPT, TARGET_SUSTAINED = 1.5, 2.0  # targets vs spatial partitioning (alpha >= 1.3), after the paper's claims
@@ -128,10 +127,8 @@ def _lanes(runs_dir: Path) -> list[str]:
     """Whether runs ran side by side (run_end_to_end.py --lanes), from the lane each run recorded."""
     by_lane: dict[int, dict] = {}
     most = 0
-    for path in sorted((runs_dir / "points").glob("*/*.json")):
-        if path.stem not in SYSTEMS:
-            continue
-        lane = json.loads(path.read_text()).get("lane")
+    for _, path in stats_files(runs_dir):
+        lane = read_json(path).get("lane")
         if not lane:
             continue
         most = max(most, lane.get("num_lanes", 1))
@@ -287,13 +284,12 @@ def _targets(summary: dict) -> list[str]:
 def _notes(summary: dict, runs_dir: Path) -> list[str]:
     lines = ["## Notes", ""]
     skews = []
-    for path in sorted((runs_dir / "points").glob("*/*.json")):
-        if path.stem in SYSTEMS:
-            doc = json.loads(path.read_text())
-            skews.append(doc.get("replay_start_skew_s", 0.0))
-            if doc.get("unfinished"):
-                lines.append(f"- {path.parent.name} {path.stem}: {len(doc['unfinished'])} of "
-                             f"{doc['num_requests_expected']} requests unfinished")
+    for system, path in stats_files(runs_dir):
+        doc = read_json(path)
+        skews.append(doc.get("replay_start_skew_s", 0.0))
+        if doc.get("unfinished"):
+            lines.append(f"- {path.parent.name} {system}: {len(doc['unfinished'])} of "
+                         f"{doc['num_requests_expected']} requests unfinished")
     if skews:
         lines.append(f"- largest start skew between the launches of one run: {1000 * max(skews):.1f} ms")
     for err in sorted((runs_dir / "points").glob("*/*.error.txt")):

@@ -85,7 +85,7 @@ def launch_command(launch, point_dir: Path, run_dir: Path, rank: int, count: int
     ports = ports or {"flexstore": free_port()}
     cmd += ["--",
            str(point_dir / launch.config), "--workload-file", str(point_dir / launch.workload),
-           "--stats-file", str(run_dir / f"{launch.name}.stats.json"), "--flexstore-port", str(ports["flexstore"])]
+           "--stats-file", str(run_dir / f"{launch.name}.stats.json.gz"), "--flexstore-port", str(ports["flexstore"])]
     if "master" in ports:
         cmd += ["--master-port", str(ports["master"])]
     if "server" in ports:
@@ -144,7 +144,7 @@ def run_system(plan: SystemPlan, point_dir: Path, machine, lane: Lane, extra: li
                 out.write(" ".join(cmd) + "\n")
                 out.flush()
                 procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
-            parts.append({"launch": launch, "log": log, "stats": run_dir / f"{launch.name}.stats.json",
+            parts.append({"launch": launch, "log": log, "stats": run_dir / f"{launch.name}.stats.json.gz",
                           "command": cmd[cmd.index("--") + 1:]})
         deadline = time.monotonic() + timeout_s
         while any(p.poll() is None for p in procs):
@@ -231,6 +231,6 @@ def base_doc(bases: dict[str, BaseLatency]) -> dict:
 
 def compact(run_dir: Path) -> None:
     """Drop the per-launch stats files (their token ids make them large); logs stay."""
-    for path in run_dir.glob("*.stats.json"):
+    for path in run_dir.glob("*.stats.json*"):
         path.unlink()
 

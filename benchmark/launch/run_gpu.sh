@@ -12,13 +12,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/device.txt"
 
 python -m muxserve.launch "$cfg" --workload-file "$wl" --schedule-approach fcfs \
-    --log-dir /tmp/logs_temporal --stats-file "$out/launch_gpu_temporal_fcfs.json" \
+    --log-dir /tmp/logs_temporal --stats-file "$out/launch_gpu_temporal_fcfs.json.gz" \
     > "$out/launch_gpu_temporal_fcfs.log" 2>&1
 echo "temporal exit $?"; tail -3 /tmp/logs_temporal/*.log | grep -i -B2 error || true
 
 bash scripts/start_mps.sh /tmp/mps
 python -m muxserve.launch "$cfg" --workload-file "$wl" --schedule-approach adbs --mps-dir /tmp/mps \
-    --log-dir /tmp/logs_mps --stats-file "$out/launch_gpu_mps_adbs.json" \
+    --log-dir /tmp/logs_mps --stats-file "$out/launch_gpu_mps_adbs.json.gz" \
     > "$out/launch_gpu_mps_adbs.log" 2>&1
 echo "muxserve exit $?"; tail -3 /tmp/logs_mps/*.log | grep -i -B2 error || true
 bash scripts/stop_mps.sh /tmp/mps

@@ -26,12 +26,12 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from urllib.parse import urlparse
 
 import aiohttp
 import numpy as np
 
+from muxserve import files
 from muxserve.workload.workload_file import WorkloadRequest, load_workload
 
 
@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-duration", type=float, default=3600.0,
                    help="stop the run after this many seconds; unfinished requests count as failed (default: 3600)")
     p.add_argument("--metric-percentiles", default="99", help="comma-separated percentiles (default: 99)")
-    p.add_argument("--result-file", help="write the summary (overall and per model) and every request as JSON")
+    p.add_argument("--result-file", help="write the summary (overall and per model) and every request as JSON "
+                                         "(gzip-compressed when the name ends in .gz)")
     p.add_argument("--api-key", default=os.environ.get("MUXSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
                    help="sent as 'Authorization: Bearer KEY' (default: $MUXSERVE_API_KEY, else $OPENAI_API_KEY)")
     return p
@@ -245,10 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"base_url": args.base_url, "workload_file": args.workload_file, "num_requests": len(requests),
                "time_scale": args.time_scale, "max_concurrency": args.max_concurrency, **overall,
                "per_model": per_model, "requests": [asdict(r) for r in results]}
-        path = Path(args.result_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=1))
-        print(f"results written to {path}", file=sys.stderr)
+        files.write_json(args.result_file, doc, indent=1)  # gzip-compressed when the name ends in .gz
+        print(f"results written to {args.result_file}", file=sys.stderr)
     return 0 if not errors else 1
 
 

@@ -44,7 +44,7 @@ run() {  # name, server flags...
     local pid=$!
     if wait_healthy $pid; then
         python -m benchmark.serve.bench_serve --base-url "http://127.0.0.1:$port" --workload-file "$wl" \
-            --result-file "$out/serve_gpu_$name.json" > "$out/serve_gpu_$name.log" 2>&1
+            --result-file "$out/serve_gpu_$name.json.gz" > "$out/serve_gpu_$name.log" 2>&1
         echo "$name bench exit $?"
         python -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$port/metrics').read().decode())" \
             > "$out/serve_gpu_$name.metrics.txt"

@@ -11,6 +11,7 @@ import tarfile
 import pytest
 
 from benchmark.end_to_end import analyze
+from benchmark.end_to_end.e2e_common import read_json
 from muxserve.workload.workload_file import load_workload
 
 from .helpers import run_module, write_shape, write_sharegpt
@@ -41,7 +42,7 @@ def test_every_system_serves_every_request(e2e):
     models = (point / "models.yaml").read_text()
     assert "rate: 4.0" in models and "rate: 1.624505" in models  # 4 x 2^-1.3
     for system in SYSTEMS:
-        doc = json.loads((point / f"{system}.json").read_text())
+        doc = read_json(point / f"{system}.json.gz")
         assert doc["system"] == system and doc["unfinished"] == []
         assert doc["num_requests"] == doc["num_requests_expected"] == len(expected)
         assert doc["summary"]["overall"]["num_finished"] == len(expected)
@@ -51,8 +52,8 @@ def test_every_system_serves_every_request(e2e):
             assert (r["model"], r["prompt_len"], r["num_output_tokens"]) == (
                 want.llm, len(want.prompt_token_ids), want.output_len)
             assert r["arrival"] <= r["submit"] <= r["prefill_end"] <= r["end"]
-        assert not list((point / "runs" / system).glob("*.stats.json"))  # compacted
-    parts = {s: json.loads((point / f"{s}.json").read_text())["parts"] for s in SYSTEMS}
+        assert not list((point / "runs" / system).glob("*.stats.json*"))  # compacted
+    parts = {s: read_json(point / f"{s}.json.gz")["parts"] for s in SYSTEMS}
     assert [(p["launch"], p["schedule_approach"], p["split_by_model"]) for p in parts["spatial"]] == [
         ("llm-0", "fix", "llm-0"), ("llm-1", "fix", "llm-1")]
     assert [(p["launch"], p["schedule_approach"]) for p in parts["temporal"]] == [("mesh0", "fcfs")]
@@ -70,7 +71,7 @@ def test_every_system_serves_every_request(e2e):
 def test_two_lanes_ran_side_by_side_on_their_own_ports(e2e):
     root, _, proc = e2e
     point = root / "runs" / "points" / "alpha1.3_scale1"
-    docs = {s: json.loads((point / f"{s}.json").read_text()) for s in SYSTEMS}
+    docs = {s: read_json(point / f"{s}.json.gz") for s in SYSTEMS}
     # temporal starts on lane 0, muxserve next to it on lane 1, spatial on the lane freed first
     assert docs["temporal"]["lane"]["index"] == 0 and docs["muxserve"]["lane"]["index"] == 1
     assert "2 lanes, one run each at a time" in proc.stdout
@@ -93,7 +94,7 @@ def test_second_run_resumes_without_launching_and_exports(e2e):
     assert "running" not in proc.stdout
     with tarfile.open(root / "out" / "runs.tgz") as tar:
         names = tar.getnames()
-    assert {f"runs/points/alpha1.3_scale1/{s}.json" for s in SYSTEMS} <= set(names)
+    assert {f"runs/points/alpha1.3_scale1/{s}.json.gz" for s in SYSTEMS} <= set(names)
     assert "runs/experiment.json" in names and "runs/points/alpha1.3_scale1/models.yaml" in names
     assert not [n for n in names if "/logs" in n or n.endswith("workload.json")]
 

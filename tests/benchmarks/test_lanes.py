@@ -3,7 +3,6 @@ and the scheduler of run_grid (runs faked: no process is started)."""
 
 from __future__ import annotations
 
-import json
 import socket
 import tarfile
 import threading
@@ -14,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from benchmark.end_to_end import e2e_grid
-from benchmark.end_to_end.e2e_common import BenchError
+from benchmark.end_to_end.e2e_common import BenchError, read_json
 from benchmark.end_to_end.e2e_lanes import LANE_PORTS, daemon_env, launch_env, launch_ports, make_lanes
 from benchmark.end_to_end.e2e_plan import Launch, Machine, SystemPlan
 from benchmark.end_to_end.e2e_runs import Cancelled, launch_command
@@ -186,7 +185,7 @@ def test_two_lanes_run_every_run_once_two_at_a_time_and_export(tmp_path, monkeyp
     assert sorted((r[0], r[1]) for r in record["runs"]) == sorted((p.tag, s) for p in points
                                                                   for s in ("muxserve", "temporal", "spatial"))
     for p, system, lane, _, _ in record["runs"]:
-        doc = json.loads((out / "points" / p / f"{system}.json").read_text())
+        doc = read_json(out / "points" / p / f"{system}.json.gz")
         assert doc["lane"]["index"] == lane and doc["lane"]["num_lanes"] == 2
         assert doc["lane"]["gpus"] == (["0", "1"] if lane == 0 else ["2", "3"])
     # one daemon per lane and MPS run, for the lane's GPUs only, stopped after the run; none for temporal
@@ -195,7 +194,7 @@ def test_two_lanes_run_every_run_once_two_at_a_time_and_export(tmp_path, monkeyp
     assert {(d, gpus) for d, _, gpus in starts} <= {("lane0", "GPU-aaaa,GPU-bbbb"), ("lane1", "GPU-cccc,GPU-dddd")}
     with tarfile.open(tmp_path / "e.tgz") as tar:
         names = set(tar.getnames())
-    assert {f"runs/points/p{i}/{s}.json" for i in range(3) for s in ("muxserve", "temporal", "spatial")} <= names
+    assert {f"runs/points/p{i}/{s}.json.gz" for i in range(3) for s in ("muxserve", "temporal", "spatial")} <= names
     # resume: nothing left
     again = e2e_grid.run_grid(out, points, machine, _opts(tmp_path, lanes))
     assert len(again["skipped"]) == 9 and not again["done"]
@@ -222,7 +221,7 @@ def test_an_unexpected_error_stops_the_other_lanes(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="a bug"):
         e2e_grid.run_grid(tmp_path / "runs", points, Machine(1, "cpu", 1.0), _opts(tmp_path, lanes))
     assert time.monotonic() - t0 < 4.0  # the temporal run of the other lane was stopped, not waited for
-    assert not list((tmp_path / "runs").glob("points/*/*.json"))
+    assert not list((tmp_path / "runs").glob("points/*/*.json*"))
 
 
 def test_export_leaves_out_running_runs_and_vanished_files(tmp_path, monkeypatch):
