@@ -1,4 +1,5 @@
-"""model_config YAML: a valid file loads; every inconsistency is a ConfigError with an exact message."""
+"""model_config YAML: a valid file loads; every inconsistency is a ConfigError naming the file, the field
+and the value (our own checks word for word; msgspec's type checks by what they name, not its wording)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ import pytest
 
 from muxserve.config import load_config
 from muxserve.errors import ConfigError
+
+
+def assert_names(err, path, *fragments) -> None:
+    """The message starts with the file and names every fragment (the field, the bad value)."""
+    message = str(err.value)
+    assert message.startswith(f"{path}: "), message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
 
 VALID = """\
 num_gpus: 2
@@ -85,14 +95,14 @@ def test_duplicate_names(tmp_path):
 
 
 @pytest.mark.parametrize("pcts, where, bound", [
-    ("[130, 30]", "[0]", "`int` <= 100"),
-    ("[100, 0]", "[1]", "`int` >= 1"),
+    ("[130, 30]", "[0]", "100"),
+    ("[100, 0]", "[1]", "1"),
 ])
 def test_mps_percentage_out_of_range(tmp_path, pcts, where, bound):
     path = write(tmp_path, f"models:\n  - name: a\n    model: m\n    mps_percentage: {pcts}\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == f"{path}: Expected {bound} - at `$.models[0].mps_percentage{where}`"
+    assert_names(err, path, f"models[0].mps_percentage{where}", bound)
 
 
 def test_mps_percentage_needs_two_values(tmp_path):
@@ -143,33 +153,33 @@ def test_unknown_fields(tmp_path):
     path = write(tmp_path, "foo: 3\nmodels:\n  - name: a\n    model: m\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == f"{path}: Object contains unknown field `foo`"
+    assert_names(err, path, "foo")
     path = write(tmp_path, "models:\n  - name: a\n    model: m\n    bar: 1\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == f"{path}: Object contains unknown field `bar` - at `$.models[0]`"
+    assert_names(err, path, "bar", "models[0]")
 
 
 def test_bad_values(tmp_path):
     path = write(tmp_path, "models:\n  - name: a\n    model: m\n    model_dtype: int8\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == f"{path}: Invalid enum value 'int8' - at `$.models[0].model_dtype`"
+    assert_names(err, path, "'int8'", "models[0].model_dtype")
     path = write(tmp_path, "models: []\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == f"{path}: Expected `array` of length >= 1 - at `$.models`"
+    assert_names(err, path, "models", "1")
     path = write(tmp_path, "overload_threshold: 11\nmodels:\n  - name: a\n    model: m\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == f"{path}: Expected `int` <= 10 - at `$.overload_threshold`"
+    assert_names(err, path, "overload_threshold", "10")
 
 
 def test_missing_models(tmp_path):
     path = write(tmp_path, "num_gpus: 1\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == f"{path}: Object missing required field `models`"
+    assert_names(err, path, "models")
 
 
 def test_missing_file(tmp_path):

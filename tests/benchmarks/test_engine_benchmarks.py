@@ -89,16 +89,47 @@ def test_gemm_and_attention_benchmarks_name_a_missing_shape_and_a_missing_gpu():
             assert proc.returncode == 2 and f"{script}: error: needs a CUDA GPU (and triton)" in proc.stderr
 
 
+def _table(text: str, header: str) -> list[list[str]]:
+    """The cells of each row of the markdown table whose header line starts with ``header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header)) + 2  # past the header and |---|
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
 def test_report_gpu_tables_of_a_measured_run(tmp_path):
+    source = REPO / "benchmark/results/engine_gpu_h200_llama-3-8b.json"
+    run = json.loads(source.read_text())
+    ours, hf, peak = run["muxserve"], run["transformers"], run["ceilings"]["bf16_matmul_TFLOPs"]
     out = tmp_path / "engine.md"
-    proc = _run("report_gpu.py", str(REPO / "benchmark/results/engine_gpu_h200_llama-3-8b.json"), "-o", str(out))
+    proc = _run("report_gpu.py", str(source), "-o", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = out.read_text()
-    assert "| 1 | 512 | 4.66 | 3.54 | 1.31x | missed | 52.68 | 11.3x |" in text  # decode vs floor and transformers
-    assert "| 8 | 2048 | 5.17 | 4.03 | 1.28x | met | 56.64 | 11.0x |" in text
-    assert "| 128 | 2048 | 13.54 | 11.60 | 1.17x | n/a |" in text  # no target past batch 32
-    assert "| 1 | 512 | 4.627 | 0.051 | 4.527 | 0.048 | 0.102 | 0.045 | 1.28x | 1.31x |" in text  # breakdown
-    assert "| 1x2048 | 50.44 | 40606 | 589 | 75% | met | 59.43 |" in text
+    decode = _table(text, "| batch | context | muxserve | floor |")
+    assert [f"{b}x{c}" for b, c, *_ in decode] == list(ours["decode_s"])  # one row per measured point
+    for b, c, t, floor, ratio, target, t_hf, speed in decode:
+        key, batch = f"{b}x{c}", int(b)
+        assert (float(t), float(floor)) == pytest.approx((1e3 * ours["decode_s"][key], 1e3 * ours["floor_s"][key]),
+                                                         abs=0.006)
+        exact = ours["decode_s"][key] / ours["floor_s"][key]
+        assert float(ratio.removesuffix("x")) == pytest.approx(exact, abs=0.006)
+        assert target == ("n/a" if batch > 32 else "met" if exact <= 1.3 else "missed")  # 1.3x up to batch 32
+        assert float(t_hf) == pytest.approx(1e3 * hf["decode_s"][key], abs=0.006)
+        assert float(speed.removesuffix("x")) == pytest.approx(hf["decode_s"][key] / ours["decode_s"][key], abs=0.06)
+    breakdown = _table(text, "| batch | context | wall | host prep |")
+    assert [f"{b}x{c}" for b, c, *_ in breakdown] == list(ours["decode_breakdown"])
+    prefill = _table(text, "| prompts x tokens | muxserve ms |")
+    assert [row[0] for row in prefill] == list(ours["prefill_s"])
+    for key, t, _, tflops, frac, target, _ in prefill:
+        assert float(t) == pytest.approx(1e3 * ours["prefill_s"][key], abs=0.006)
+        assert float(tflops) == pytest.approx(ours["prefill_TFLOPs"][key], abs=0.6)
+        exact = ours["prefill_TFLOPs"][key] / peak
+        assert int(frac.removesuffix("%")) == round(100 * exact)
+        assert target == ("met" if exact >= 0.6 else "missed")  # 60 % of the matmul peak
 
 
 def test_bench_gpu_dry_run_times_sampled_decode_steps(tmp_path):

@@ -57,8 +57,8 @@ def _mesh(i: int, config: str, llms: list[str], **extra) -> dict:
     ("missing", "placement {tmp}/nope does not exist (give the placement's output folder or its placement.json)"),
     ("no_json", "placement folder {tmp} has no placement.json (write it with python -m muxserve.muxsched.placement "
                 "--output-dir {tmp})"),
-    ("not_json", "{tmp}/placement.json: not valid JSON near byte 1: object keys must be strings"),
-    ("no_config", "{tmp}/placement.json: Object missing required field `config` - at `$.meshes[0]`"),
+    ("not_json", "{tmp}/placement.json: not valid JSON near byte 1: "),  # then msgspec's reason
+    ("no_config", "{tmp}/placement.json: "),  # then msgspec's words naming `config` of meshes[0]
     ("config_missing", "{tmp}/placement.json: meshes[0] (mesh 0): config 'gone.yaml': model config {tmp}/gone.yaml "
                        "does not exist"),
     ("llms_differ", "{tmp}/placement.json: meshes[0] (mesh 0): placement.json lists LLMs ['a', 'b'] but its config "
@@ -85,7 +85,11 @@ def test_bad_placements_are_refused_naming_file_and_value(tmp_path, case, messag
         _placement(tmp_path, [_mesh(0, "a.yaml", ["a"], num_gpus=2)], {"a.yaml": ["a"]})
     with pytest.raises(ClusterError) as err:
         load_placement(target)
-    assert str(err.value) == message.format(tmp=tmp_path)
+    if case in ("not_json", "no_config"):  # the file and the place are ours, the reason msgspec's
+        assert str(err.value).startswith(message.format(tmp=tmp_path)), str(err.value)
+        assert case == "not_json" or ("config" in str(err.value) and "meshes[0]" in str(err.value))
+    else:
+        assert str(err.value) == message.format(tmp=tmp_path)
 
 
 def test_fit_nodes_keeps_each_placement_node_on_one_machine():

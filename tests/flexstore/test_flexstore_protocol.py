@@ -88,19 +88,19 @@ def test_double_free(client):
     still_serving(client)
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"\xc1", "malformed request: MessagePack data is malformed: invalid opcode '\\xc1' (byte 0)"),
-    (b"", "malformed request: Input data was truncated"),
-    (b"hello, flexstore", "malformed request: Expected `array`, got `int`"),
-    (msgspec.msgpack.encode(["Bogus"]), "malformed request: Invalid value 'Bogus' - at `$[0]`"),
-    (msgspec.msgpack.encode(["Allocate", "llama-a", "x"]),
-     "malformed request: Expected `array`, got `str` - at `$[2]`"),
-    (msgspec.msgpack.encode(["Allocate", "llama-a", [["r1", "ten"]]]),
-     "malformed request: Expected `int`, got `str` - at `$[2][0][1]`"),
-    (msgspec.msgpack.encode(["Free", "llama-a"]), "malformed request: Expected `array` of at least length 3, got 2"),
+@pytest.mark.parametrize("data, fragment", [
+    (b"\xc1", "(byte 0)"),  # where the bytes stop being MessagePack
+    (b"", ""),
+    (b"hello, flexstore", ""),
+    (msgspec.msgpack.encode(["Bogus"]), "'Bogus'"),  # the unknown request
+    (msgspec.msgpack.encode(["Allocate", "llama-a", "x"]), "[2]"),  # the field of the wrong type ...
+    (msgspec.msgpack.encode(["Allocate", "llama-a", [["r1", "ten"]]]), "[2][0][1]"),  # ... however deep
+    (msgspec.msgpack.encode(["Free", "llama-a"]), "3"),  # the fields a Free needs
 ])
-def test_garbage_bytes(client, data, message):
-    assert client.call_raw(data) == P.Error(code="malformed", message=message)
+def test_garbage_bytes(client, data, fragment):
+    reply = client.call_raw(data)
+    assert isinstance(reply, P.Error) and reply.code == "malformed"
+    assert reply.message.startswith("malformed request: ") and fragment in reply.message, reply.message
     still_serving(client)
 
 

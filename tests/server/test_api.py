@@ -244,7 +244,9 @@ def test_metrics_have_vllm_names_per_model_and_counters_move(client):
                      "vllm:request_time_per_output_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
                      "vllm:request_queue_time_seconds_count"):
             assert (name, (("model_name", model),)) in before, name
-        assert m(before, "vllm:time_to_first_token_seconds_bucket", model, le="+Inf") >= 0
+        # a histogram's +Inf bucket counts every observation
+        assert (m(before, "vllm:time_to_first_token_seconds_bucket", model, le="+Inf")
+                == m(before, "vllm:time_to_first_token_seconds_count", model))
     body = complete(client, model="tiny", prompt=[1, 2, 3, 4, 5], max_tokens=7, temperature=0)
     assert body["usage"]["completion_tokens"] == 7
     after = metrics(client)
@@ -254,6 +256,8 @@ def test_metrics_have_vllm_names_per_model_and_counters_move(client):
                         ("vllm:request_time_per_output_token_seconds_count", 1)):
         assert m(after, name, "tiny") - m(before, name, "tiny") == delta, name
         assert m(after, name, "smol") == m(before, name, "smol"), name
+    assert (m(after, "vllm:time_to_first_token_seconds_bucket", "tiny", le="+Inf")
+            - m(before, "vllm:time_to_first_token_seconds_bucket", "tiny", le="+Inf")) == 1
     assert (m(after, "vllm:request_success_total", "tiny", finished_reason="length")
             - m(before, "vllm:request_success_total", "tiny", finished_reason="length")) == 1
     total = after[("muxserve:kv_cache_total_pages", ())]
