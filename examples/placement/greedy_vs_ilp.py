@@ -4,7 +4,7 @@
     python examples/placement/greedy_vs_ilp.py --instances 1300
 
 Each seed makes 2-6 LLMs (1.1 B / 8 B / 13 B shapes, rates 0.2-20 req/s) on 1x2, 1x4, 2x2 or 1x8
-GPUs of 40 or 80 GB, with the synthetic A100-like cost table of ``muxserve.muxsched.synthetic``.
+GPUs of 40 or 80 GB, with the synthetic A100-like cost table of ``muxserve.placement.synthetic``.
 Instances that no placement can hold are skipped. Prints the worst gaps of the greedy alone
 (Algorithm 1) and of the greedy with local search (the default).
 """

@@ -18,9 +18,9 @@
    among those after which the remaining LLMs still fit (first fit, biggest first).
 5. **Local search** (not in the original): the best move of one LLM to another mesh, or swap of
    two, while the total F grows. The group with the largest total F wins (ties: the first
-   enumerated, i.e. the fewest and biggest meshes). ``placement_ilp`` solves the same problem
+   enumerated, i.e. the fewest and biggest meshes). ``placement.ilp`` solves the same problem
    exactly; on 1,189 random small instances the greedy alone was up to 30 % below the optimum and
-   the greedy with local search up to 4.7 % (README_SECTION.md).
+   the greedy with local search up to 4.7 % (README.md, "Placement optimizer").
 
 Model memory comes from each model's ``config.json`` (parameter count x dtype bytes). On a mesh of
 ``n`` GPUs an LLM runs with tensor parallelism ``n`` (as the original): each GPU holds one rank's
