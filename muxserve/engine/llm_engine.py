@@ -95,17 +95,8 @@ class LLMEngine:
             torch.cuda.set_device(self.device)
         self.folder = resolve_model(config.model)
         self.spec = ModelSpec.from_folder(self.folder)
-        tp = config.tensor_parallel_size
-        self.shard = shard_spec(self.spec, tp)  # rejects a tp that splits kv heads, before any loading
-        if tp == 1:
-            if parallel is not None and parallel.world_size != 1:
-                raise ValueError(f"parallel has world size {parallel.world_size} but tensor_parallel_size is 1")
-            parallel = TensorParallel()
-        elif parallel is None:
-            parallel = TensorParallel.from_group()
-        if parallel.world_size != tp:
-            raise ValueError(f"tensor_parallel_size {tp} != the process group's size {parallel.world_size}")
-        self.parallel = parallel
+        self.shard = shard_spec(self.spec, config.tensor_parallel_size)  # refuses a tp that splits kv heads
+        self.parallel = parallel = _rank(config.tensor_parallel_size, parallel)
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)
         if model is None:
@@ -119,13 +110,7 @@ class LLMEngine:
             pages = pool_pages(page_bytes, [self.device], config.kv_cache_bytes, config.gpu_memory_utilization)
             pool = KVPool.allocate(pages * page_bytes, self.device, page_bytes)
         self.pool = pool
-        if allocator is None:
-            allocator = PageAllocator(self.pool.num_pages)
-            allocator.register_model(self.model_name, self.layout)
-        elif self.model_name not in allocator.models:
-            raise ValueError(f"model {self.model_name!r} is not registered with the injected allocator "
-                             f"(it has {sorted(allocator.models)})")
-        self.allocator = allocator
+        self.allocator = self._allocator(allocator)
         backend = select_backend(config.attention_backend, self.device)
         attention = make_attention(backend, self.pool.view(self.layout), self.shard.num_heads,
                                    self.shard.num_kv_heads, self.shard.head_dim)
@@ -142,6 +127,17 @@ class LLMEngine:
         logger.info("loaded %s (%s, %s) on %s; KV pool %d pages of %d B = %d tokens per sequence at most",
                     self.folder, self.spec.architecture, self.dtype, self.device, self.pool.num_pages,
                     page_bytes, self.allocator.max_tokens(self.model_name))
+
+    def _allocator(self, injected):
+        """The injected allocator (on which this model must be registered), or a private one."""
+        if injected is None:
+            allocator = PageAllocator(self.pool.num_pages)
+            allocator.register_model(self.model_name, self.layout)
+            return allocator
+        if self.model_name not in injected.models:
+            raise ValueError(f"model {self.model_name!r} is not registered with the injected allocator "
+                             f"(it has {sorted(injected.models)})")
+        return injected
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         self.check_request(prompt_token_ids, params)
@@ -168,3 +164,15 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+
+def _rank(tp: int, parallel: TensorParallel | None) -> TensorParallel:
+    """This process's rank of a tensor-parallel group of ``tp`` (the default group when not given)."""
+    if tp == 1:
+        if parallel is not None and parallel.world_size != 1:
+            raise ValueError(f"parallel has world size {parallel.world_size} but tensor_parallel_size is 1")
+        return TensorParallel()
+    if parallel is None:
+        parallel = TensorParallel.from_group()
+    if parallel.world_size != tp:
+        raise ValueError(f"tensor_parallel_size {tp} != the process group's size {parallel.world_size}")
+    return parallel

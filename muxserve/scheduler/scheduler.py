@@ -14,13 +14,9 @@ back (``runtime_lost`` / ``runtime_ready``); an LLM whose runtime cannot come ba
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from muxserve.engine.sequence import FinishReason
 from muxserve.ipc.runtime import Job, JobResult, Phase
@@ -29,65 +25,18 @@ from muxserve.scheduler.quota import QuotaManager
 from muxserve.scheduler.recovery import LLMUnavailable, RuntimeRecovery
 from muxserve.scheduler.request import Request
 from muxserve.scheduler.sm_units import SMResource
+from muxserve.scheduler.state import (
+    Dispatch,
+    ErrorCallback,
+    LLMInfo,
+    RuntimeLink,
+    TokenCallback,
+    _Inflight,
+    _LLMState,
+)
 
 logger = logging.getLogger(__name__)
-__all__ = ["LLMInfo", "LLMUnavailable", "MuxScheduler", "RuntimeLink"]
-
-
-class RuntimeLink(Protocol):
-    """Where the jobs of one (LLM, phase) runtime go."""
-
-    def send(self, job: Job) -> None: ...
-
-
-@dataclass
-class LLMInfo:
-    name: str
-    prefill_units: int
-    decode_units: int
-    max_num_seqs: int  # the config's cap
-    eos_ids: frozenset[int]
-    max_model_len: int
-    vocab_size: int
-
-
-@dataclass
-class _LLMState:
-    info: LLMInfo
-    waiting: deque[Request] = field(default_factory=deque)  # FCFS; preempted go to the head
-    running: list[Request] = field(default_factory=list)  # prefilled, between decode steps
-    executing: int = 0  # requests inside in-flight jobs
-    wait_for_cache: bool = False  # a prefill found no pages: wait until some request finishes
-    release: dict[Phase, list[str]] = field(default_factory=lambda: {Phase.PREFILL: [], Phase.DECODE: []})
-    # How long decodable batches waited (SM units, a prefill with priority): from the moment the
-    # LLM had running requests and no decode in flight until its next decode job was sent.
-    decode_ready_since: float | None = None
-    decode_wait_s: float = 0.0
-    decode_jobs: int = 0
-
-    @property
-    def active(self) -> int:
-        return len(self.running) + self.executing
-
-
-@dataclass
-class _Inflight:
-    llm: str
-    phase: Phase
-    requests: list[Request]
-    units: list[int]
-
-
-class Dispatch(enum.Enum):
-    """What trying one LLM's prefill or decode came to."""
-
-    SENT = "sent"  # a job went out
-    SKIPPED = "skipped"  # nothing to run, or its runtime is busy or down
-    NO_SM_UNITS = "no_sm_units"  # a job was ready but the SM units it needs are taken
-
-
-TokenCallback = Callable[[Request, int], None]
-ErrorCallback = Callable[[Request], None]
+__all__ = ["ErrorCallback", "LLMInfo", "LLMUnavailable", "MuxScheduler", "RuntimeLink", "TokenCallback"]
 
 
 class MuxScheduler(RuntimeRecovery):
