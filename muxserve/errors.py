@@ -7,6 +7,9 @@ traceback. Failures of running processes are not here: they belong to the part t
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class InputError(ValueError):
     """A user input (file, flag, value) that is missing or malformed; the message names it."""
@@ -22,3 +25,12 @@ class WorkloadError(InputError):
 
 class ClusterError(InputError):
     """A placement that cannot run as a cluster, or a cluster command that cannot be carried out."""
+
+
+def command_status(body: Callable[[], int]) -> int:
+    """Run a command-line tool's ``body``: bad input (InputError) prints ``error: ...`` and gives status 2."""
+    try:
+        return body()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -12,14 +12,13 @@ import argparse
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import msgspec
 import yaml
 
 from muxserve.config import MuxServeConfig, check_config
-from muxserve.errors import ConfigError, InputError
+from muxserve.errors import ConfigError, InputError, command_status
 from muxserve.placement.costs import CostModel, TPEstimate, load_cost_table
 from muxserve.placement.estimator import Estimator
 from muxserve.placement.greedy import Placement, optimize, spatial_size
@@ -305,12 +304,12 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args = parse_args(argv)
-        summary = run(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return command_status(lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    args = parse_args(argv)
+    summary = run(args)
     print(table_text(summary["llms"]))
     line = (f"mesh group {summary['mesh_group']}: {summary['expected_tpt']:.3f} of {summary['total_rate']:g} req/s "
             f"served ({summary['method']}); average lengths "

@@ -37,7 +37,7 @@ from typing import Any
 
 import msgspec
 
-from muxserve.errors import InputError
+from muxserve.errors import InputError, command_status
 from muxserve.ipc.runtime import Phase
 from muxserve.placement.costs import load_cost_table
 
@@ -286,12 +286,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args = parse_args(argv)
-        table = run(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return command_status(lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    args = parse_args(argv)
+    table = run(args)
     if args.output and not args.worker_output:
         cells = sum(len(row) for m in table.values() for g in m.values() for s in g.values() for row in s.values())
         print(f"wrote {args.output}: {len(table)} model(s), {cells} cells")

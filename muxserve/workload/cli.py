@@ -24,7 +24,7 @@ import logging
 import sys
 from pathlib import Path
 
-from muxserve.errors import InputError
+from muxserve.errors import InputError, command_status
 from muxserve.workload.arrivals import DISTRIBUTIONS
 from muxserve.workload.datasets import SHAREGPT_FILE, LengthFilter, load_sharegpt, load_tokenizer, read_json_records
 from muxserve.workload.generator import (
@@ -200,12 +200,12 @@ def run(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body() -> int:
         print(run(list(sys.argv[1:] if argv is None else argv)))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return command_status(body)
 
 
 if __name__ == "__main__":
