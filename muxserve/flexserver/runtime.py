@@ -115,31 +115,27 @@ class Runtime:
 
     def serve(self) -> None:
         ctx = zmq.Context.instance()
-        jobs = ctx.socket(zmq.PULL)
-        jobs.connect(self.config.jobs_address)
-        results = ctx.socket(zmq.PUSH)
-        results.setsockopt(zmq.LINGER, 2000)
-        results.connect(self.config.results_address)
+        jobs = M.JobReceiver(ctx, self.config.jobs_address)
+        results = M.ResultSender(ctx, self.config.results_address)
         name = self.config.name
         try:
             self.attach()
-            results.send(M.encode(M.Ready(name, os.getpid())))
+            results.send(M.Ready(name, os.getpid()))
             logger.info("%s ready (pid %d)", name, os.getpid())
             while True:
-                msg = M.decode_to_runtime(jobs.recv())
+                msg = jobs.receive()
                 if isinstance(msg, M.Shutdown):
                     break
                 start = time.perf_counter()
                 tokens = self.run_job(msg)
                 if self.config.tp_rank == 0:  # every rank has the same tokens (rank 0's, broadcast)
-                    results.send(M.encode(M.JobResult(msg.job_id, self.config.group, tokens,
-                                                      time.perf_counter() - start)))
+                    results.send(M.JobResult(msg.job_id, self.config.group, tokens, time.perf_counter() - start))
         except Exception as exc:  # report, then die: the launcher stops everything
             logger.exception("%s failed", name)
-            results.send(M.encode(M.Failure(name, f"{type(exc).__name__}: {exc}")))
+            results.send(M.Failure(name, f"{type(exc).__name__}: {exc}"))
             raise
         finally:
-            jobs.close(linger=0)
+            jobs.close()
             results.close()
             if self.config.tp_size > 1:
                 # Drop the decode graphs (they hold the communicator's kernels) before NCCL teardown.

@@ -167,8 +167,8 @@ class Instance:
             if time.monotonic() > deadline:
                 waiting = sorted(g.name for g in groups if g.state is not RuntimeState.READY)
                 raise TimeoutError(f"runtimes not ready after {self.options.ready_timeout_s} s: {waiting}")
-            if self.runtimes.wait(200):
-                msg = self.runtimes.receive()
+            if self.runtimes.results.wait(200):
+                msg = self.runtimes.results.receive()
                 if isinstance(msg, M.Failure):
                     raise RuntimeError(f"runtime {msg.runtime} failed at start: {msg.message}")
                 if isinstance(msg, M.Ready):
@@ -304,10 +304,11 @@ class Instance:
         finished = []
         restart_in = self.supervisor.next_restart_in()
         wait_s = timeout_s if restart_in is None else min(timeout_s, restart_in)
-        if self.runtimes.wait(max(0, int(wait_s * 1000)), wake_fd):
+        results = self.runtimes.results
+        if results.wait(max(0, int(wait_s * 1000)), wake_fd):
             while True:
-                finished.extend(self._on_message(self.runtimes.receive()))
-                if not self.runtimes.wait(0):
+                finished.extend(self._on_message(results.receive()))
+                if not results.wait(0):
                     break
             self._supervise()
         return finished

@@ -1,5 +1,5 @@
 """The runtime processes of an instance: two per LLM (and per tensor-parallel rank), their command
-lines and rendezvous, and the sockets that carry their jobs and results."""
+lines and rendezvous, and the instance's ends of the channels to them (``ipc.runtime``)."""
 
 from __future__ import annotations
 
@@ -13,23 +13,6 @@ from muxserve.instance.processes import Child, ProcessGroup
 from muxserve.instance.supervisor import RuntimeGroup
 from muxserve.ipc import runtime as M
 from muxserve.ipc.runtime import Phase
-
-
-class JobLink:
-    """The PUSH sockets that carry one (LLM, phase) runtime's jobs: one per tensor-parallel rank,
-    each rank getting every job. A send never blocks: a rank that is gone leaves ``undelivered`` set."""
-
-    def __init__(self, sockets: list[zmq.Socket]):
-        self.sockets = sockets
-        self.undelivered = False
-
-    def send(self, message: M.Job | M.Shutdown) -> None:
-        data = M.encode(message)
-        for socket in self.sockets:
-            try:
-                socket.send(data, zmq.NOBLOCK)
-            except zmq.Again:  # no connected peer: the process died (or never connected)
-                self.undelivered = True
 
 
 def runtime_name(llm: str, phase: Phase, rank: int, tp: int) -> str:
@@ -58,10 +41,9 @@ class Runtimes:
         self.flexstore_address = flexstore_address
         self.secret = secret
         self.processes = processes
-        self.links: dict[tuple[str, Phase], JobLink] = {}
+        self.links: dict[tuple[str, Phase], M.JobSender] = {}
         self._ctx = zmq.Context()
-        self._sockets: list[zmq.Socket] = []
-        self._results: zmq.Socket | None = None
+        self._results: M.ResultReceiver | None = None
         self._tp_groups = [(m.name, phase) for m in config.models for phase in Phase if m.tensor_parallel_size > 1]
 
     @property
@@ -70,20 +52,11 @@ class Runtimes:
 
     def bind(self) -> None:
         """Bind the results socket and one job link per (LLM, phase), before any runtime starts."""
-        self._results = self._socket(zmq.PULL, self.results_address)
+        self._results = M.ResultReceiver(self._ctx, self.results_address)
         for i, m in enumerate(self.config.models):
             for phase in Phase:
-                self.links[(m.name, phase)] = JobLink(
-                    [self._socket(zmq.PUSH, self._jobs_address(i, phase, rank), linger=0)
-                     for rank in range(m.tensor_parallel_size)])
-
-    def _socket(self, kind: int, address: str, linger: int | None = None) -> zmq.Socket:
-        sock = self._ctx.socket(kind)
-        if linger is not None:
-            sock.setsockopt(zmq.LINGER, linger)
-        sock.bind(address)
-        self._sockets.append(sock)
-        return sock
+                addresses = [self._jobs_address(i, phase, rank) for rank in range(m.tensor_parallel_size)]
+                self.links[(m.name, phase)] = M.JobSender(self._ctx, addresses)
 
     def _jobs_address(self, index: int, phase: Phase, rank: int) -> str:
         return f"ipc://{self.run_dir}/{index}-{phase.value}" + (f"-{rank}" if rank else "")
@@ -118,18 +91,10 @@ class Runtimes:
             return f"tcp://{self.options.dist_host}:{self.options.dist_base_port + k}"
         return f"file://{self.run_dir}/rendezvous-{k}-{group.starts}"
 
-    def wait(self, timeout_ms: int, wake_fd: int | None = None) -> bool:
-        """Whether a message from a runtime is waiting, after at most ``timeout_ms``; a readable
-        ``wake_fd`` ends the wait early."""
-        if wake_fd is None:
-            return bool(self._results.poll(timeout_ms))
-        poller = zmq.Poller()
-        poller.register(self._results, zmq.POLLIN)
-        poller.register(wake_fd, zmq.POLLIN)
-        return self._results in dict(poller.poll(timeout_ms))
-
-    def receive(self) -> M.JobResult | M.Ready | M.Failure:
-        return M.decode_from_runtime(self._results.recv())
+    @property
+    def results(self) -> M.ResultReceiver:
+        """Where every runtime's answers arrive (bound by ``bind``)."""
+        return self._results
 
     def shutdown(self) -> None:
         """Ask every runtime still listening to exit."""
@@ -137,9 +102,11 @@ class Runtimes:
             link.send(M.Shutdown())
 
     def close(self) -> None:
-        for sock in self._sockets:
-            sock.close(linger=0)
-        self._sockets.clear()
+        for link in self.links.values():
+            link.close()
+        if self._results is not None:
+            self._results.close()
+            self._results = None
         self.links = {}
         if not self._ctx.closed:
             self._ctx.term()

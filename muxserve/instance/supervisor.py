@@ -137,9 +137,8 @@ class Supervisor:
     def check(self) -> list[Event]:
         """Notice dead processes (each costs its group a restart) and start the groups whose back-off is over."""
         events: list[Event] = []
-        exited = self.processes.exited()
         for group in self.groups.values():
-            dead = [c for c in group.children if c in exited]
+            dead = [c for c in group.children if c.proc.poll() is not None]
             if dead:
                 events.append(self.lose(group, "; ".join(map(self._death, dead))))
         now = self.clock()

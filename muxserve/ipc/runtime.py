@@ -1,9 +1,10 @@
-"""Typed messages between the scheduler and the runtimes (msgpack over ZeroMQ).
+"""Typed messages between the scheduler and the runtimes (msgpack over ZeroMQ), and the channels that carry them.
 
 The scheduler sends a ``Job`` (one prefill or decode step of one LLM); the runtime answers with
 a ``JobResult`` holding one sampled token per sequence. Page ids travel incrementally: a
 sequence carries the pages appended since ``page_offset``; offset 0 replaces the whole table
-(a first step, or a recompute after preemption).
+(a first step, or a recompute after preemption). The instance binds every socket (``JobSender``,
+``ResultReceiver``); a runtime connects to them (``JobReceiver``, ``ResultSender``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import enum
 
 import msgspec
+import zmq
 
 
 class Phase(str, enum.Enum):
@@ -79,3 +81,81 @@ def decode_to_runtime(data: bytes) -> Job | Shutdown:
 
 def decode_from_runtime(data: bytes) -> JobResult | Ready | Failure:
     return _from_runtime.decode(data)
+
+
+class JobSender:
+    """The instance's end of one (LLM, phase) runtime's jobs: a PUSH socket per tensor-parallel rank,
+    each rank getting every job. A send never blocks: a rank that is gone leaves ``undelivered`` set."""
+
+    def __init__(self, context: zmq.Context, addresses: list[str]):
+        self.sockets = []
+        for address in addresses:
+            sock = context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(address)
+            self.sockets.append(sock)
+        self.undelivered = False
+
+    def send(self, message: Job | Shutdown) -> None:
+        data = encode(message)
+        for sock in self.sockets:
+            try:
+                sock.send(data, zmq.NOBLOCK)
+            except zmq.Again:  # no connected peer: the process died (or never connected)
+                self.undelivered = True
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close(linger=0)
+
+
+class ResultReceiver:
+    """The instance's end of every runtime's answers (results, readiness, failures)."""
+
+    def __init__(self, context: zmq.Context, address: str):
+        self.socket = context.socket(zmq.PULL)
+        self.socket.bind(address)
+
+    def wait(self, timeout_ms: int, wake_fd: int | None = None) -> bool:
+        """Whether a message is waiting, after at most ``timeout_ms``; a readable ``wake_fd`` ends the wait early."""
+        if wake_fd is None:
+            return bool(self.socket.poll(timeout_ms))
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(wake_fd, zmq.POLLIN)
+        return self.socket in dict(poller.poll(timeout_ms))
+
+    def receive(self) -> JobResult | Ready | Failure:
+        return decode_from_runtime(self.socket.recv())
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class JobReceiver:
+    """A runtime's end of its jobs."""
+
+    def __init__(self, context: zmq.Context, address: str):
+        self.socket = context.socket(zmq.PULL)
+        self.socket.connect(address)
+
+    def receive(self) -> Job | Shutdown:
+        return decode_to_runtime(self.socket.recv())
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class ResultSender:
+    """A runtime's end of its answers; what is queued still goes out for 2 s after close."""
+
+    def __init__(self, context: zmq.Context, address: str):
+        self.socket = context.socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.LINGER, 2000)
+        self.socket.connect(address)
+
+    def send(self, message: JobResult | Ready | Failure) -> None:
+        self.socket.send(encode(message))
+
+    def close(self) -> None:
+        self.socket.close()

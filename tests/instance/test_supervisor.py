@@ -31,9 +31,6 @@ class FakeProcesses:
         self.children.append(child)
         return child
 
-    def exited(self) -> list[Child]:
-        return [c for c in self.children if c.proc.poll() is not None]
-
     def stop(self, children, timeout_s=10.0):
         for c in children:
             if c.proc.returncode is None:
