@@ -88,7 +88,8 @@ class GuidedSpec:
                 raise GrammarError(f"{param} must be a JSON schema, got text that is not JSON: {exc}", param) from None
         if not isinstance(schema, (dict, bool)):
             raise GrammarError(f"{param} must be a JSON schema (an object), got {type(schema).__name__}", param)
-        return cls("json_schema", json.dumps(schema, sort_keys=True, ensure_ascii=False), param)
+        # Keys keep their order: the output writes properties in the schema's order.
+        return cls("json_schema", json.dumps(schema, ensure_ascii=False), param)
 
     @classmethod
     def regex(cls, pattern: Any, param: str = "guided_regex") -> GuidedSpec:
@@ -105,7 +106,7 @@ class GuidedSpec:
 
     @classmethod
     def tagged_json(cls, begin: str, schema: dict, end: str, param: str = "tool_choice") -> GuidedSpec:
-        text = json.dumps({"begin": begin, "schema": schema, "end": end}, sort_keys=True, ensure_ascii=False)
+        text = json.dumps({"begin": begin, "schema": schema, "end": end}, ensure_ascii=False)
         return cls("tagged_json", text, param)
 
 

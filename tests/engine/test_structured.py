@@ -48,9 +48,10 @@ def test_response_format_kinds():
     schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
     spec = guided_spec({"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
     assert spec.kind == "json_schema" and json.loads(spec.text) == schema and spec.param == "response_format"
-    # The key does not depend on key order (one cache entry per schema).
-    reordered = {"properties": {"a": {"type": "string"}, "b": {"type": "integer"}}, "type": "object"}
-    assert GuidedSpec.json_schema(reordered).key == spec.key
+    # Property order is kept (the output follows it), so it is part of the key.
+    reordered = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}}}
+    assert GuidedSpec.json_schema(reordered).key != spec.key
+    assert list(json.loads(spec.text)["properties"]) == ["b", "a"]
 
 
 def test_vllm_fields():

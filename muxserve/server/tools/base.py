@@ -7,9 +7,11 @@ rest (``parse_calls``, tolerant of an unfinished tail while streaming), and the 
 a call (``call_spec``, for ``tool_choice`` ``required`` or a named function).
 
 Streaming re-reads the whole text after each delta and sends only what became certain: content up
-to ``content_end``, a call's id and name once its name is complete, its arguments once the call
-is complete. At the end it sends whatever the non-streaming parse of the final text adds, so the
-deltas of a stream always add up to the non-streaming answer, however the text was split.
+to ``content_end``, and each call (id, name and arguments in one delta) as soon as it is complete.
+At the end it sends whatever the non-streaming parse of the final text adds, so the deltas of a
+stream always add up to the non-streaming answer, however the text was split. A call is sent whole
+rather than in argument fragments because only a complete call is certain to stay a call (a
+truncated or malformed one turns the text back into content in both answers).
 """
 
 from __future__ import annotations
@@ -137,7 +139,8 @@ class ToolFormat:
         raise NotImplementedError
 
     def parse_calls(self, text: str, final: bool) -> list[PartialCall] | None:
-        """The calls in ``text`` (None: the text holds no call; then it is all content)."""
+        """The complete calls in ``text`` (None or empty: the text holds no call; then it is all
+        content). While streaming (``final`` False) only calls that no later text can undo."""
         raise NotImplementedError
 
     def call_spec(self, tools: list[dict], name: str | None) -> GuidedSpec:
@@ -175,8 +178,7 @@ class StreamingToolParser:
         self.fmt = fmt
         self.text = ""
         self._content_sent = 0
-        self._sent: list[ToolCall] = []  # calls whose header went out (id, name)
-        self._args_sent: list[bool] = []
+        self._sent: list[ToolCall] = []  # calls sent, in order
 
     def feed(self, delta: str) -> dict[str, Any] | None:
         self.text += delta
@@ -209,22 +211,14 @@ class StreamingToolParser:
     def _delta(self, content: str, calls: list[PartialCall]) -> dict[str, Any] | None:
         items = []
         for index, call in enumerate(calls):
-            if call.name is None:
+            if call.name is None or call.arguments is None:
                 break
-            item: dict[str, Any] = {}
-            if index >= len(self._sent):
-                self._sent.append(ToolCall(call.name, ""))
-                self._args_sent.append(False)
-                sent = self._sent[index]
-                item = {"index": index, "id": sent.id, "type": "function",
-                        "function": {"name": call.name, "arguments": ""}}
-            if call.arguments is not None and not self._args_sent[index]:
-                self._args_sent[index] = True
-                self._sent[index].arguments = call.arguments
-                item = item or {"index": index, "function": {}}
-                item["function"]["arguments"] = call.arguments
-            if item:
-                items.append(item)
+            if index < len(self._sent):
+                continue
+            sent = ToolCall(call.name, call.arguments)
+            self._sent.append(sent)
+            items.append({"index": index, "id": sent.id, "type": "function",
+                          "function": {"name": sent.name, "arguments": sent.arguments}})
         out: dict[str, Any] = {}
         if content:
             out["content"] = content

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from muxserve.engine.structured import GuidedSpec
-from muxserve.server.tools.base import PartialCall, ToolFormat, arguments_text, call_schema, held_prefix, partial_name
+from muxserve.server.tools.base import PartialCall, ToolFormat, arguments_text, call_schema, held_prefix
 
 START, END = "<tool_call>", "</tool_call>"
 
@@ -24,22 +24,27 @@ class HermesFormat(ToolFormat):
         return len(text) if final else len(text) - held_prefix(text, START)
 
     def parse_calls(self, text: str, final: bool) -> list[PartialCall] | None:
+        """Every block that holds a call object; a block that does not (malformed, or cut off by
+        max_tokens) is skipped. At the end, an unclosed last block counts if it holds a whole call
+        (the model may stop right before the closing tag)."""
         if START not in text:
             return None
         calls = []
         for block in text.split(START)[1:]:
-            body, closed = (block.split(END, 1)[0], True) if END in block else (block, False)
-            call = PartialCall(partial_name(body))
-            if closed or final:
-                try:
-                    obj = json.loads(body)
-                except json.JSONDecodeError:
-                    obj = None
-                if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-                    return calls if not final else None  # not a call: the whole text is content
-                call = PartialCall(obj["name"], arguments_text(obj.get("arguments", obj.get("parameters"))))
-            calls.append(call)
+            if END not in block and not final:
+                break
+            obj = _call_object(block.split(END, 1)[0])
+            if obj is not None:
+                calls.append(PartialCall(obj["name"], arguments_text(obj.get("arguments", obj.get("parameters")))))
         return calls
 
     def call_spec(self, tools: list[dict], name: str | None) -> GuidedSpec:
         return GuidedSpec.tagged_json(START + "\n", call_schema(tools, name, "arguments"), "\n" + END)
+
+
+def _call_object(body: str) -> dict | None:
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) and isinstance(obj.get("name"), str) else None

@@ -2,7 +2,8 @@
 possibly after ``<|python_tag|>``, several calls separated by ``;``.
 
 ``<|python_tag|>`` is a special token: the text parsed here must be decoded with special tokens
-kept. An answer that starts like JSON is held back while streaming until it is known to be a call.
+kept. An answer that starts like JSON is held back while streaming until the end, when it is
+known to be a call (or content).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 
 from muxserve.engine.structured import GuidedSpec
-from muxserve.server.tools.base import PartialCall, ToolFormat, arguments_text, call_schema, json_end, partial_name
+from muxserve.server.tools.base import PartialCall, ToolFormat, arguments_text, call_schema, json_end
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -36,17 +37,15 @@ class Llama3JsonFormat(ToolFormat):
         return len(text)
 
     def parse_calls(self, text: str, final: bool) -> list[PartialCall] | None:
+        """Text after a call would make the whole answer content, so calls are known at the end only."""
         start = self._body_start(text)
-        if start is None:
+        if start is None or not final:
             return None
         calls, i = [], start
         while True:
             end = json_end(text, i)
-            if end is None:  # unfinished: the name may be known already
-                if final:
-                    return None
-                calls.append(PartialCall(partial_name(text[i:])))
-                return calls
+            if end is None:
+                return None
             try:
                 obj = json.loads(text[i:end])
             except json.JSONDecodeError:
@@ -56,9 +55,7 @@ class Llama3JsonFormat(ToolFormat):
             calls.append(PartialCall(obj["name"], arguments_text(obj.get("parameters", obj.get("arguments")))))
             rest = text[end:].lstrip()
             if not rest.startswith(";"):
-                if rest and (final or rest.strip()):
-                    return None  # text after the call: not a call answer
-                return calls
+                return None if rest else calls  # text after the call: not a call answer
             i = len(text) - len(rest) + 1
 
     def call_spec(self, tools: list[dict], name: str | None) -> GuidedSpec:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 
 from muxserve.engine.structured import GuidedSpec
-from muxserve.server.tools.base import (PartialCall, ToolFormat, arguments_text, call_schema, held_prefix,
-                                        json_end, partial_name)
+from muxserve.server.tools.base import PartialCall, ToolFormat, arguments_text, call_schema, held_prefix, json_end
 
 START = "[TOOL_CALLS]"
 BARE = '[{"name"'
@@ -43,11 +42,8 @@ class MistralFormat(ToolFormat):
             return None
         body = text[start:]
         end = json_end(body, 0)
-        if end is None:
-            if final:
-                return None
-            # Unfinished array: the complete objects so far, then the name of the one being written.
-            return _partial_array(body)
+        if end is None:  # the array is not closed (yet, or cut off): no call is certain
+            return None
         try:
             items = json.loads(body[:end])
         except json.JSONDecodeError:
@@ -58,30 +54,9 @@ class MistralFormat(ToolFormat):
         return [PartialCall(c["name"], arguments_text(c.get("arguments", c.get("parameters")))) for c in items]
 
     def call_spec(self, tools: list[dict], name: str | None) -> GuidedSpec:
-        schema = {"type": "array", "items": call_schema(tools, name, "arguments"), "minItems": 1}
-        if name is not None:
-            schema["maxItems"] = 1
+        # At most one call per tool offered (one for a named tool): an unbounded array lets a
+        # model call on until max_tokens, and the answer would not parse.
+        schema = {"type": "array", "items": call_schema(tools, name, "arguments"), "minItems": 1,
+                  "maxItems": 1 if name is not None else len(tools)}
         return GuidedSpec.tagged_json("", schema, "")
 
-
-def _partial_array(body: str) -> list[PartialCall]:
-    calls = []
-    i = body.find("[")
-    if i < 0:
-        return calls
-    i += 1
-    while True:
-        while i < len(body) and body[i] in " \t\r\n,":
-            i += 1
-        end = json_end(body, i)
-        if end is None:
-            if i < len(body):
-                calls.append(PartialCall(partial_name(body[i:])))
-            return calls
-        try:
-            obj = json.loads(body[i:end])
-        except json.JSONDecodeError:
-            return calls
-        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
-            calls.append(PartialCall(obj["name"], arguments_text(obj.get("arguments", obj.get("parameters")))))
-        i = end
