@@ -40,6 +40,37 @@ def attach_rw(descriptor_json: str, socket_path: str, read_granule: str, write_g
     rng.close()
 
 
+def graph_replay(descriptor_json: str, socket_path: str):
+    """Attach a CUDA range, capture a graph that sums its first granule (float32), replay it; after
+    the owner remapped that granule with new contents (stdin), follow the owner and replay again."""
+    from muxserve.flexstore.auth import SECRET_ENV
+    from muxserve.flexstore.device_memory import RangeDescriptor, attach_range, sync_range
+
+    descriptor = msgspec.json.decode(descriptor_json, type=RangeDescriptor)
+    rng = attach_range(descriptor)
+    secret = os.environ[SECRET_ENV]
+    sync_range(rng, socket_path, secret)
+    x = rng.tensor[:descriptor.granule_bytes].view(torch.float32)
+    out = torch.zeros(1, device=rng.tensor.device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture, as torch asks
+        out.copy_(x.sum().view(1))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(x.sum().view(1))
+    graph.replay()
+    torch.cuda.synchronize()
+    print(json.dumps({"address": rng.tensor.data_ptr(), "sum": out.item()}), flush=True)
+    sys.stdin.readline()
+    sync_range(rng, socket_path, secret)  # the old memory unmapped, the new one mapped at the same address
+    graph.replay()
+    torch.cuda.synchronize()
+    print(json.dumps({"address": rng.tensor.data_ptr(), "sum": out.item()}), flush=True)
+    rng.close()
+
+
 def own(name: str):
     """Own a mapped range and a host copy, say their names, then wait to be killed."""
     from multiprocessing import resource_tracker
@@ -58,4 +89,4 @@ def own(name: str):
 
 
 if __name__ == "__main__":
-    {"attach-rw": attach_rw, "own": own}[sys.argv[1]](*sys.argv[2:])
+    {"attach-rw": attach_rw, "graph-replay": graph_replay, "own": own}[sys.argv[1]](*sys.argv[2:])
