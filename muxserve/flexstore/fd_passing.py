@@ -42,7 +42,7 @@ _PIECE = 64 * 1024
 _FD_BATCH = 250
 _FD_MARK = b"F"
 
-Handler = Callable[[bytes], "tuple[bytes, list[int]]"]
+Handler = Callable[[bytes], tuple[bytes, list[int]]]
 
 
 class FdAuthError(PermissionError):

@@ -74,7 +74,7 @@ class HostCopy:
         err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, _HOST_REGISTER_PORTABLE)
         if int(err) != 0:
             raise RuntimeError(f"cudaHostRegister of {self.nbytes} B of host weights {self.segment.descriptor.name!r} "
-                               f"failed: error {int(err)} (is the memlock limit, ulimit -l, too low?)")
+                               f"failed: CUDA error {int(err)}")
         self._pinned = True
 
     def close(self) -> None:
