@@ -62,15 +62,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", help="cuda (the H200) or cpu (shared-memory ranges)")
     p.add_argument("--shapes", nargs="+", default=None,
                    help="folders of examples/shapes (default: llama-3.2-1b llama-3-8b qwen2.5-14b; on cpu the 1B only)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--granule-bytes", type=int, default=2 * MiB)
-    p.add_argument("--chunk-bytes", type=int, default=64 * MiB, help="copy chunk")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="weight dtype of the shapes (default: bfloat16)")
+    p.add_argument("--granule-bytes", type=int, default=2 * MiB,
+                   help="bytes mapped or unmapped at a time (default: 2 MiB, CUDA's granularity)")
+    p.add_argument("--chunk-bytes", type=int, default=64 * MiB, help="bytes per host-to-device copy (default: 64 MiB)")
     p.add_argument("--map-granules", type=int, default=256, help="granules per mapped chunk of weights")
     p.add_argument("--copy-bytes", type=int, default=1 << 30, help="size of the bandwidth measurements")
     p.add_argument("--repeats", type=int, default=3, help="offload + wake cycles per shape")
     p.add_argument("--no-runtime", action="store_true", help="skip the attached second process")
-    p.add_argument("--output-json", type=Path, default=None)
-    p.add_argument("--output-md", type=Path, default=None)
+    p.add_argument("--output-json", type=Path, default=None, help="write the figures as JSON here")
+    p.add_argument("--output-md", type=Path, default=None, help="write the figures as a markdown table here")
     p.add_argument("--attached", nargs=2, metavar=("DESCRIPTOR", "SOCKET"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -262,15 +262,18 @@ def measure(lib, tokenizer, batch: int, devices: list[str]) -> dict:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--libraries", default="xgrammar,llguidance,outlines-core")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="model whose tokenizer the grammars are built for (default: smollm2-135m)")
+    parser.add_argument("--batch", type=int, default=32, help="requests per batched mask fill and apply (default: 32)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda also times the mask apply on the GPU (default: cpu)")
+    parser.add_argument("--libraries", default="xgrammar,llguidance,outlines-core",
+                        help="comma-separated grammar libraries to measure (default: all three)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
