@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from muxserve.engine.sampling_params import SamplingParams
+from muxserve.engine.structured import mask_logits
 
 TOP_P_CANDIDATES = 1024
 _MASK64 = (1 << 64) - 1
@@ -58,8 +59,15 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None]) -> list[int]:
-    """logits: (B, vocab) float32 -> one token id per row; ``seeds[i]``: ``step_seed`` of row i."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None],
+           bitmask: torch.Tensor | None = None) -> list[int]:
+    """logits: (B, vocab) float32 -> one token id per row; ``seeds[i]``: ``step_seed`` of row i.
+
+    ``bitmask``: the step's structured-output mask (``structured.fill_bitmask``); tokens it forbids
+    are never drawn.
+    """
+    if bitmask is not None:
+        logits = mask_logits(logits, bitmask)
     greedy = greedy_tokens(logits)
     if all(p.greedy for p in params):
         return greedy.tolist()

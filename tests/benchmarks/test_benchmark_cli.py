@@ -21,6 +21,7 @@ SCRIPTS = {
     "chatlmsys/make_synthetic_trace.py": ["--output", "trace.json"],
     "chatlmsys/run_chatlmsys.py": ["--trace", "trace.json"],
     "cluster/bench_frontdoor.py": ["--placement", "placement", "--model", "llm-0"],
+    "elastic/bench_elastic.py": [],
     "end_to_end/analyze.py": [],
     "end_to_end/launch_synced.py": ["--barrier-dir", "barrier", "--barrier-count", "1", "--barrier-rank", "0"],
     "end_to_end/mps_sweep.py": [],
@@ -34,9 +35,11 @@ SCRIPTS = {
     "engine/report_gpu.py": ["results.json"],
     "flexstore/bench_flexstore.py": [],
     "serve/bench_serve.py": ["--workload-file", "workload.json"],
+    "structured/bench_grammar.py": [],
 }
 # Their defaults measure on a GPU: on a machine without one they stop with a usage error.
-GPU_DEFAULTS = ("end_to_end/mps_sweep.py", "engine/bench_decode_attention.py", "engine/bench_gemm.py",
+GPU_DEFAULTS = ("elastic/bench_elastic.py", "end_to_end/mps_sweep.py", "engine/bench_decode_attention.py",
+                "engine/bench_gemm.py",
                 "engine/bench_gpu.py", "engine/bench_tp.py", "engine/profile_decode.py")
 
 

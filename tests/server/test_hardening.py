@@ -268,22 +268,31 @@ def test_bad_flags_are_refused_before_anything_starts(tmp_path, tiny_tok_folder,
 
 # -- size and time --------------------------------------------------------------------------------
 class HealthProbe:
-    """Polls /health on its own connection; records (start, latency) of every answer."""
+    """Polls /health on its own connection; records (start, latency) of every answer and every failure."""
 
     def __init__(self, url: str):
-        self.url, self.samples, self._stop = url, [], threading.Event()
+        self.url, self.samples, self.failures = url, [], []
+        self._stop, self._first = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run)
 
     def _run(self) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as c:
             while not self._stop.is_set():
                 start = time.monotonic()
-                assert c.get("/health").status_code == 200
-                self.samples.append((start, time.monotonic() - start))
+                try:
+                    status = c.get("/health").status_code
+                except httpx.HTTPError as e:
+                    status = repr(e)
+                if status == 200:
+                    self.samples.append((start, time.monotonic() - start))
+                else:
+                    self.failures.append(status)
+                self._first.set()
                 time.sleep(0.02)
 
     def __enter__(self):
         self._thread.start()
+        assert self._first.wait(30), "/health did not answer within 30 s"
         return self
 
     def __exit__(self, *exc):
@@ -315,7 +324,8 @@ def test_a_20_mb_body_gets_413_at_once(server, client, probe_ids):
         413, f"the request body is larger than the limit of {LIMIT} bytes (--max-request-bytes)", None,
         "RequestTooLargeError")
     assert declared < 5 and streamed < 5, (declared, streamed)
-    assert probe.samples and max(latency for _, latency in probe.samples) < 1.0
+    assert not probe.failures and probe.samples, (probe.failures, probe.samples)
+    assert max(latency for _, latency in probe.samples) < 1.0
     assert_still_serving(client, probe_ids)
 
 
@@ -332,6 +342,7 @@ def test_health_answers_while_a_large_prompt_is_tokenized(server, client, tiny_t
     assert (r.status_code, r.json()) == error(
         400, f"This model's maximum context length is 512 tokens. However, your prompt has {expected} tokens; "
              "reduce the length of the prompt.", "prompt")
+    assert not probe.failures, probe.failures
     during = probe.during(start, end)
     # Tokenizing takes seconds here; on the event loop it left /health unanswered all that time.
     assert end - start > 1.0 and len(during) >= 5, (end - start, during)

@@ -1,0 +1,1 @@
+"""Elastic memory: wake, offload, mapping and host-copy bandwidth of device ranges."""

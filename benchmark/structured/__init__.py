@@ -1,0 +1,1 @@
+"""Structured outputs: grammar compile and per-step mask cost."""
