@@ -249,12 +249,12 @@ class GuidedRun:
         real_step, real_sample = engine.runner.step, runner_module.sample
 
         def step(seqs, is_prefill):
-            guided = [self.matchers.get(s.seq_id) for s in seqs]
+            guided = [self.matchers.get(s.req_id) for s in seqs]
             for s, m in zip(seqs, guided):
                 if m is not None:
                     m.advance(s.output_token_ids)
                     if m.finished:
-                        self.finished_by_grammar.setdefault(s.seq_id, len(s.output_token_ids))
+                        self.finished_by_grammar.setdefault(s.req_id, len(s.output_token_ids))
             bitmask = fill_bitmask(guided, VOCAB)
             monkeypatch.setattr(runner_module, "sample", lambda lg, p, sd: real_sample(lg, p, sd, bitmask))
             try:
@@ -267,7 +267,7 @@ class GuidedRun:
     def generate(self, prompts: list[list[int]], params: list[SamplingParams], matchers: list) -> list:
         seqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         for s, m in zip(seqs, matchers):
-            self.matchers[s.seq_id] = m
+            self.matchers[s.req_id] = m
         while self.engine.has_unfinished():
             self.engine.step()
         for s, m in zip(seqs, matchers):  # the last token too (the engine finished the request)
@@ -291,7 +291,7 @@ def check_complete(run: GuidedRun, seq, matcher) -> None:
     """A request under a grammar ends by its stop token, sampled where only a stop was allowed."""
     assert seq.finish_reason.value == "stop", f"hit max_tokens: {seq.output_token_ids[-20:]}"
     assert seq.output_token_ids[-1] == EOS and matcher.finished
-    assert run.finished_by_grammar.get(seq.seq_id) == len(seq.output_token_ids) - 1
+    assert run.finished_by_grammar.get(seq.req_id) == len(seq.output_token_ids) - 1
 
 
 # Bounded JSON schemas: every string has maxLength, every number a range, every array maxItems,
