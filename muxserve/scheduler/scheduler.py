@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from muxserve.engine.sequence import FinishReason
 from muxserve.ipc.runtime import Job, JobResult, Phase
+from muxserve.scheduler.fairness import WaitGuard
 from muxserve.scheduler.policy import QuotaMode, SchedulePolicy
 from muxserve.scheduler.quota import QuotaManager
 from muxserve.scheduler.recovery import LLMUnavailable, RuntimeRecovery
@@ -36,6 +37,9 @@ from muxserve.scheduler.state import (
 )
 
 logger = logging.getLogger(__name__)
+# Policies with bounded_wait: a job held this long (prefill, decode) gets the next SM units. A decode
+# step of a 1-14 B LLM takes 5-20 ms on one large GPU, a prefill of 2048 tokens 20-200 ms.
+DEFAULT_WAIT_BOUND_S = (0.1, 0.025)
 __all__ = ["ErrorCallback", "LLMInfo", "LLMUnavailable", "MuxScheduler", "RuntimeLink", "TokenCallback"]
 
 
@@ -52,7 +56,7 @@ class MuxScheduler(RuntimeRecovery):
                  policy: SchedulePolicy, max_num_batched_tokens: int, overload_threshold: int,
                  quota: QuotaManager | None = None, clock: Callable[[], float] | None = None,
                  adapt_interval: float = 8.0, on_token: TokenCallback | None = None,
-                 on_error: ErrorCallback | None = None):
+                 on_error: ErrorCallback | None = None, wait_bound_s: tuple[float, float] = DEFAULT_WAIT_BOUND_S):
         if policy.quota is not QuotaMode.NONE and quota is None:
             raise ValueError(f"schedule approach {policy.name!r} needs a QuotaManager")
         self.llms = {info.name: _LLMState(info) for info in llms}
@@ -77,6 +81,7 @@ class MuxScheduler(RuntimeRecovery):
         self._aborting: set[str] = set()  # aborted while inside an in-flight job
         self.down: set[tuple[str, Phase]] = set()  # runtimes that are restarting (or failed): no jobs
         self.failed: dict[str, str] = {}  # LLM -> why it failed
+        self.guard = WaitGuard(*wait_bound_s) if policy.bounded_wait else None
 
     # -- requests in and out ----------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -201,7 +206,13 @@ class MuxScheduler(RuntimeRecovery):
         if not self.inflight and not any(s.running for s in self.llms.values()):
             for s in self.llms.values():  # nothing holds pages: nothing to wait for
                 s.wait_for_cache = False
-        sent = self._schedule_prefills()
+        sent = 0
+        if self.guard is not None:
+            reserved = self._serve_overdue()
+            if reserved is None:
+                return 0  # an overdue job waits for SM units: every unit that frees up is kept for it
+            sent += reserved
+        sent += self._schedule_prefills()
         prefill_running = any(j.phase is Phase.PREFILL for j in self.inflight.values())
         # fcfs waits only for the prefill it picked: if that LLM is at its quota, its running
         # requests must decode (they free the room), whatever other LLMs have waiting
@@ -209,6 +220,32 @@ class MuxScheduler(RuntimeRecovery):
         if not prefill_running and any(s is not None and self._wants_prefill(s) for s in contenders):
             return sent  # prefill priority: no decode starts while a prefill waits for SM units
         return sent + self._schedule_decodes()
+
+    def _serve_overdue(self) -> int | None:
+        """Start the job that has been held past the wait bound, if any (``fairness.WaitGuard``).
+
+        Returns the jobs sent (0 or 1), or None when the overdue job still lacks SM units: then
+        nothing else may start.
+        """
+        now = self.clock()
+        candidates = self.guard.prefill_candidates(lambda n: self._wants_prefill(self.llms[n]),
+                                                   lambda n: self.llms[n].info.prefill_units)
+        candidates += [((n, Phase.DECODE), s.decode_ready_since, s.info.decode_units) for n, s in self.llms.items()
+                       if s.running and s.decode_ready_since is not None and not self._phase_blocked(s, Phase.DECODE)]
+        key = self.guard.overdue(now, candidates)
+        if key is None:
+            return 0
+        state, pos = self.llms[key[0]], self.order.index(key[0])
+        outcome = self._try_prefill(state) if key[1] is Phase.PREFILL else self._try_decode(state)
+        if outcome is Dispatch.NO_SM_UNITS:
+            return None
+        if outcome is Dispatch.SENT:
+            self.guard.reservations += 1
+            if key[1] is Phase.PREFILL:
+                self._prefill_ptr = (pos + 1) % len(self.order)
+            else:
+                self._decode_ptr = (pos + 1) % len(self.order)
+        return int(outcome is Dispatch.SENT)
 
     def _schedule_prefills(self) -> int:
         sent = 0
@@ -265,6 +302,16 @@ class MuxScheduler(RuntimeRecovery):
         return self.policy.exclusive_phases and (name, other) in self.busy
 
     def _try_prefill(self, state: _LLMState) -> Dispatch:
+        outcome = self._try_prefill_once(state)
+        if self.guard is not None:
+            key = (state.info.name, Phase.PREFILL)
+            if outcome is Dispatch.NO_SM_UNITS:
+                self.guard.held(key, self.clock())
+            else:
+                self.guard.clear(key)
+        return outcome
+
+    def _try_prefill_once(self, state: _LLMState) -> Dispatch:
         if not self._wants_prefill(state) or self._phase_blocked(state, Phase.PREFILL):
             return Dispatch.SKIPPED
         if not self.sm.can_allocate(state.info.prefill_units):
