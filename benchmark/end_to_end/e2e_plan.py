@@ -334,6 +334,7 @@ def write_subset(workload: Workload, llms: list[str], path: Path) -> Path:
 class PlanOptions:
     spatial_sm_split: str = "load"  # load (rate × parameters), rate or equal
     spatial_kv_split: str = "rate"  # rate or rate-kv (rate × KV bytes per token)
+    muxserve_schedule: str = "adbs"  # adbs (with the wait bound) or adbs-paper (the paper's rules exactly)
 
 
 def plan_systems(point_dir: Path, llms: list[LLM], machine: Machine, workload: Workload, workload_rel: str,
@@ -368,7 +369,7 @@ def plan_systems(point_dir: Path, llms: list[LLM], machine: Machine, workload: W
             write_yaml(path, doc, f"{system}: {', '.join(g.llms)} on {where}; KV {budget / GB:.2f} GB per GPU")
             wl, idx_map = mesh_workloads[i]
             launches.append(Launch(f"mesh{i}", str(path.relative_to(point_dir)), wl, list(g.devices),
-                                   "adbs" if system == "muxserve" else "fcfs",
+                                   options.muxserve_schedule if system == "muxserve" else "fcfs",
                                    system == "muxserve" and machine.device == "cuda", idx_map=idx_map,
                                    calibrate_only=system == BASE_RUN))
         plans[system] = SystemPlan(system, launches)

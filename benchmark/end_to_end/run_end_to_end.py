@@ -109,6 +109,9 @@ def add_system_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spatial-kv-split", choices=["rate", "rate-kv"], default="rate",
                    help="KV slices of LLMs sharing a GPU under spatial partitioning: rate, or rate x KV bytes "
                         "per token (default: rate)")
+    g.add_argument("--muxserve-schedule", choices=["adbs", "adbs-paper"], default="adbs",
+                   help="MuxServe's schedule approach: adbs (with the scheduler's wait bound across LLMs, default) "
+                        "or adbs-paper (the paper's rules exactly); run them into separate --output-dir folders")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="launcher flag (default: 2048)")
     g.add_argument("--launch-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every python -m muxserve.launch (repeatable)")
@@ -243,8 +246,8 @@ def grid_options(args, machine: Machine, out: Path, cost_file: Path | None, dura
     if machine.device == "cpu" and not any(a.startswith("--overload-sm") for a in placement_args):
         placement_args += ["--overload-sm", "200"]  # CPU tables hold 100 % only: the LLMs time-share
     return GridOptions(list(args.systems), cost_file, placement_args,
-                       PlanOptions(args.spatial_sm_split, args.spatial_kv_split), launch_args, timeout,
-                       args.max_drain_s, args.time_budget_s, args.rerun, args.skip_failed, args.stop_on_error,
+                       PlanOptions(args.spatial_sm_split, args.spatial_kv_split, args.muxserve_schedule), launch_args,
+                       timeout, args.max_drain_s, args.time_budget_s, args.rerun, args.skip_failed, args.stop_on_error,
                        args.dry_run, Path(args.mps_dir).resolve(),
                        Path(args.export_tgz).resolve() if args.export_tgz else None, build_lanes(args, machine),
                        common_base=not args.no_common_base)
