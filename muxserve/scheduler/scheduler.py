@@ -37,7 +37,7 @@ from muxserve.scheduler.state import (
 )
 
 logger = logging.getLogger(__name__)
-# Policies with bounded_wait: a job held this long (prefill, decode) gets the next SM units. A decode
+# Policies with overload_fairness: a job held this long (prefill, decode) gets the next SM units. A decode
 # step of a 1-14 B LLM takes 5-20 ms on one large GPU, a prefill of 2048 tokens 20-200 ms.
 DEFAULT_WAIT_BOUND_S = (0.1, 0.025)
 __all__ = ["ErrorCallback", "LLMInfo", "LLMUnavailable", "MuxScheduler", "RuntimeLink", "TokenCallback"]
@@ -81,7 +81,7 @@ class MuxScheduler(RuntimeRecovery):
         self._aborting: set[str] = set()  # aborted while inside an in-flight job
         self.down: set[tuple[str, Phase]] = set()  # runtimes that are restarting (or failed): no jobs
         self.failed: dict[str, str] = {}  # LLM -> why it failed
-        self.guard = WaitGuard(*wait_bound_s) if policy.bounded_wait else None
+        self.guard = WaitGuard(*wait_bound_s) if policy.overload_fairness else None
 
     # -- requests in and out ----------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -401,6 +401,10 @@ class MuxScheduler(RuntimeRecovery):
             return
         self._last_adapt = now
         demand = {n: len(s.waiting) + s.active for n, s in self.llms.items()}
-        moved = self.quota.adapt(demand)
+        if self.policy.overload_fairness:  # admission at its quota with requests waiting: hungry
+            saturated = {n for n, s in self.llms.items() if s.waiting and s.active >= self.quota_of(n)}
+            moved = self.quota.adapt(demand, saturated)
+        else:
+            moved = self.quota.adapt(demand)
         if any(moved.values()):
             logger.info("quota adapted: %s", self.quota.all_max_num_seqs())

@@ -121,3 +121,15 @@ def test_oversubscribed_six_llm_mix_starves_no_llm():
         assert r["ttft_p99_s"] < 1.0, name
         assert r["tpot_p99_ms"] < 2 * rp["llm-0"]["tpot_p99_ms"] + 50, name
     assert fair.sched.guard.reservations > 0
+
+
+def test_at_twice_the_capacity_no_llm_waits_at_its_first_quota():
+    # 84 req/s is about twice what the simulated GPU serves: every queue grows; under the paper's
+    # rules the two largest LLMs starve (SM units and a quota that never grows); adbs spreads the wait
+    paper, fair = _simulate("adbs-paper", 84.0, duration=15.0), _simulate("adbs", 84.0, duration=15.0)
+    rp, rf = paper.report(), fair.report()
+    worst_paper = max(r["ttft_p99_s"] for r in rp.values())
+    assert max(rp[n]["ttft_p99_s"] for n in ("llm-4", "llm-5")) == worst_paper
+    assert max(r["ttft_p99_s"] for r in rf.values()) < 0.6 * worst_paper
+    assert max(r["tpot_p99_ms"] for r in rf.values()) < 0.25 * max(r["tpot_p99_ms"] for r in rp.values())
+    assert fair.sched.quota.max_num_seqs("llm-5") > paper.sched.quota.max_num_seqs("llm-5")
