@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from muxserve.ipc.runtime import Phase
+from muxserve.scheduler.state import Dispatch, _LLMState
 
 Key = tuple[str, Phase]
 
@@ -59,3 +60,45 @@ class WaitGuard:
             else:
                 del self.held_since[key]
         return out
+
+
+class OverloadFairness:
+    """Part of MuxScheduler (as ``recovery.RuntimeRecovery``): its ``guard`` (a WaitGuard, or None
+    for the policies without ``overload_fairness``), ``llms``, ``order`` and dispatch methods."""
+
+    def _try_prefill(self, state: _LLMState) -> Dispatch:
+        """``_try_prefill_once``, remembering since when the prefill has lacked SM units."""
+        outcome = self._try_prefill_once(state)
+        if self.guard is not None:
+            key = (state.info.name, Phase.PREFILL)
+            if outcome is Dispatch.NO_SM_UNITS:
+                self.guard.held(key, self.clock())
+            else:
+                self.guard.clear(key)
+        return outcome
+
+    def _serve_overdue(self) -> int | None:
+        """Start the job that has been held past the wait bound, if any (``fairness.WaitGuard``).
+
+        Returns the jobs sent (0 or 1), or None when the overdue job still lacks SM units: then
+        nothing else may start.
+        """
+        now = self.clock()
+        candidates = self.guard.prefill_candidates(lambda n: self._wants_prefill(self.llms[n]),
+                                                   lambda n: self.llms[n].info.prefill_units)
+        candidates += [((n, Phase.DECODE), s.decode_ready_since, s.info.decode_units) for n, s in self.llms.items()
+                       if s.running and s.decode_ready_since is not None and not self._phase_blocked(s, Phase.DECODE)]
+        key = self.guard.overdue(now, candidates)
+        if key is None:
+            return 0
+        state, pos = self.llms[key[0]], self.order.index(key[0])
+        outcome = self._try_prefill(state) if key[1] is Phase.PREFILL else self._try_decode(state)
+        if outcome is Dispatch.NO_SM_UNITS:
+            return None
+        if outcome is Dispatch.SENT:
+            self.guard.reservations += 1
+            if key[1] is Phase.PREFILL:
+                self._prefill_ptr = (pos + 1) % len(self.order)
+            else:
+                self._decode_ptr = (pos + 1) % len(self.order)
+        return int(outcome is Dispatch.SENT)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from muxserve.engine.sequence import FinishReason
 from muxserve.ipc.runtime import Job, JobResult, Phase
-from muxserve.scheduler.fairness import WaitGuard
+from muxserve.scheduler.fairness import OverloadFairness, WaitGuard
 from muxserve.scheduler.policy import QuotaMode, SchedulePolicy
 from muxserve.scheduler.quota import QuotaManager
 from muxserve.scheduler.recovery import LLMUnavailable, RuntimeRecovery
@@ -43,7 +43,7 @@ DEFAULT_WAIT_BOUND_S = (0.1, 0.025)
 __all__ = ["ErrorCallback", "LLMInfo", "LLMUnavailable", "MuxScheduler", "RuntimeLink", "TokenCallback"]
 
 
-class MuxScheduler(RuntimeRecovery):
+class MuxScheduler(RuntimeRecovery, OverloadFairness):
     """ADBS and its baselines over the LLMs of one instance.
 
     ``on_token(request, token)``, when set, is called for every token a result brings, after the
@@ -221,32 +221,6 @@ class MuxScheduler(RuntimeRecovery):
             return sent  # prefill priority: no decode starts while a prefill waits for SM units
         return sent + self._schedule_decodes()
 
-    def _serve_overdue(self) -> int | None:
-        """Start the job that has been held past the wait bound, if any (``fairness.WaitGuard``).
-
-        Returns the jobs sent (0 or 1), or None when the overdue job still lacks SM units: then
-        nothing else may start.
-        """
-        now = self.clock()
-        candidates = self.guard.prefill_candidates(lambda n: self._wants_prefill(self.llms[n]),
-                                                   lambda n: self.llms[n].info.prefill_units)
-        candidates += [((n, Phase.DECODE), s.decode_ready_since, s.info.decode_units) for n, s in self.llms.items()
-                       if s.running and s.decode_ready_since is not None and not self._phase_blocked(s, Phase.DECODE)]
-        key = self.guard.overdue(now, candidates)
-        if key is None:
-            return 0
-        state, pos = self.llms[key[0]], self.order.index(key[0])
-        outcome = self._try_prefill(state) if key[1] is Phase.PREFILL else self._try_decode(state)
-        if outcome is Dispatch.NO_SM_UNITS:
-            return None
-        if outcome is Dispatch.SENT:
-            self.guard.reservations += 1
-            if key[1] is Phase.PREFILL:
-                self._prefill_ptr = (pos + 1) % len(self.order)
-            else:
-                self._decode_ptr = (pos + 1) % len(self.order)
-        return int(outcome is Dispatch.SENT)
-
     def _schedule_prefills(self) -> int:
         sent = 0
         if self.policy.fcfs_order:
@@ -300,16 +274,6 @@ class MuxScheduler(RuntimeRecovery):
             return True
         other = Phase.DECODE if phase is Phase.PREFILL else Phase.PREFILL
         return self.policy.exclusive_phases and (name, other) in self.busy
-
-    def _try_prefill(self, state: _LLMState) -> Dispatch:
-        outcome = self._try_prefill_once(state)
-        if self.guard is not None:
-            key = (state.info.name, Phase.PREFILL)
-            if outcome is Dispatch.NO_SM_UNITS:
-                self.guard.held(key, self.clock())
-            else:
-                self.guard.clear(key)
-        return outcome
 
     def _try_prefill_once(self, state: _LLMState) -> Dispatch:
         if not self._wants_prefill(state) or self._phase_blocked(state, Phase.PREFILL):
