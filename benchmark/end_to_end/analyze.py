@@ -1,7 +1,7 @@
 """Tables, plots and a markdown report of the end-to-end runs.
 
     python -m benchmark.end_to_end.analyze [--runs-dir benchmark/results/end_to_end/runs] \\
-        [--output-dir benchmark/results/end_to_end] [--slo-scale 8] [--target 0.99]
+        [--output-dir benchmark/results/end_to_end] [--slo-scale 8] [--target 0.99] [--slo-base alone]
 
 Reads every merged statistics file (``points/<tag>/<system>.json``) of a run folder of
 ``run_end_to_end.py`` (or ``run_chatlmsys.py``) and writes into the output folder:
@@ -13,7 +13,8 @@ Reads every merged statistics file (``points/<tag>/<system>.json``) of a run fol
   ``p99_latency_vs_rate.png``, ``slo_attainment_vs_rate.png``;
 * ``report.md``: the tables, the device and versions, the commands, the figures.
 
-Definitions are in e2e_metrics.py (SLO base latency: the temporal runs' calibration by default).
+Definitions are in e2e_metrics.py (SLO base latency: the 'alone' runs' by default, each LLM alone on the
+whole GPU before a point's runs; the same base for every system).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""End-to-end benchmark: MuxServe vs temporal multiplexing vs spatial partitioning on the same workloads.
+"""End-to-end benchmark: MuxServe vs temporal multiplexing vs spatial partitioning vs instances on the same workloads.
 
     # one GPU (H100/H200): 4 LLMs (1B, 1.7B, 3B, 8B shapes, random weights, bf16), alpha 0.7/1.3/2.1
     python -m benchmark.end_to_end.run_end_to_end --prepare-only      # workloads (needs the ShareGPT package)
@@ -9,7 +9,8 @@ For every (alpha, rate scale) it writes models.yaml and a workload with the powe
 (rates (i+1)^-alpha, llm-0 gets --max-rate x scale; ShareGPT prompt/output lengths; Poisson
 arrivals for --duration seconds), plans the colocation (with --cost-file or --profile: the
 placement optimizer; without, on one GPU: every LLM on it; on several: balanced by rate x size)
-and runs the three systems on the very same workload (see e2e_plan.py for what each one is).
+measures each LLM alone on the whole GPU (the 'alone' run: the SLO base of every system) and runs
+the four systems on the very same workload (see e2e_plan.py for what each one is).
 A run whose statistics exist is skipped, so the same command resumes; --time-budget-s stops
 before a run that would not end in time. --lanes K runs K runs at a time, each on its own GPUs
 (e2e_lanes.py). MPS is started for each run that needs it, for its lane's GPUs only, and stopped

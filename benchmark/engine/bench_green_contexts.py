@@ -157,6 +157,18 @@ def green_context(num_sms: int):
         return GreenContext.create(num_sms, 0)
 
 
+def green_stream(ctx) -> torch.cuda.Stream:
+    """The stream of a green context: ``Stream()`` where PyTorch has it, else the stream that
+    ``set_context()`` makes current (releases before ``Stream()`` switched to it)."""
+    if hasattr(ctx, "Stream"):
+        return ctx.Stream()
+    ctx.set_context()
+    try:
+        return torch.cuda.current_stream()
+    finally:
+        ctx.pop_context()
+
+
 def green_split(total_sms: int, fraction: float, granularity: int) -> tuple[int, int]:
     """SMs of the prefill and the decode context: ``fraction`` of the GPU for the prefill, the rest
     for the decode, both multiples of ``granularity`` (the driver hands SMs out in groups) and > 0."""
@@ -170,7 +182,7 @@ def measure_green(prefill: Side, decode: Side, fraction: float, total_sms: int, 
     t0 = time.perf_counter()
     pre_sms, dec_sms = green_split(total_sms, fraction, granularity)
     ctxs = (green_context(pre_sms), green_context(dec_sms))
-    streams = tuple(c.Stream() for c in ctxs)
+    streams = tuple(green_stream(c) for c in ctxs)
     created = time.perf_counter() - t0
     # the cost of a new split: contexts created and a first step of each side run on them
     for side, ctx, stream in ((prefill, ctxs[0], streams[0]), (decode, ctxs[1], streams[1])):
