@@ -143,6 +143,13 @@ def run_metrics(run: Run, bases: dict[str, BaseLatency], slo_scale: int) -> dict
                         "tpot_p99": ls.get("tpot_s", {}).get("p99"), "slo_at_scale": att,
                         "decode_wait_ms": waits.get(llm)}
     row["per_llm"] = per_llm
+    # fairness: the worst-served LLM (lowest SLO attainment at the scale; ties: highest p99 TTFT)
+    judged = [(v["slo_at_scale"], -(v["ttft_p99"] or 0.0), llm) for llm, v in per_llm.items()
+              if v["slo_at_scale"] is not None]
+    if judged:
+        worst = min(judged)[2]
+        row["worst_llm"] = {"llm": worst, "slo_at_scale": per_llm[worst]["slo_at_scale"],
+                            "ttft_p99": per_llm[worst]["ttft_p99"], "tpot_p99": per_llm[worst]["tpot_p99"]}
     return row
 
 

@@ -204,6 +204,14 @@ def _tables(summary: dict) -> list[str]:
                     [_point_cells(r) + [SYSTEM_LABELS[r["system"]]]
                      + [_pct(r["slo_curve"].get(s)) for s in SHOWN_SCALES]
                      for r in rows], n + 1)
+    lines += ["", f"### Fairness: the worst-served LLM of each run (SLO {s_scale}x)", "",
+              "The LLM with the lowest SLO attainment (ties: the highest p99 TTFT): a system that starves one "
+              "LLM shows it here even when its overall attainment is high.", ""]
+    lines += _table(head + ["system", f"overall SLO {s_scale}x", "worst LLM", f"its SLO {s_scale}x", "its p99 TTFT",
+                            "its p99 TPOT"],
+                    [_point_cells(r) + [SYSTEM_LABELS[r["system"]], _pct(r["slo_at_scale"]), r["worst_llm"]["llm"],
+                                        _pct(r["worst_llm"]["slo_at_scale"]), _ms(r["worst_llm"]["ttft_p99"]),
+                                        _ms(r["worst_llm"]["tpot_p99"])] for r in rows if r.get("worst_llm")], n + 1)
     lines += ["", "### Per LLM", ""]
     waits = any(v.get("decode_wait_ms") is not None for r in rows for v in r["per_llm"].values())
     body = [_point_cells(r) + [SYSTEM_LABELS[r["system"]], llm, _f(v["offered_req_s"]), _f(v["throughput_req_s"]),

@@ -188,7 +188,9 @@ def test_analyze_writes_report_plots_and_rows(e2e, tmp_path):
     for label in ("MuxServe", "Temporal multiplexing", "Spatial partitioning", "Instances (no MPS)"):
         line = next(x for x in report.splitlines() if x.startswith(f"| 1.3 | 1 | {label} | 5.62 |"))
         assert line.endswith(f"| {n}/{n} |"), line
-    for heading in ("## Setup", "### Throughput and latency",
+    for r in rows:  # the worst-served LLM is the one with the lowest attainment
+        assert r["worst_llm"]["slo_at_scale"] == min(v["slo_at_scale"] for v in r["per_llm"].values())
+    for heading in ("## Setup", "### Throughput and latency", "### Fairness: the worst-served LLM",
                     "### Highest rate sustained at 99% SLO attainment (scale 10)", "### SLO attainment vs SLO scale",
                     "### Per LLM", "| decode wait |", "## Targets: the paper's claims", "## Commands",
                     "![throughput_vs_alpha.png](throughput_vs_alpha.png)"):
