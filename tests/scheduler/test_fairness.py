@@ -6,6 +6,8 @@ from __future__ import annotations
 import heapq
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from muxserve.ipc.runtime import Phase
 from muxserve.scheduler.fairness import WaitGuard
@@ -133,3 +135,42 @@ def test_at_twice_the_capacity_no_llm_waits_at_its_first_quota():
     assert max(r["ttft_p99_s"] for r in rf.values()) < 0.6 * worst_paper
     assert max(r["tpot_p99_ms"] for r in rf.values()) < 0.25 * max(r["tpot_p99_ms"] for r in rp.values())
     assert fair.sched.quota.max_num_seqs("llm-5") > paper.sched.quota.max_num_seqs("llm-5")
+
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_random_oversubscribed_mixes_finish_and_bound_every_decode_wait(data):
+    n = data.draw(st.integers(2, 4), label="llms")
+    names = [f"m{i}" for i in range(n)]
+    infos = [llm(name, prefill=data.draw(st.sampled_from([30, 60, 80, 100])),
+                 decode=data.draw(st.sampled_from([30, 40, 50]))) for name in names]
+    threshold = data.draw(st.integers(0, 3), label="threshold")
+    steps = {(name, ph): data.draw(st.sampled_from([0.004, 0.007, 0.0113, 0.0127, 0.02]))
+             for name in names for ph in (P, D)}
+    h = Harness(infos, num_pages=4096, policy="adbs", threshold=threshold,
+                quota=quota_for(names, total_pages=4096, avg_seq_len=64), adapt_interval=0.5)
+    reqs = [h.add(names[i % n], [1, 2, 3], max_tokens=data.draw(st.integers(5, 40)))
+            for i in range(data.draw(st.integers(4, 12), label="requests"))]
+    ready: dict[str, float] = {}  # LLM -> since when its decodable batch waits for its job
+    worst, events, k = 0.0, [], 0
+    for _ in range(100_000):
+        for name, phase, job in h.step():
+            if phase is D:
+                worst = max(worst, h.clock.t - ready.pop(name))
+            heapq.heappush(events, (h.clock.t + steps[(name, phase)], k, job))
+            k += 1
+        if not events:
+            break
+        at = events[0][0]
+        h.clock.t = at
+        while events and events[0][0] == at:
+            job = heapq.heappop(events)[2]
+            h.finish(job, [7] * len(job.seqs))
+        for name, state in h.sched.llms.items():
+            if state.running and (name, D) not in h.sched.busy:
+                ready.setdefault(name, h.clock.t)
+    assert not h.sched.has_work() and all(r.finish_reason == "length" for r in reqs)  # no deadlock
+    longest = max(steps.values())
+    # an overdue batch waits for the units of the jobs in flight and for the overdue jobs before it
+    assert worst <= BOUND_D + 2 * n * longest + 1e-9
