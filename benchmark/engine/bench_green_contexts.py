@@ -125,16 +125,17 @@ def run_pair(prefill: Side, decode: Side, streams: tuple[torch.cuda.Stream, torc
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
-        ctx = contexts[i]
+        ctx, entered = contexts[i], False
         try:
             if ctx is not None:
                 ctx.set_context()
+                entered = True
             _timed_loop((prefill, decode)[i], streams[i], duration_s, barrier, times[i])
         except BaseException as e:  # surfaced in the main thread
             errors.append(e)
             barrier.abort()
         finally:
-            if ctx is not None:
+            if entered:
                 ctx.pop_context()
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
@@ -202,8 +203,8 @@ def measure_green(prefill: Side, decode: Side, fraction: float, total_sms: int, 
 
 # -- MPS: two processes ----------------------------------------------------------------------------
 def _mps_child(role: str, args: dict, start, results) -> None:
-    """One side in its own process (under MPS by its environment): (role, ready seconds, step times)."""
-    t0 = time.perf_counter()
+    """One side in its own process (under MPS by its environment): (role, wall clock when its first
+    step ended, step times)."""
     torch.cuda.init()
     spec = ModelSpec.from_folder(Path(args["folder"]))
     side = Side(spec, args["rows"], args["distinct"], args["layers"], args["seed"])
@@ -212,7 +213,7 @@ def _mps_child(role: str, args: dict, start, results) -> None:
     with torch.cuda.stream(stream):
         side.step()
     stream.synchronize()
-    ready = time.perf_counter() - t0
+    ready = time.time()
     start.wait()
     _timed_loop(side, stream, args["duration_s"], None, times, warmup=0)
     results.put((role, ready, times))
@@ -224,19 +225,20 @@ def measure_mps(mps_dir: Path, fraction: float, child_args: dict[str, dict], dur
     share = {"prefill": max(1, min(99, round(100 * fraction))), "decode": max(1, 100 - round(100 * fraction))}
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(2), ctx.Queue()
-    procs = []
+    procs, started = [], {}
     saved = dict(os.environ)
     try:
         for role in ("prefill", "decode"):
             os.environ.update(mps_env(str(mps_dir), share[role]))  # inherited by the spawned child
             procs.append(ctx.Process(target=_mps_child, args=(role, child_args[role], start, results)))
+            started[role] = time.time()
             procs[-1].start()
             os.environ.clear()
             os.environ.update(saved)
         got = {}
         for _ in procs:
             role, ready, times = results.get(timeout=600)
-            got[role] = (ready, times)
+            got[role] = (ready - started[role], times)  # interpreter, torch, CUDA context, weights, first step
     finally:
         os.environ.clear()
         os.environ.update(saved)
