@@ -365,8 +365,8 @@ class MuxScheduler(RuntimeRecovery, OverloadFairness):
             return
         self._last_adapt = now
         demand = {n: len(s.waiting) + s.active for n, s in self.llms.items()}
-        if self.policy.overload_fairness:  # admission at its quota with requests waiting: hungry
-            saturated = {n for n, s in self.llms.items() if s.waiting and s.active >= self.quota_of(n)}
+        if self.policy.overload_fairness:  # admission at its quota (not its config cap) with requests waiting
+            saturated = {n for n, s in self.llms.items() if s.waiting and s.active >= self.quota.max_num_seqs(n)}
             moved = self.quota.adapt(demand, saturated)
         else:
             moved = self.quota.adapt(demand)

@@ -174,3 +174,28 @@ def test_random_oversubscribed_mixes_finish_and_bound_every_decode_wait(data):
     longest = max(steps.values())
     # an overdue batch waits for the units of the jobs in flight and for the overdue jobs before it
     assert worst <= BOUND_D + 2 * n * longest + 1e-9
+
+
+@pytest.mark.parametrize("policy, cap, grows", [("adbs", 256, True), ("adbs-paper", 256, False),
+                                                ("adbs", 2, False)])
+def test_an_llm_waiting_at_its_quota_gets_quota_at_the_next_adaptation(policy, cap, grows):
+    # 4-token pages, 8-token sequences: 2 pages each; a (rate 3) gets 48 pages = 24 seqs, b 16 = 8
+    infos = [llm("a", prefill=30, decode=30), llm("b", prefill=30, decode=30, max_num_seqs=cap)]
+    quota = quota_for(["a", "b"], total_pages=64, avg_seq_len=8, rates={"a": 3.0, "b": 1.0})
+    h = Harness(infos, num_pages=64, policy=policy, threshold=0, quota=quota, adapt_interval=1.0)
+    assert quota.all_max_num_seqs() == {"a": 24, "b": 8}
+    for _ in range(12):
+        h.add("b", [1, 2, 3], max_tokens=100)
+    h.add("a", [1, 2, 3], max_tokens=100)
+    for name, phase, job in h.step():  # b admits 8 (its quota, or its cap of 2), 4 or 10 wait
+        h.finish(job, [7] * len(job.seqs))
+    for name, phase, job in h.step():
+        h.finish(job, [7] * len(job.seqs))
+    h.clock.t = 1.0
+    h.step()  # the adaptation: b waits at its quota, a's batches use 1 of 24 (a donor)
+    if grows:  # b asks for its 4 missing seqs (8 pages); a can give int((0.95 - 1/24) x 24) = 21
+        assert quota.all_max_num_seqs() == {"a": 20, "b": 12}
+    elif cap == 2:  # b waits at its config cap, not at its quota: nothing to ask for
+        assert quota.all_max_num_seqs() == {"a": 24, "b": 8}
+    else:  # the paper's rule: b (batch 8 of 8) is hungry but asks for max(1, int(0.1 x 8)) = 1 seq
+        assert quota.all_max_num_seqs() == {"a": 23, "b": 9}
