@@ -187,10 +187,9 @@ def test_an_llm_waiting_at_its_quota_gets_quota_at_the_next_adaptation(policy, c
     for _ in range(12):
         h.add("b", [1, 2, 3], max_tokens=100)
     h.add("a", [1, 2, 3], max_tokens=100)
-    for name, phase, job in h.step():  # b admits 8 (its quota, or its cap of 2), 4 or 10 wait
-        h.finish(job, [7] * len(job.seqs))
-    for name, phase, job in h.step():
-        h.finish(job, [7] * len(job.seqs))
+    for _ in range(2):  # prefills, then decodes: b admits 8 (its quota, or its cap of 2), 4 or 10 wait
+        for _name, _phase, job in h.step():
+            h.finish(job, [7] * len(job.seqs))
     h.clock.t = 1.0
     h.step()  # the adaptation: b waits at its quota, a's batches use 1 of 24 (a donor)
     if grows:  # b asks for its 4 missing seqs (8 pages); a can give int((0.95 - 1/24) x 24) = 21
