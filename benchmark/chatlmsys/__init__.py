@@ -1,1 +1,1 @@
-"""The ChatLMSYS pipeline: an LMSYS-Chat-style trace through placement and the three systems."""
+"""The ChatLMSYS pipeline: an LMSYS-Chat-style trace through placement and the four systems."""

@@ -3,7 +3,7 @@
     python -m benchmark.chatlmsys.run_chatlmsys --trace chatlmsys.json --start-day 55 --end-day 55.5 \\
         --condense 600 1200 2400 --prepare-only                     # workloads (needs a tokenizer)
     python -m benchmark.chatlmsys.run_chatlmsys --trace chatlmsys.json --start-day 55 --end-day 55.5 \\
-        --condense 600 1200 2400 --device cuda                      # the three systems, resumable
+        --condense 600 1200 2400 --device cuda                      # the four systems, resumable
     python -m benchmark.end_to_end.analyze --runs-dir benchmark/results/chatlmsys/runs
 
 The trace window is translated once by ``workload_utils.translate_lmsys`` (the ``lmsys`` mode of
@@ -13,7 +13,7 @@ per ``--condense`` factor c (one point of the rate axis): arrival times are divi
 the ``--max-llms`` trace models with the most requests are kept, renamed ``llm-0`` (most
 requests) to ``llm-{K-1}`` and served by ``--llm-models`` in that order, and arrivals after
 ``--max-duration`` seconds are dropped. Rates are measured as the translator does
-(count / (last - first arrival)). Everything else (colocation, the three systems, MPS, resume,
+(count / (last - first arrival)). Everything else (colocation, the four systems, MPS, resume,
 time budget) is run_end_to_end.py's; see benchmark/chatlmsys/README.md.
 """
 

@@ -1,7 +1,7 @@
 """Tables, plots and a markdown report of the end-to-end runs.
 
     python -m benchmark.end_to_end.analyze [--runs-dir benchmark/results/end_to_end/runs] \\
-        [--output-dir benchmark/results/end_to_end] [--slo-scale 8] [--target 0.99]
+        [--output-dir benchmark/results/end_to_end] [--slo-scale 8] [--target 0.99] [--slo-base alone]
 
 Reads every merged statistics file (``points/<tag>/<system>.json``) of a run folder of
 ``run_end_to_end.py`` (or ``run_chatlmsys.py``) and writes into the output folder:
@@ -13,7 +13,8 @@ Reads every merged statistics file (``points/<tag>/<system>.json``) of a run fol
   ``p99_latency_vs_rate.png``, ``slo_attainment_vs_rate.png``;
 * ``report.md``: the tables, the device and versions, the commands, the figures.
 
-Definitions are in e2e_metrics.py (SLO base latency: the temporal runs' calibration by default).
+Definitions are in e2e_metrics.py (SLO base latency: the 'alone' runs' by default, each LLM alone on the
+whole GPU before a point's runs; the same base for every system).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmark.end_to_end.e2e_common import REPO, SYSTEM_LABELS, SYSTEMS, BenchError, read_json, write_json
+from benchmark.end_to_end.e2e_common import BASE_RUN, REPO, SYSTEM_LABELS, SYSTEMS, BenchError, read_json, write_json
 from benchmark.end_to_end.e2e_metrics import bases_for, group_key, load_runs, pooled_bases, run_metrics, sustained_table
 from benchmark.end_to_end.e2e_report import write_report
 
@@ -40,15 +41,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SLO scale of the sustained-rate table and per-LLM figures (default: 8, as the paper's "
                         "ChatLMSYS plot)")
     p.add_argument("--target", type=float, default=0.99, help="SLO attainment to sustain (default: 0.99)")
-    p.add_argument("--slo-base", choices=["temporal", "own"], default="temporal",
-                   help="base latency of the SLO: the temporal runs' (each LLM alone on the whole GPU, pooled; "
-                        "default) or each run's own calibration")
+    p.add_argument("--slo-base", choices=["alone", "temporal", "own"], default="alone",
+                   help="base latency of the SLO, the same for every system except 'own': alone (default) = each "
+                        "LLM measured alone on the whole GPU before every point's runs, pooled (falls back to "
+                        "temporal in run folders without those runs); temporal = the temporal runs' calibration, "
+                        "pooled; own = each run's own calibration (under MPS: at the LLM's SM share)")
     p.add_argument("--title", default=None, help="report title")
     p.add_argument("--no-plots", action="store_true", help="tables and report only")
     return p.parse_args(argv)
 
 
-def analyze(runs_dir: Path, out: Path, slo_scale: int = 8, target: float = 0.99, slo_base: str = "temporal",
+def analyze(runs_dir: Path, out: Path, slo_scale: int = 8, target: float = 0.99, slo_base: str = "alone",
             title: str | None = None, plots: bool = True) -> dict:
     """Compute every metric, write summary.json, the PNGs and report.md; return the summary."""
     if not 1 <= slo_scale <= 20:
@@ -56,14 +59,22 @@ def analyze(runs_dir: Path, out: Path, slo_scale: int = 8, target: float = 0.99,
     runs = load_runs(runs_dir)
     if not runs:
         raise BenchError(f"no statistics under {runs_dir / 'points'}; run run_end_to_end.py first")
-    pooled = pooled_bases(runs, "temporal") if slo_base == "temporal" else {}
+    pooled, base_label = {}, "own calibration"
+    if slo_base == "alone":
+        pooled = pooled_bases(load_runs(runs_dir, (BASE_RUN,)), BASE_RUN)
+        base_label = "alone (pooled): each LLM alone on the whole GPU, no MPS, before the point's runs"
+    if slo_base == "temporal" or (slo_base == "alone" and not pooled):
+        pooled = pooled_bases(runs, "temporal")
+        base_label = "temporal (pooled)" + (": no 'alone' runs in this folder" if slo_base == "alone" else "")
+    if not pooled:
+        base_label = "own calibration"
     rows = [run_metrics(run, bases_for(run, pooled), slo_scale) for run in runs]
     order = {s: i for i, s in enumerate(SYSTEMS)}
     rows.sort(key=lambda r: (r.get("alpha", 0), r.get("rate_scale", 0), r["offered_req_s"], order[r["system"]]))
     sustained = sustained_table(rows, target)
     experiment = read_json(runs_dir / "experiment.json") if (runs_dir / "experiment.json").exists() else {}
     summary = {"runs_dir": str(runs_dir), "slo_scale": slo_scale, "target": target,
-               "slo_base": "temporal (pooled)" if pooled else "own calibration",
+               "slo_base": base_label,
                "base_latency": {k: {"prefill_points": [list(p) for p in v.prefill_points], "decode_step": v.decode_step}
                                 for k, v in pooled.items()},
                "group_by": group_key(rows[0]), "rows": rows, "sustained": sustained, "experiment": experiment}

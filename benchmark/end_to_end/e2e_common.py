@@ -14,8 +14,11 @@ from muxserve import files
 
 REPO = Path(__file__).resolve().parents[2]
 
-SYSTEMS = ("muxserve", "temporal", "spatial")
-SYSTEM_LABELS = {"muxserve": "MuxServe", "temporal": "Temporal multiplexing", "spatial": "Spatial partitioning"}
+SYSTEMS = ("muxserve", "temporal", "spatial", "instances")
+SYSTEM_LABELS = {"muxserve": "MuxServe", "temporal": "Temporal multiplexing", "spatial": "Spatial partitioning",
+                 "instances": "Instances (no MPS)"}
+# Not a system: each LLM measured alone on the whole GPU before the replays, the SLO base of every system
+BASE_RUN = "alone"
 
 
 class BenchError(RuntimeError):
@@ -39,12 +42,13 @@ def read_json(path: str | Path) -> Any:
 STATS_SUFFIXES = (".json.gz", ".json")  # merged statistics as written now, and as older runs wrote them
 
 
-def stats_files(runs_dir: Path) -> list[tuple[str, Path]]:
-    """(system, file) of every merged statistics file ``points/<tag>/<system>.json.gz`` (or ``.json``)."""
+def stats_files(runs_dir: Path, names: tuple[str, ...] = SYSTEMS) -> list[tuple[str, Path]]:
+    """(system, file) of every merged statistics file ``points/<tag>/<system>.json.gz`` (or ``.json``);
+    ``names=(BASE_RUN,)``: the common SLO base's calibration runs."""
     found = []
     for path in sorted((runs_dir / "points").glob("*/*.json*")):
         system, _, suffix = path.name.partition(".")
-        if system in SYSTEMS and f".{suffix}" in STATS_SUFFIXES:
+        if system in names and f".{suffix}" in STATS_SUFFIXES:
             found.append((system, path))
     return found
 

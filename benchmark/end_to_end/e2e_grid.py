@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmark.end_to_end.e2e_common import REPO, STATS_SUFFIXES, SYSTEMS, BenchError, read_json, write_json
+from benchmark.end_to_end.e2e_common import BASE_RUN, REPO, STATS_SUFFIXES, SYSTEMS, BenchError, read_json, write_json
 from benchmark.end_to_end.e2e_lanes import Lane, daemon_env, make_lanes
 from benchmark.end_to_end.e2e_placement import groups_doc, placement_groups
 from benchmark.end_to_end.e2e_plan import LLM, Machine, PlanOptions, default_groups, describe_llms, plan_systems
@@ -41,7 +41,8 @@ from muxserve.workload.models_file import load_models_file
 from muxserve.workload.workload_file import load_workload
 
 logger = logging.getLogger("end_to_end")
-RUN_ORDER = ("temporal", "muxserve", "spatial")  # per point; with lanes, consecutive runs start side by side
+# per point; with lanes, consecutive runs start side by side. The common SLO base (BASE_RUN) first.
+RUN_ORDER = (BASE_RUN, "temporal", "muxserve", "spatial", "instances")
 DEFAULT_OVERHEAD_S = 100.0  # start-up + calibration + drain of a run, until one was measured
 
 
@@ -69,6 +70,12 @@ class GridOptions:
     export_tgz: Path | None = None  # rewritten after every run: results survive a killed call
     lanes: list[Lane] = field(default_factory=list)  # runs side by side (e2e_lanes); default: one, the whole machine
     started: float | None = None  # time.monotonic() the time budget counts from (default: run_grid's start)
+    common_base: bool = True  # measure each LLM alone on the whole GPU per point (BASE_RUN): the SLO base
+
+    @property
+    def runs(self) -> list[str]:
+        """The systems and, with the common base, BASE_RUN."""
+        return ([BASE_RUN] if self.common_base else []) + list(self.systems)
 
 
 def point_dir(out: Path, point: Point) -> Path:
@@ -93,7 +100,7 @@ def record_command(out: Path, argv: list[str]) -> None:
 def todo_systems(out: Path, point: Point, opts: GridOptions) -> list[str]:
     todo = []
     for system in RUN_ORDER:
-        if system not in opts.systems:
+        if system not in opts.runs:
             continue
         if not opts.rerun and finished(out, point, system):
             continue
@@ -151,7 +158,7 @@ def plan_point(out: Path, point: Point, machine: Machine, opts: GridOptions, wor
                                                  llms, machine, opts.placement_args)
     else:
         groups = default_groups(llms, machine)
-    plans = plan_systems(pdir, llms, machine, workload, "workload.json", groups, opts.systems, opts.plan)
+    plans = plan_systems(pdir, llms, machine, workload, "workload.json", groups, opts.runs, opts.plan)
     # a call that runs some systems keeps the plans of the others (their statistics stay too)
     earlier = read_json(pdir / "plan.json").get("systems", {}) if (pdir / "plan.json").exists() else {}
     write_json(pdir / "plan.json", {
@@ -206,7 +213,7 @@ def run_grid(out: Path, points: list[Point], machine: Machine, opts: GridOptions
     jobs: deque[Job] = deque()
     for point in points:
         todo = todo_systems(out, point, opts)
-        status["skipped"] += [f"{point.tag}/{s}" for s in opts.systems if s not in todo]
+        status["skipped"] += [f"{point.tag}/{s}" for s in opts.runs if s not in todo]
         jobs.extend(Job(point, s) for s in todo)
     if opts.dry_run:
         for point in dict.fromkeys(j.point.tag for j in jobs):
@@ -323,7 +330,7 @@ def _run_job(out: Path, job: Job, lane: Lane, num_lanes: int, machine: Machine, 
         finally:
             mps.stop()  # each run gets a fresh daemon; a run without MPS finds none of its lane's
         rates = {m.name: m.rate for m in prep.llms}
-        expected = {r.idx: (r.llm, r.output_len) for r in prep.workload.requests}
+        expected = {} if job.system == BASE_RUN else {r.idx: (r.llm, r.output_len) for r in prep.workload.requests}
         meta = {"tag": job.point.tag, "labels": job.point.labels, "offered_rates": rates,
                 "offered_total_rate": sum(rates.values()), "duration_s": prep.duration,
                 "machine": asdict(machine), "wall_s": round(time.monotonic() - t0, 3), "lane": lane.doc(num_lanes)}

@@ -6,10 +6,13 @@ latency of a request is what the engine needs for it alone at batch 1: prefill o
 (interpolated between measured lengths) + (output_len - 1) decode steps, with the per-LLM
 figures that ``muxserve.launch`` measures at start (``muxserve.scheduler.stats.BaseLatency``).
 
-By default every system is judged against the **same** base latencies: those measured by the
-temporal-multiplexing runs (each LLM alone on the whole GPU, no MPS), pooled over all of them
-(median per prompt length and of the decode step). ``own`` uses each run's own calibration
-instead (under MPS that is the latency at the LLM's SM share, a looser bar).
+By default every system is judged against the **same** base latencies: those of the ``alone``
+runs (``e2e_common.BASE_RUN``: before a point's runs, each LLM measured alone on the whole GPU, no
+MPS share, nothing else on the instance), pooled over all of them (median per prompt length and of
+the decode step); they exist whichever systems were run. ``temporal`` pools the temporal
+multiplexing runs' calibration instead (what older run folders have; also the whole GPU, but only
+where temporal ran); ``own`` uses each run's own calibration (under MPS: the latency at the LLM's
+SM share, a looser bar that favours the static split).
 
 The highest rate a system sustains at a target attainment (99 %) at one SLO scale: over the
 rates tested for one group (one alpha), the largest rate r such that every tested rate <= r
@@ -23,7 +26,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmark.end_to_end.e2e_common import read_json, stats_files
+from benchmark.end_to_end.e2e_common import SYSTEMS, read_json, stats_files
 from benchmark.end_to_end.e2e_runs import to_bases, to_records
 from muxserve.scheduler.stats import BaseLatency, RequestRecord, summarize
 
@@ -54,9 +57,10 @@ def load_run(path: Path) -> Run:
                list(doc.get("unfinished", [])), doc)
 
 
-def load_runs(runs_dir: Path) -> list[Run]:
-    """Every merged statistics file under ``runs_dir/points/*/`` (``e2e_common.stats_files``)."""
-    return [load_run(path) for _, path in stats_files(runs_dir)]
+def load_runs(runs_dir: Path, names: tuple[str, ...] = SYSTEMS) -> list[Run]:
+    """Every merged statistics file under ``runs_dir/points/*/`` (``e2e_common.stats_files``) of
+    ``names`` (default: the systems; ``(BASE_RUN,)``: the common SLO base's calibration runs)."""
+    return [load_run(path) for _, path in stats_files(runs_dir, names)]
 
 
 def pooled_bases(runs: list[Run], reference: str = "temporal") -> dict[str, BaseLatency]:
@@ -139,6 +143,13 @@ def run_metrics(run: Run, bases: dict[str, BaseLatency], slo_scale: int) -> dict
                         "tpot_p99": ls.get("tpot_s", {}).get("p99"), "slo_at_scale": att,
                         "decode_wait_ms": waits.get(llm)}
     row["per_llm"] = per_llm
+    # fairness: the worst-served LLM (lowest SLO attainment at the scale; ties: highest p99 TTFT)
+    judged = [(v["slo_at_scale"], -(v["ttft_p99"] or 0.0), llm) for llm, v in per_llm.items()
+              if v["slo_at_scale"] is not None]
+    if judged:
+        worst = min(judged)[2]
+        row["worst_llm"] = {"llm": worst, "slo_at_scale": per_llm[worst]["slo_at_scale"],
+                            "ttft_p99": per_llm[worst]["ttft_p99"], "tpot_p99": per_llm[worst]["tpot_p99"]}
     return row
 
 

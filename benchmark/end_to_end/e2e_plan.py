@@ -10,6 +10,13 @@
   card: a fixed MPS share (∝ rate × parameters by default) and a fixed slice of the GPU's KV
   memory (∝ rate by default); its prefill and decode never overlap (``fix``: the prefill runtime
   runs 10 points below ``mps_percentage[0]``, so ``[s + 10, s]`` puts both at ``s`` %).
+* **Instances**: one launch per LLM on the same GPU(s) as spatial partitioning, **no MPS**
+  (``[100, 90]``: each process may use every SM, the driver time-slices the processes), each with
+  a fixed slice of the KV memory (∝ rate by default), ``adbs`` within its one LLM: what N vLLM
+  processes on one card do. With a GPU per LLM it is the same as spatial partitioning.
+* **alone** (not a system: the common SLO base): the temporal colocation (``[100, 90]``, no MPS),
+  each launch only measures its LLMs alone, one at a time, and replays nothing
+  (``launch_synced --calibrate-only``); every system is judged against these latencies.
 
 KV memory per GPU is the placement's formula: ``GPU × memory_fraction − weights − reserve × LLMs``;
 every system gets the same total.
@@ -24,7 +31,7 @@ from pathlib import Path
 import msgspec
 import yaml
 
-from benchmark.end_to_end.e2e_common import REPO, BenchError, write_json
+from benchmark.end_to_end.e2e_common import BASE_RUN, REPO, BenchError, write_json
 from muxserve.config import MuxServeConfig, check_config
 from muxserve.errors import ConfigError
 from muxserve.placement.llms import DTYPE_BYTES, GB, model_facts
@@ -84,6 +91,7 @@ class Launch:
     mps: bool
     split_by_model: str | None = None
     idx_map: str | None = None  # JSON list: idx in this launch's workload -> idx in the point's workload
+    calibrate_only: bool = False  # measure the LLMs alone, replay nothing (the common SLO base)
 
 
 @dataclass
@@ -326,6 +334,7 @@ def write_subset(workload: Workload, llms: list[str], path: Path) -> Path:
 class PlanOptions:
     spatial_sm_split: str = "load"  # load (rate × parameters), rate or equal
     spatial_kv_split: str = "rate"  # rate or rate-kv (rate × KV bytes per token)
+    muxserve_schedule: str = "adbs"  # adbs (with the wait bound) or adbs-paper (the paper's rules exactly)
 
 
 def plan_systems(point_dir: Path, llms: list[LLM], machine: Machine, workload: Workload, workload_rel: str,
@@ -335,14 +344,14 @@ def plan_systems(point_dir: Path, llms: list[LLM], machine: Machine, workload: W
     cfg_dir = point_dir / "configs"
     plans: dict[str, SystemPlan] = {}
     mesh_workloads: dict[int, tuple[str, str | None]] = {}
-    for i, g in enumerate(groups if {"muxserve", "temporal"} & set(systems) else []):
+    for i, g in enumerate(groups if {"muxserve", "temporal", BASE_RUN} & set(systems) else []):
         if len(groups) == 1:
             mesh_workloads[i] = (workload_rel, None)
         else:
             sub = cfg_dir / f"workload_mesh{i}.json"
             idx_map = write_subset(workload, g.llms, sub)
             mesh_workloads[i] = (str(sub.relative_to(point_dir)), str(idx_map.relative_to(point_dir)))
-    for system in ("muxserve", "temporal"):
+    for system in ("muxserve", "temporal", BASE_RUN):
         if system not in systems:
             continue
         launches = []
@@ -360,11 +369,14 @@ def plan_systems(point_dir: Path, llms: list[LLM], machine: Machine, workload: W
             write_yaml(path, doc, f"{system}: {', '.join(g.llms)} on {where}; KV {budget / GB:.2f} GB per GPU")
             wl, idx_map = mesh_workloads[i]
             launches.append(Launch(f"mesh{i}", str(path.relative_to(point_dir)), wl, list(g.devices),
-                                   "adbs" if system == "muxserve" else "fcfs",
-                                   system == "muxserve" and machine.device == "cuda", idx_map=idx_map))
+                                   options.muxserve_schedule if system == "muxserve" else "fcfs",
+                                   system == "muxserve" and machine.device == "cuda", idx_map=idx_map,
+                                   calibrate_only=system == BASE_RUN))
         plans[system] = SystemPlan(system, launches)
     if "spatial" in systems:
         plans["spatial"] = plan_spatial(cfg_dir, point_dir, llms, machine, workload_rel, options)
+    if "instances" in systems:
+        plans["instances"] = plan_spatial(cfg_dir, point_dir, llms, machine, workload_rel, options, mps=False)
     return plans
 
 
@@ -377,7 +389,10 @@ def spatial_assignment(llms: list[LLM], machine: Machine) -> list[list[str]]:
 
 
 def plan_spatial(cfg_dir: Path, point_dir: Path, llms: list[LLM], machine: Machine, workload_rel: str,
-                 options: PlanOptions) -> SystemPlan:
+                 options: PlanOptions, mps: bool = True) -> SystemPlan:
+    """Spatial partitioning; ``mps=False``: the instances baseline (the same launches and KV slices,
+    every process on all SMs without MPS, ``adbs`` within its LLM)."""
+    system = "spatial" if mps else "instances"
     by_name = {m.name: m for m in llms}
     launches, shares_note = [], {}
     for device, names in enumerate(spatial_assignment(llms, machine)):
@@ -389,8 +404,8 @@ def plan_spatial(cfg_dir: Path, point_dir: Path, llms: list[LLM], machine: Machi
         if len(members) == 1:
             m = members[0]
             doc = config_doc(machine, [(m, BASELINE_MPS, None)], budget)
-            path = cfg_dir / "spatial" / f"{m.name}_gpu{device}.yaml"
-            write_yaml(path, doc, f"spatial: {m.name} alone on GPU {device}; KV {budget / GB:.2f} GB")
+            path = cfg_dir / system / f"{m.name}_gpu{device}.yaml"
+            write_yaml(path, doc, f"{system}: {m.name} alone on GPU {device}; KV {budget / GB:.2f} GB")
             launches.append(Launch(m.name, str(path.relative_to(point_dir)), workload_rel, [device], "adbs", False,
                                    split_by_model=m.name))
             shares_note[m.name] = {"device": device, "sm_percent": 100, "kv_gb": round(budget / GB, 3)}
@@ -401,6 +416,16 @@ def plan_spatial(cfg_dir: Path, point_dir: Path, llms: list[LLM], machine: Machi
                 "rate-kv": [m.rate * m.kv_bytes_per_token for m in members]}[options.spatial_kv_split]
         shares = split_shares(sm_w)
         slices = split_kv(budget, kv_w, [min_kv(m) for m in members])
+        if not mps:
+            for m, kv in zip(members, slices):
+                doc = config_doc(machine, [(m, BASELINE_MPS, None)], kv)
+                path = cfg_dir / system / f"{m.name}_gpu{device}.yaml"
+                write_yaml(path, doc, f"instances (GPU {device} shared without MPS): {m.name} with "
+                                      f"{kv / GB:.2f} GB of KV cache, every SM")
+                launches.append(Launch(m.name, str(path.relative_to(point_dir)), workload_rel, [device], "adbs",
+                                       False, split_by_model=m.name))
+                shares_note[m.name] = {"device": device, "sm_percent": 100, "kv_gb": round(kv / GB, 3)}
+            continue
         for m, share, kv in zip(members, shares, slices):
             doc = config_doc(machine, [(m, [min(100, share + 10), share], None)], kv)
             path = cfg_dir / "spatial" / f"{m.name}_gpu{device}.yaml"
@@ -409,5 +434,7 @@ def plan_spatial(cfg_dir: Path, point_dir: Path, llms: list[LLM], machine: Machi
             launches.append(Launch(m.name, str(path.relative_to(point_dir)), workload_rel, [device], "fix",
                                    machine.device == "cuda", split_by_model=m.name))
             shares_note[m.name] = {"device": device, "sm_percent": share, "kv_gb": round(kv / GB, 3)}
-    return SystemPlan("spatial", launches, {"split": shares_note, "sm_split": options.spatial_sm_split,
-                                            "kv_split": options.spatial_kv_split})
+    notes = {"split": shares_note, "kv_split": options.spatial_kv_split}
+    if mps:
+        notes["sm_split"] = options.spatial_sm_split
+    return SystemPlan(system, launches, notes)

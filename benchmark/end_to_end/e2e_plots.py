@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 from benchmark.end_to_end.e2e_common import SYSTEM_LABELS, SYSTEMS
 
 STYLE = {"muxserve": dict(color="tab:red", marker="o"), "temporal": dict(color="tab:blue", marker="s"),
-         "spatial": dict(color="tab:green", marker="^")}
+         "spatial": dict(color="tab:green", marker="^"), "instances": dict(color="tab:purple", marker="D")}
 
 
 def _systems(rows):

@@ -119,7 +119,10 @@ def _setup(summary: dict, runs_dir: Path) -> list[str]:
               "multiplexing** = the same colocation, `mps_percentage [100, 90]`, no MPS, `fcfs`; **spatial "
               "partitioning** = one launch per LLM (`--split-by-model`): alone on a GPU `[100, 90]` no MPS, or a "
               "static split of a shared GPU (fixed MPS share, fixed KV slice, `fix`: its prefill and decode never "
-              "overlap). Launches of one run start their replay together (start barrier).", ""]
+              "overlap); **instances** = the same launches and KV slices as spatial partitioning, but no MPS: each "
+              "process may use every SM and the driver time-slices them (N vLLM processes on one card), `adbs` "
+              "within its LLM. Launches of one run start their replay together (start barrier). Before a point's "
+              "runs, one more launch (`alone`) measures each LLM alone on the whole GPU: the common SLO base.", ""]
     return lines
 
 
@@ -181,8 +184,9 @@ def _tables(summary: dict) -> list[str]:
         first = by[next(iter(by))]
         mux = by.get("muxserve", {}).get("throughput_req_s")
         body.append(_point_cells(first) + [f"{first['offered_req_s']:.2f}", _ratio(mux, by.get("spatial")),
-                                           _ratio(mux, by.get("temporal"))])
-    lines += _table(head + ["offered req/s", "MuxServe / spatial", "MuxServe / temporal"], body, n)
+                                           _ratio(mux, by.get("temporal")), _ratio(mux, by.get("instances"))])
+    lines += _table(head + ["offered req/s", "MuxServe / spatial", "MuxServe / temporal", "MuxServe / instances"],
+                    body, n)
     lines += ["", f"### Highest rate sustained at {target:.0%} SLO attainment (scale {s_scale})", "",
               "Total offered req/s of the highest tested rate at which this and every lower tested rate reach the "
               "target; in brackets where the line to the next tested rate crosses it. '>=': every tested rate passed; "
@@ -192,14 +196,22 @@ def _tables(summary: dict) -> list[str]:
         mux = (by.get("muxserve") or {}).get("rate")
         label = f"alpha {group:g}" if isinstance(group, (int, float)) else str(group)
         body.append([label] + [_sustained(by.get(s)) for s in SYSTEMS]
-                    + [_rate_ratio(mux, (by.get(b) or {}).get("rate")) for b in ("spatial", "temporal")])
-    lines += _table(["group"] + [SYSTEM_LABELS[s] for s in SYSTEMS] + ["MuxServe / spatial", "MuxServe / temporal"],
-                    body)
+                    + [_rate_ratio(mux, (by.get(b) or {}).get("rate")) for b in ("spatial", "temporal", "instances")])
+    lines += _table(["group"] + [SYSTEM_LABELS[s] for s in SYSTEMS]
+                    + ["MuxServe / spatial", "MuxServe / temporal", "MuxServe / instances"], body)
     lines += ["", "### SLO attainment vs SLO scale", ""]
     lines += _table(head + ["system"] + [f"{s}x" for s in SHOWN_SCALES],
                     [_point_cells(r) + [SYSTEM_LABELS[r["system"]]]
                      + [_pct(r["slo_curve"].get(s)) for s in SHOWN_SCALES]
                      for r in rows], n + 1)
+    lines += ["", f"### Fairness: the worst-served LLM of each run (SLO {s_scale}x)", "",
+              "The LLM with the lowest SLO attainment (ties: the highest p99 TTFT): a system that starves one "
+              "LLM shows it here even when its overall attainment is high.", ""]
+    lines += _table(head + ["system", f"overall SLO {s_scale}x", "worst LLM", f"its SLO {s_scale}x", "its p99 TTFT",
+                            "its p99 TPOT"],
+                    [_point_cells(r) + [SYSTEM_LABELS[r["system"]], _pct(r["slo_at_scale"]), r["worst_llm"]["llm"],
+                                        _pct(r["worst_llm"]["slo_at_scale"]), _ms(r["worst_llm"]["ttft_p99"]),
+                                        _ms(r["worst_llm"]["tpot_p99"])] for r in rows if r.get("worst_llm")], n + 1)
     lines += ["", "### Per LLM", ""]
     waits = any(v.get("decode_wait_ms") is not None for r in rows for v in r["per_llm"].values())
     body = [_point_cells(r) + [SYSTEM_LABELS[r["system"]], llm, _f(v["offered_req_s"]), _f(v["throughput_req_s"]),
@@ -301,7 +313,7 @@ def _notes(summary: dict, runs_dir: Path) -> list[str]:
 
 
 def write_report(path: Path, summary: dict, runs_dir: Path, title: str | None) -> None:
-    lines = [f"# {title or 'End-to-end: MuxServe vs temporal multiplexing vs spatial partitioning'}", ""]
+    lines = [f"# {title or 'End-to-end: MuxServe vs temporal multiplexing vs spatial partitioning vs instances'}", ""]
     lines += _setup(summary, runs_dir) + _tables(summary) + _targets(summary)
     if summary.get("figures"):
         lines += ["## Figures", ""] + [f"![{f}]({f})" for f in summary["figures"]] + [""]

@@ -82,6 +82,8 @@ def launch_command(launch, point_dir: Path, run_dir: Path, rank: int, count: int
         cmd += ["--max-drain-s", f"{max_drain_s:g}"]
     if cpus is not None:
         cmd += ["--cpus", ",".join(map(str, cpus))]
+    if launch.calibrate_only:
+        cmd += ["--calibrate-only"]
     ports = ports or {"flexstore": free_port()}
     cmd += ["--",
            str(point_dir / launch.config), "--workload-file", str(point_dir / launch.workload),

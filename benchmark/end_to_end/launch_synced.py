@@ -12,6 +12,10 @@ start together but get ready at different times. Each one here, in the folder D 
 3. waits until all are calibrated, then replays its workload: the N replays start within a
    few milliseconds, and each records its start (``start-K.json``, wall clock).
 
+``--calibrate-only`` stops after step 2: the launch measures its LLMs alone (on the whole GPU
+when its config says ``[100, 90]`` and no MPS) and replays nothing; its statistics file holds the
+base latencies and no request (the common SLO base of the end-to-end runs).
+
 ``--cpus LIST`` pins the launch and every process it starts to those CPUs (lanes of the runner).
 
 A file ``abort`` in D (written by the runner when a launch fails) stops the waiting launches.
@@ -73,7 +77,7 @@ class Barrier:
             self.started = True
 
 
-def install(barrier: Barrier, max_drain_s: float | None = None) -> None:
+def install(barrier: Barrier, max_drain_s: float | None = None, calibrate_only: bool = False) -> None:
     """Wrap the launcher's calibration and replay with the barrier."""
     if not hasattr(launch, "replay") or not hasattr(launch, "Instance"):
         raise RuntimeError("muxserve.launch has no replay()/Instance any more: update launch_synced.py")
@@ -94,6 +98,8 @@ def install(barrier: Barrier, max_drain_s: float | None = None) -> None:
         if not barrier.calibrated:  # --no-slo
             barrier.arrive("calibrated")
         barrier.wait("calibrated")
+        if calibrate_only:
+            return []
         barrier.arrive("start", {"wall": time.time()})
         return base_replay(instance, workload, launcher_max_drain_s if max_drain_s is None else max_drain_s)
 
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="give up waiting for the others after this long (default: 1800)")
     p.add_argument("--max-drain-s", type=float, default=None,
                    help="abort what is unfinished this long after the last arrival (default: wait for all)")
+    p.add_argument("--calibrate-only", action="store_true",
+                   help="measure the LLMs alone (the SLO base), then stop without replaying the workload")
     p.add_argument("--cpus", default=None,
                    help="comma-separated CPUs this launch and its processes run on (default: inherited)")
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpus:  # the launcher's processes inherit it
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     install(Barrier(Path(args.barrier_dir), args.barrier_count, args.barrier_rank, args.barrier_timeout_s),
-            args.max_drain_s)
+            args.max_drain_s, args.calibrate_only)
     return launch.main(argv[cut + 1:])
 
 

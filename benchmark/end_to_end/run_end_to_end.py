@@ -1,4 +1,4 @@
-"""End-to-end benchmark: MuxServe vs temporal multiplexing vs spatial partitioning on the same workloads.
+"""End-to-end benchmark: MuxServe vs temporal multiplexing vs spatial partitioning vs instances on the same workloads.
 
     # one GPU (H100/H200): 4 LLMs (1B, 1.7B, 3B, 8B shapes, random weights, bf16), alpha 0.7/1.3/2.1
     python -m benchmark.end_to_end.run_end_to_end --prepare-only      # workloads (needs the ShareGPT package)
@@ -9,7 +9,8 @@ For every (alpha, rate scale) it writes models.yaml and a workload with the powe
 (rates (i+1)^-alpha, llm-0 gets --max-rate x scale; ShareGPT prompt/output lengths; Poisson
 arrivals for --duration seconds), plans the colocation (with --cost-file or --profile: the
 placement optimizer; without, on one GPU: every LLM on it; on several: balanced by rate x size)
-and runs the three systems on the very same workload (see e2e_plan.py for what each one is).
+measures each LLM alone on the whole GPU (the 'alone' run: the SLO base of every system) and runs
+the four systems on the very same workload (see e2e_plan.py for what each one is).
 A run whose statistics exist is skipped, so the same command resumes; --time-budget-s stops
 before a run that would not end in time. --lanes K runs K runs at a time, each on its own GPUs
 (e2e_lanes.py). MPS is started for each run that needs it, for its lane's GPUs only, and stopped
@@ -51,6 +52,17 @@ from muxserve.workload.workload_file import write_workload
 DEFAULT_LLMS = ["examples/shapes/llama-3.2-1b", "examples/shapes/smollm2-1.7b", "examples/shapes/llama-3.2-3b",
                 "examples/shapes/llama-3-8b"]
 DEFAULT_OUT = "benchmark/results/end_to_end/runs"
+_S = "examples/shapes/"
+# Six LLMs of 1-14 B on one H200 (weights 68 GiB in bf16, about 23 GiB of KV cache left: the KV
+# memory binds), in popularity order. six-a: the smaller the more popular (the paper's order);
+# six-b: the two largest are the 2nd and 3rd most popular (mid-popular larger LLMs, the mix where
+# the paper's ADBS starved them). Run them with --alphas 0.9 (README: the overload experiment).
+MIXES = {
+    "six-a": [_S + m for m in ("llama-3.2-1b", "smollm2-1.7b", "llama-3.2-3b", "qwen2.5-7b", "llama-3-8b",
+                               "qwen2.5-14b")],
+    "six-b": [_S + m for m in ("llama-3.2-1b", "llama-3-8b", "qwen2.5-14b", "smollm2-1.7b", "qwen2.5-7b",
+                               "llama-3.2-3b")],
+}
 
 
 def add_machine_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +87,13 @@ def add_machine_args(p: argparse.ArgumentParser) -> None:
 
 def add_system_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("systems and placement")
-    g.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="systems to run (default: all)")
+    g.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
+                   help="systems to run (default: all): muxserve, temporal (multiplexing), spatial (partitioning; "
+                        "LLMs sharing a GPU get a static MPS split), instances (one launch per LLM on the same "
+                        "GPU without MPS, each with a fixed KV slice)")
+    g.add_argument("--no-common-base", action="store_true",
+                   help="do not measure each LLM alone on the whole GPU before a point's runs (the 'alone' run, "
+                        "the default SLO base of analyze.py for every system)")
     g.add_argument("--cost-file", default=None,
                    help="cost table (python -m muxserve.muxsched.profile) for the placement optimizer; without it "
                         "one GPU holds every LLM with default SM shares (e2e_plan.default_mps)")
@@ -92,6 +110,9 @@ def add_system_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spatial-kv-split", choices=["rate", "rate-kv"], default="rate",
                    help="KV slices of LLMs sharing a GPU under spatial partitioning: rate, or rate x KV bytes "
                         "per token (default: rate)")
+    g.add_argument("--muxserve-schedule", choices=["adbs", "adbs-paper"], default="adbs",
+                   help="MuxServe's schedule approach: adbs (with the scheduler's wait bound across LLMs, default) "
+                        "or adbs-paper (the paper's rules exactly); run them into separate --output-dir folders")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="launcher flag (default: 2048)")
     g.add_argument("--launch-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every python -m muxserve.launch (repeatable)")
@@ -156,11 +177,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmark.end_to_end.run_end_to_end", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("LLMs and rates")
-    g.add_argument("--llms", type=parse_llm_count, nargs="+", default=[(m, 1) for m in DEFAULT_LLMS],
-                   metavar="MODEL[=COUNT]",
+    g.add_argument("--llms", type=parse_llm_count, nargs="+", default=None, metavar="MODEL[=COUNT]",
                    help="models in popularity order (llm-0 most popular): folders (config.json only -> random "
                         "weights), short names or random:FOLDER (default: the 1B, 1.7B, 3B and 8B shapes of "
                         "examples/shapes)")
+    g.add_argument("--mix", choices=sorted(MIXES), default=None,
+                   help="a named set of LLMs instead of --llms: six-a = 1B, 1.7B, 3B, 7B, 8B, 14B shapes, the small "
+                        "ones most popular; six-b = the same six with the 8B and 14B 2nd and 3rd most popular")
     g.add_argument("--alphas", type=float, nargs="+", default=[0.7, 1.3, 2.1], help="power-law exponents")
     g.add_argument("--max-rate", type=float, default=8.0, help="rate of llm-0 at rate scale 1 (req/s, default: 8)")
     g.add_argument("--rate-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0],
@@ -174,7 +197,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_machine_args(p)
     add_system_args(p)
     add_run_args(p, DEFAULT_OUT)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mix and args.llms:
+        p.error("give --mix or --llms, not both")
+    args.llms = [(m, 1) for m in MIXES[args.mix]] if args.mix else args.llms or [(m, 1) for m in DEFAULT_LLMS]
+    return args
 
 
 # -- shared by run_chatlmsys.py --------------------------------------------------------------------
@@ -220,10 +247,11 @@ def grid_options(args, machine: Machine, out: Path, cost_file: Path | None, dura
     if machine.device == "cpu" and not any(a.startswith("--overload-sm") for a in placement_args):
         placement_args += ["--overload-sm", "200"]  # CPU tables hold 100 % only: the LLMs time-share
     return GridOptions(list(args.systems), cost_file, placement_args,
-                       PlanOptions(args.spatial_sm_split, args.spatial_kv_split), launch_args, timeout,
-                       args.max_drain_s, args.time_budget_s, args.rerun, args.skip_failed, args.stop_on_error,
+                       PlanOptions(args.spatial_sm_split, args.spatial_kv_split, args.muxserve_schedule), launch_args,
+                       timeout, args.max_drain_s, args.time_budget_s, args.rerun, args.skip_failed, args.stop_on_error,
                        args.dry_run, Path(args.mps_dir).resolve(),
-                       Path(args.export_tgz).resolve() if args.export_tgz else None, build_lanes(args, machine))
+                       Path(args.export_tgz).resolve() if args.export_tgz else None, build_lanes(args, machine),
+                       common_base=not args.no_common_base)
 
 
 def merged_experiment(path: Path, new: dict) -> dict:

@@ -1,7 +1,12 @@
 """The scheduling approaches of the original, as flags the one scheduler loop reads.
 
     adbs       prefill first, round-robin over LLMs; decodes fill the SM units left;
-               KV quotas split by rate and adapted periodically (MuxServe)
+               KV quotas split by rate and adapted periodically (MuxServe); a job held
+               past the wait bound gets the next SM units, an LLM with requests waiting at
+               its quota gets quota from the under-used ones (scheduler/fairness.py)
+    adbs-paper adbs exactly as the paper: no wait bound, quota moves by decode batch use only
+               (an oversubscribed instance can starve the LLMs whose jobs need the most SM
+               units, and keep the larger LLMs at their first quota)
     fix-adbs   adbs with quotas fixed at start (split by pages per token, not by rate)
     fix        fixed quotas; an LLM's prefill and decode never run at the same time
     roundrobin adbs without quotas; a prefill blocked on SM units ends the round
@@ -28,7 +33,10 @@ class SchedulePolicy(msgspec.Struct, frozen=True):
     ``fcfs_order``: pick the LLM of the oldest request instead of round-robin;
     ``stop_on_blocked_prefill``: a prefill blocked on SM units ends the round;
     ``exclusive_phases``: prefill and decode of one LLM never overlap;
-    ``prefill_mps_reduction``: the prefill runtime starts this many points lower.
+    ``prefill_mps_reduction``: the prefill runtime starts this many points lower;
+    ``overload_fairness``: a job held longer than the scheduler's wait bound is served next, and
+    an LLM whose admission is saturated (requests waiting at its quota) is hungry for the quota's
+    adaptation (scheduler/fairness.py, QuotaManager.adapt).
     """
 
     name: str
@@ -37,11 +45,13 @@ class SchedulePolicy(msgspec.Struct, frozen=True):
     stop_on_blocked_prefill: bool = False
     exclusive_phases: bool = False
     prefill_mps_reduction: int = 0
+    overload_fairness: bool = False
 
 
 POLICIES = {
-    "adbs": SchedulePolicy("adbs", QuotaMode.ADAPTIVE),
-    "fix-adbs": SchedulePolicy("fix-adbs", QuotaMode.FIXED),
+    "adbs": SchedulePolicy("adbs", QuotaMode.ADAPTIVE, overload_fairness=True),
+    "adbs-paper": SchedulePolicy("adbs-paper", QuotaMode.ADAPTIVE),
+    "fix-adbs": SchedulePolicy("fix-adbs", QuotaMode.FIXED, overload_fairness=True),
     "fix": SchedulePolicy("fix", QuotaMode.FIXED, exclusive_phases=True, prefill_mps_reduction=10),
     "roundrobin": SchedulePolicy("roundrobin", QuotaMode.NONE, stop_on_blocked_prefill=True),
     "fcfs": SchedulePolicy("fcfs", QuotaMode.NONE, fcfs_order=True),

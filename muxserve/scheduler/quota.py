@@ -66,7 +66,7 @@ class QuotaManager:
     def record_decode_batch(self, name: str, batch_size: int) -> None:
         self._states[name].batch_sizes.append(batch_size)
 
-    def adapt(self, demand: dict[str, int]) -> dict[str, int]:
+    def adapt(self, demand: dict[str, int], saturated: set[str] | frozenset[str] = frozenset()) -> dict[str, int]:
         """Move pages from under-used LLMs to hungry ones, as the original every 8 s.
 
         ``demand`` = waiting + running requests per LLM. With ``avg_bs`` the mean of the last
@@ -75,6 +75,13 @@ class QuotaManager:
         ``min(max(1, int(0.1 avg_bs)), int(demand - avg_bs))`` sequences; an LLM with util < 0.9
         can give ``int(max(1, (0.95 - util) quota))`` sequences (keeping at least one), shared
         out in proportion to what each donor can give. Returns the pages each LLM received.
+
+        ``saturated`` (not in the paper): LLMs whose admission is at their quota with requests
+        waiting. Their decode batches can stay under 90 % of the quota (the mean is over the last
+        500 batches, and requests inside prefill jobs are not in a decode batch), so under the
+        paper's rule they may never be hungry, or even donate, while their queues grow. Each one
+        is hungry (first, most waiting first), gives nothing, and asks for all it misses,
+        ``demand - quota`` sequences, within what the donors can give.
         """
         util, avg_bs, quota = {}, {}, {}
         for name, s in self._states.items():
@@ -83,18 +90,20 @@ class QuotaManager:
             util[name] = avg_bs[name] / quota[name]
         spare = {}
         for n, s in self._states.items():
-            if util[n] < HUNGRY_UTIL:
+            if util[n] < HUNGRY_UTIL and n not in saturated:
                 pps = s.model.pages_per_seq(self.avg_seq_len)
                 can_give = int(max(1, (DONOR_UTIL - util[n]) * quota[n])) * pps
                 spare[n] = max(0, min(can_give, s.pages - pps))
-        hungry = sorted((n for n in self._states if util[n] >= HUNGRY_UTIL and demand.get(n, 0) >= 1.1 * avg_bs[n]),
-                        key=lambda n: -util[n])
+        hungry = sorted((n for n in self._states if util[n] >= HUNGRY_UTIL and demand.get(n, 0) >= 1.1 * avg_bs[n]
+                         and n not in saturated), key=lambda n: -util[n])
+        starved = sorted((n for n in saturated if demand.get(n, 0) > quota[n]), key=lambda n: quota[n] - demand[n])
+        excess = {n: demand[n] - quota[n] for n in starved}
         moved = {n: 0 for n in self._states}
-        for n in hungry:
+        for n in starved + hungry:
             total_spare = sum(spare.values())
             if total_spare <= 0:
                 break
-            want_seqs = min(max(1, int(0.1 * avg_bs[n])), int(demand[n] - avg_bs[n]))
+            want_seqs = excess[n] if n in excess else min(max(1, int(0.1 * avg_bs[n])), int(demand[n] - avg_bs[n]))
             want = min(total_spare, want_seqs * self._states[n].model.pages_per_seq(self.avg_seq_len))
             shares = {d: want * spare[d] // total_spare for d in spare}
             # Whole pages: the remainder of the proportional split comes from the largest donor.

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from muxserve.engine.sequence import FinishReason
 from muxserve.ipc.runtime import Job, JobResult, Phase
+from muxserve.scheduler.fairness import OverloadFairness, WaitGuard
 from muxserve.scheduler.policy import QuotaMode, SchedulePolicy
 from muxserve.scheduler.quota import QuotaManager
 from muxserve.scheduler.recovery import LLMUnavailable, RuntimeRecovery
@@ -36,10 +37,13 @@ from muxserve.scheduler.state import (
 )
 
 logger = logging.getLogger(__name__)
+# Policies with overload_fairness: a job held this long (prefill, decode) gets the next SM units. A decode
+# step of a 1-14 B LLM takes 5-20 ms on one large GPU, a prefill of 2048 tokens 20-200 ms.
+DEFAULT_WAIT_BOUND_S = (0.1, 0.025)
 __all__ = ["ErrorCallback", "LLMInfo", "LLMUnavailable", "MuxScheduler", "RuntimeLink", "TokenCallback"]
 
 
-class MuxScheduler(RuntimeRecovery):
+class MuxScheduler(RuntimeRecovery, OverloadFairness):
     """ADBS and its baselines over the LLMs of one instance.
 
     ``on_token(request, token)``, when set, is called for every token a result brings, after the
@@ -52,7 +56,7 @@ class MuxScheduler(RuntimeRecovery):
                  policy: SchedulePolicy, max_num_batched_tokens: int, overload_threshold: int,
                  quota: QuotaManager | None = None, clock: Callable[[], float] | None = None,
                  adapt_interval: float = 8.0, on_token: TokenCallback | None = None,
-                 on_error: ErrorCallback | None = None):
+                 on_error: ErrorCallback | None = None, wait_bound_s: tuple[float, float] = DEFAULT_WAIT_BOUND_S):
         if policy.quota is not QuotaMode.NONE and quota is None:
             raise ValueError(f"schedule approach {policy.name!r} needs a QuotaManager")
         self.llms = {info.name: _LLMState(info) for info in llms}
@@ -77,6 +81,7 @@ class MuxScheduler(RuntimeRecovery):
         self._aborting: set[str] = set()  # aborted while inside an in-flight job
         self.down: set[tuple[str, Phase]] = set()  # runtimes that are restarting (or failed): no jobs
         self.failed: dict[str, str] = {}  # LLM -> why it failed
+        self.guard = WaitGuard(*wait_bound_s) if policy.overload_fairness else None
 
     # -- requests in and out ----------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -201,7 +206,13 @@ class MuxScheduler(RuntimeRecovery):
         if not self.inflight and not any(s.running for s in self.llms.values()):
             for s in self.llms.values():  # nothing holds pages: nothing to wait for
                 s.wait_for_cache = False
-        sent = self._schedule_prefills()
+        sent = 0
+        if self.guard is not None:
+            reserved = self._serve_overdue()
+            if reserved is None:
+                return 0  # an overdue job waits for SM units: every unit that frees up is kept for it
+            sent += reserved
+        sent += self._schedule_prefills()
         prefill_running = any(j.phase is Phase.PREFILL for j in self.inflight.values())
         # fcfs waits only for the prefill it picked: if that LLM is at its quota, its running
         # requests must decode (they free the room), whatever other LLMs have waiting
@@ -264,7 +275,7 @@ class MuxScheduler(RuntimeRecovery):
         other = Phase.DECODE if phase is Phase.PREFILL else Phase.PREFILL
         return self.policy.exclusive_phases and (name, other) in self.busy
 
-    def _try_prefill(self, state: _LLMState) -> Dispatch:
+    def _try_prefill_once(self, state: _LLMState) -> Dispatch:
         if not self._wants_prefill(state) or self._phase_blocked(state, Phase.PREFILL):
             return Dispatch.SKIPPED
         if not self.sm.can_allocate(state.info.prefill_units):
@@ -354,6 +365,10 @@ class MuxScheduler(RuntimeRecovery):
             return
         self._last_adapt = now
         demand = {n: len(s.waiting) + s.active for n, s in self.llms.items()}
-        moved = self.quota.adapt(demand)
+        if self.policy.overload_fairness:  # admission at its quota (not its config cap) with requests waiting
+            saturated = {n for n, s in self.llms.items() if s.waiting and s.active >= self.quota.max_num_seqs(n)}
+            moved = self.quota.adapt(demand, saturated)
+        else:
+            moved = self.quota.adapt(demand)
         if any(moved.values()):
             logger.info("quota adapted: %s", self.quota.all_max_num_seqs())

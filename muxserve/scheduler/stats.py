@@ -99,7 +99,7 @@ def summarize_run(records: list[RequestRecord], bases: dict[str, BaseLatency] | 
     models = sorted({r.model for r in records}, key=_natural_key)
     per_model = {m: summarize([r for r in records if r.model == m], bases.get(m)) for m in models}
     overall = summarize(records)
-    if bases and all(m in bases for m in models):
+    if bases and records and all(m in bases for m in models):
         done = [r for r in records if r.end is not None]
         overall["slo_attainment"] = {
             str(s): sum(r.latency <= s * bases[r.model].of(r.prompt_len, r.output_len) for r in done) / len(records)

@@ -28,6 +28,7 @@ SCRIPTS = {
     "end_to_end/run_end_to_end.py": [],
     "engine/bench_decode_attention.py": [],
     "engine/bench_gemm.py": [],
+    "engine/bench_green_contexts.py": [],
     "engine/bench_gpu.py": ["--shape", "tiny"],
     "engine/bench_offline.py": [],
     "engine/bench_tp.py": [],
@@ -39,7 +40,7 @@ SCRIPTS = {
 }
 # Their defaults measure on a GPU: on a machine without one they stop with a usage error.
 GPU_DEFAULTS = ("elastic/bench_elastic.py", "end_to_end/mps_sweep.py", "engine/bench_decode_attention.py",
-                "engine/bench_gemm.py",
+                "engine/bench_gemm.py", "engine/bench_green_contexts.py",
                 "engine/bench_gpu.py", "engine/bench_tp.py", "engine/profile_decode.py")
 
 

@@ -68,7 +68,8 @@ def test_trace_to_planned_runs(tmp_path, monkeypatch, smollm2_folder):
     models = yaml.safe_load((out / "points" / "condense50" / "models.yaml").read_text())
     assert [m["model"] for m in models["models"]] == [str(tmp_path / "tiny-a"), str(tmp_path / "tiny-b")]
     plan = json.loads((out / "points" / "condense100" / "plan.json").read_text())
-    assert sorted(plan["systems"]) == ["muxserve", "spatial", "temporal"] and plan["labels"]["condense"] == 100
+    assert sorted(plan["systems"]) == ["alone", "instances", "muxserve", "spatial", "temporal"]
+    assert plan["labels"]["condense"] == 100
     experiment = json.loads((out / "experiment.json").read_text())
     assert experiment["kind"] == "chatlmsys"
     assert [p["tag"] for p in experiment["points"]] == ["condense50", "condense100"]

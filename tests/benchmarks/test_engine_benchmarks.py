@@ -157,3 +157,24 @@ def test_bench_gpu_names_a_bad_point(flag, value):
     proc = _run("bench_gpu.py", "--device", "cpu", "--shape", "tiny", flag, value)
     assert proc.returncode == 2
     assert f"argument {flag}: {value!r} is not COUNTxLEN (two positive integers, e.g. 32x512)" in proc.stderr
+
+
+def test_green_context_splits_and_table():
+    from benchmark.engine.bench_green_contexts import _summary, green_split, markdown
+
+    # H200: 132 SMs in groups of 8; each side keeps at least one group
+    assert green_split(132, 0.8, 8) == (104, 24)
+    assert green_split(132, 0.5, 8) == (64, 64)
+    assert green_split(132, 0.99, 8) == (124, 8) and green_split(132, 0.01, 8) == (8, 120)
+    alone = _summary([0.010] * 10, 2048, None)
+    row = _summary([0.020] * 99 + [0.050], 2048, alone)
+    assert (row["steps"], row["p50_ms"], row["p99_ms"], row["slowdown_p50"]) == (100, 20.0, 50.0, 2.0)
+    doc = {"device": "GPU", "total_sms": 132, "torch": "x", "duration_s": 5.0,
+           "prefill": {"shape": "llama-3-8b", "tokens": 2048}, "decode": {"shape": "llama-3.2-3b", "batch": 32},
+           "rows": [{"name": "alone", "prefill": alone, "decode": alone},
+                    {"name": "green 0.8", "prefill_sms": 104, "decode_sms": 24, "prefill": row, "decode": row,
+                     "change_split_s": {"create": 0.001, "create_and_first_steps": 0.2}}],
+           "notes": ["MPS not measured (no --mps-dir)"]}
+    text = markdown(doc)
+    assert "| green 0.8 | 104 | 24 | 20.00 | 50.00 |" in text and "| 2.00 | 2.00 | 0.200 |" in text
+    assert "- MPS not measured (no --mps-dir)" in text

@@ -171,7 +171,18 @@ def _fake_grid(monkeypatch, tmp_path, run_s=0.3, fail=None):
 
 
 def _opts(tmp_path, lanes, **kw):
-    return e2e_grid.GridOptions(systems=["muxserve", "temporal", "spatial"], lanes=lanes, **kw)
+    return e2e_grid.GridOptions(systems=["muxserve", "temporal", "spatial"], lanes=lanes, common_base=False, **kw)
+
+
+def test_the_common_base_runs_first_at_every_point_unless_turned_off(tmp_path):
+    point = e2e_grid.Point("p", {})
+    opts = e2e_grid.GridOptions(systems=["spatial", "instances"])
+    assert e2e_grid.todo_systems(tmp_path, point, opts) == ["alone", "spatial", "instances"]
+    (tmp_path / "points" / "p").mkdir(parents=True)
+    (tmp_path / "points" / "p" / "alone.json.gz").write_bytes(b"")
+    assert e2e_grid.todo_systems(tmp_path, point, opts) == ["spatial", "instances"]  # measured once per point
+    opts = e2e_grid.GridOptions(systems=["muxserve"], common_base=False)
+    assert opts.runs == ["muxserve"] and e2e_grid.todo_systems(tmp_path, point, opts) == ["muxserve"]
 
 
 def test_two_lanes_run_every_run_once_two_at_a_time_and_export(tmp_path, monkeypatch):

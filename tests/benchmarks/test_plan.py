@@ -1,4 +1,4 @@
-"""Planning the three systems for GPU machines (no launch): colocation, placement, spatial splits."""
+"""Planning the systems for GPU machines (no launch): colocation, placement, spatial splits, instances."""
 
 from __future__ import annotations
 
@@ -174,3 +174,29 @@ def test_a_two_gpu_mesh_runs_its_llms_tensor_parallel(tmp_path):
         cfg = load_config(tmp_path / launch.config)
         assert cfg.num_gpus == 2
         assert [(m.tensor_parallel_size, m.placement) for m in cfg.models] == [(2, [[0, 1]])] * 4
+
+
+def test_one_gpu_instances_alone_and_the_muxserve_schedule(tmp_path):
+    entries, workload = _setup(tmp_path, 1)
+    machine = Machine(1, "cuda", 80.0, "bf16", 7.6)
+    llms = describe_llms(entries, workload, "bf16")
+    groups = default_groups(llms, machine)
+    plans = plan_systems(tmp_path, llms, machine, workload, "workload.json", groups,
+                         ["alone", "muxserve", "spatial", "instances"], PlanOptions(muxserve_schedule="adbs-paper"))
+    assert sorted(plans) == ["alone", "instances", "muxserve", "spatial"]
+    assert [launch.schedule for launch in plans["muxserve"].launches] == ["adbs-paper"]
+    # instances: one launch per LLM on GPU 0 without MPS, every SM, the static split's KV slices
+    inst, spatial = plans["instances"], plans["spatial"]
+    assert [(x.name, x.devices, x.schedule, x.mps, x.split_by_model) for x in inst.launches] == [
+        (f"llm-{i}", [0], "adbs", False, f"llm-{i}") for i in range(4)]
+    for a, b in zip(inst.launches, spatial.launches):
+        ca, cb = _config(tmp_path, a), _config(tmp_path, b)
+        assert ca["models"][0]["mps_percentage"] == [100, 90] and cb["models"][0]["mps_percentage"] != [100, 90]
+        assert ca["gpu_memory_utilization"] == cb["gpu_memory_utilization"]
+    assert {n: v["kv_gb"] for n, v in inst.notes["split"].items()} == {
+        n: v["kv_gb"] for n, v in spatial.notes["split"].items()}
+    # the common base: the whole colocation at [100, 90], no MPS, calibration only
+    [base] = plans["alone"].launches
+    assert base.calibrate_only and not base.mps and base.schedule == "fcfs"
+    assert {m["name"]: m["mps_percentage"] for m in _config(tmp_path, base)["models"]} == {
+        f"llm-{i}": [100, 90] for i in range(4)}

@@ -158,3 +158,23 @@ def test_history_is_bounded():
         q.record_decode_batch("hot", 50)  # the old batches are forgotten: avg 50
     q.record_decode_batch("cold", 10)
     assert q.adapt({"hot": 80, "cold": 10}) == {"hot": 40, "cold": -40}
+
+
+def test_a_saturated_llm_is_hungry_whatever_its_decode_batches():
+    def manager():
+        q = QuotaManager([qm("a", 3.0), qm("b", 1.0)], total_pages=1000, avg_seq_len=100)  # 46 and 15 seqs
+        for _ in range(10):
+            q.record_decode_batch("a", 23)  # util 0.5
+            q.record_decode_batch("b", 9)  # util 0.6: under the paper's rule a donor, never hungry
+        return q
+
+    q = manager()
+    assert q.adapt({"a": 23, "b": 40}) == {"a": 0, "b": 0}  # the paper's rule: nobody is hungry
+    q = manager()
+    # b waits at its quota: it asks for its whole excess (40 - 15 = 25 seqs = 400 pages) and gives
+    # nothing; a can give int((0.95 - 0.5) x 46) = 20 seqs = 320 pages
+    assert q.adapt({"a": 23, "b": 40}, saturated={"b"}) == {"a": -320, "b": 320}
+    assert (q.pages("a"), q.pages("b")) == (430, 570) and q.all_max_num_seqs() == {"a": 26, "b": 35}
+    # saturated but asking for no more than its quota: nothing moves
+    q = manager()
+    assert q.adapt({"a": 23, "b": 15}, saturated={"b"}) == {"a": 0, "b": 0}

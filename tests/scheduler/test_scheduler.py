@@ -528,7 +528,7 @@ def run_to_completion(h: Harness, seed: int = 0) -> None:
     FakeRuntimes(h, seed).run_to_completion()
 
 
-@pytest.mark.parametrize("policy", ["adbs", "fix-adbs", "fix", "roundrobin", "fcfs"])
+@pytest.mark.parametrize("policy", ["adbs", "adbs-paper", "fix-adbs", "fix", "roundrobin", "fcfs"])
 @pytest.mark.parametrize("num_pages, threshold", [(5, 2), (12, 3), (200, 0)])
 def test_every_request_completes_under_every_policy(policy, num_pages, threshold):
     names = ["llm-0", "llm-1", "llm-2"]
