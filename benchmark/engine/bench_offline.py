@@ -45,9 +45,10 @@ import torch
 from muxserve.engine import LLM, SamplingParams
 from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
+from muxserve.ipc.devices import parse_dtype
 from muxserve.progress import quiet_library_bars
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("bfloat16", "float16", "float32")
 # Real shapes (each checkpoint's config.json), to be filled with seeded random weights.
 _LLAMA3 = dict(vocab_size=128256, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
                bos_token_id=128000, eos_token_id=128001)
@@ -88,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--random-shape", choices=sorted(SHAPES),
                      help="instead of --model: seeded random weights of this real shape, saved to a temp folder")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device for both systems (default: cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--num-prompts", type=int, help="number of requests (default: 32 on cpu, 128 on cuda)")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default: %(default)s)")
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request (default: %(default)s)")
@@ -153,7 +154,7 @@ def build_random_model(shape: str, dtype: str, device: str, seed: int) -> Path:
     config = (LlamaConfig if family == "llama" else Qwen2Config)(**fields)
     torch.manual_seed(seed)
     with torch.device(device):  # built on the target device: seconds even for 8B on a GPU
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() >= 2:
@@ -233,7 +234,7 @@ def hf_generate(model, batch: list[Request], device: str, pad_id: int) -> list[l
 def run_hf(folder: Path, requests: list[Request], args) -> tuple[list[float], list[list[int]], dict]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[args.dtype]).to(args.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=parse_dtype(args.dtype)).to(args.device).eval()
     eos = model.config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     pad_id = next(t for t in (model.config.pad_token_id, eos, 0) if t is not None)
