@@ -190,6 +190,22 @@ class GrammarCache:
         return c.compile_grammar(xgr.Grammar.concat(*pieces) if len(pieces) > 1 else pieces[0])
 
 
+_caches: dict[tuple[str, int], GrammarCache] = {}
+_caches_lock = threading.Lock()
+
+
+def grammar_cache_for(folder, vocab_size: int, stop_token_ids: Iterable[int]) -> GrammarCache:
+    """The process's ``GrammarCache`` of the tokenizer in model folder ``folder`` (made once)."""
+    key = (str(folder), vocab_size)
+    with _caches_lock:
+        cache = _caches.get(key)
+        if cache is None:
+            from transformers import AutoTokenizer
+
+            cache = _caches[key] = GrammarCache(AutoTokenizer.from_pretrained(folder), vocab_size, stop_token_ids)
+        return cache
+
+
 class GuidedMatcher:
     """Where one request stands in its grammar."""
 
