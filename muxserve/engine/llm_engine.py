@@ -13,12 +13,12 @@ from muxserve.engine.kv_cache import DEFAULT_PAGE_BYTES, KVLayout, KVPool, PageA
 from muxserve.engine.loader import iter_weights, load_model
 from muxserve.engine.model_config import ModelSpec, end_token_ids
 from muxserve.engine.model_hub import resolve_model
-from muxserve.engine.structured import grammar_cache_for
 from muxserve.engine.parallel import TensorParallel, shard_spec
 from muxserve.engine.runner import ModelRunner
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.engine.scheduler import Scheduler
 from muxserve.engine.sequence import RequestLimits, Sequence, check_request
+from muxserve.engine.structured import grammar_cache_for
 from muxserve.ipc.devices import parse_device, parse_dtype
 
 logger = logging.getLogger(__name__)

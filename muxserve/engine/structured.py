@@ -37,7 +37,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("json_object", "json_schema", "regex", "choice", "tagged_json")
+KINDS = ("json_object", "json_schema", "regex", "choice", "tagged_json", "grammar")
 
 
 class GrammarError(ValueError):
@@ -55,7 +55,8 @@ class GuidedSpec:
     kind: ``json_object`` (any JSON object), ``json_schema`` (``text`` is the schema as JSON),
     ``regex`` (``text`` is the expression), ``choice`` (``text`` is a JSON list of strings, the
     output is exactly one of them) or ``tagged_json`` (``text`` is JSON ``{"begin", "schema",
-    "end"}``: the literal ``begin``, a JSON value of ``schema``, then ``end``; tool calls).
+    "end"}``: the literal ``begin``, a JSON value of ``schema``, then ``end``; tool calls) or
+    ``grammar`` (``text`` is an EBNF grammar whose start rule is ``root``).
     param: the request field it came from, named in errors (not part of the key).
     """
 
@@ -97,6 +98,12 @@ class GuidedSpec:
         if not isinstance(pattern, str) or not pattern:
             raise GrammarError(f"{param} must be a non-empty string, got {pattern!r}", param)
         return cls("regex", pattern, param)
+
+    @classmethod
+    def grammar(cls, text: Any, param: str = "guided_grammar") -> GuidedSpec:
+        if not isinstance(text, str) or not text.strip():
+            raise GrammarError(f"{param} must be a non-empty EBNF grammar, got {text!r}", param)
+        return cls("grammar", text, param)
 
     @classmethod
     def choice(cls, choices: Any, param: str = "guided_choice") -> GuidedSpec:
@@ -179,6 +186,8 @@ class GrammarCache:
             return c.compile_json_schema(spec.text, any_whitespace=False, strict_mode=True)
         if spec.kind == "regex":
             return c.compile_regex(spec.text)
+        if spec.kind == "grammar":
+            return c.compile_grammar(spec.text)
         if spec.kind == "choice":
             return c.compile_grammar("root ::= " + " | ".join(_literal(s) for s in json.loads(spec.text)))
         parts = json.loads(spec.text)

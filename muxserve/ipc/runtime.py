@@ -2,10 +2,10 @@
 
 The scheduler sends a ``Job`` (one prefill or decode step of one LLM); the runtime answers with
 a ``JobResult`` holding one sampled token per sequence, and, for the sequences that ask, its
-log-probabilities, their prompt's (``echo``), and whether its grammar (structured output) ended. Page ids travel incrementally: a
-sequence carries the pages appended since ``page_offset``; offset 0 replaces the whole table
-(a first step, or a recompute after preemption). The instance binds every socket (``JobSender``,
-``ResultReceiver``); a runtime connects to them (``JobReceiver``, ``ResultSender``).
+log-probabilities, their prompt's (``echo``), and whether its grammar (structured output) ended.
+Page ids travel incrementally: a sequence carries the pages appended since ``page_offset``;
+offset 0 replaces the whole table (a first step, or a recompute after preemption). The instance
+binds every socket (``JobSender``, ``ResultReceiver``); a runtime connects to them (``JobReceiver``, ``ResultSender``).
 """
 
 from __future__ import annotations

@@ -89,12 +89,14 @@ def test_vllm_fields():
      "guided_choice must be a non-empty list of non-empty strings, got []"),
     (None, {"guided_choice": ["a", ""]}, "guided_choice",
      "guided_choice must be a non-empty list of non-empty strings, got ['a', '']"),
-    (None, {"guided_grammar": "root ::= 'a'"}, "guided_grammar",
-     "guided_grammar is not supported; use guided_json, guided_regex or guided_choice"),
+    (None, {"guided_grammar": "  "}, "guided_grammar", "guided_grammar must be a non-empty EBNF grammar, got '  '"),
+    (None, {"guided_json_object": True}, "guided_json_object",
+     "guided_json_object is not supported; use response_format json_object, guided_json, guided_regex, "
+     "guided_choice or guided_grammar"),
     ({"type": "json_object"}, {"guided_regex": "a"}, "guided_regex",
      "only one structured-output constraint per request, got response_format, guided_regex"),
-    (None, {"structured_outputs": {"grammar": "x"}}, "structured_outputs",
-     "structured_outputs.grammar is not supported; use json, regex or choice"),
+    (None, {"structured_outputs": {"structural_tag": "x"}}, "structured_outputs",
+     "structured_outputs.structural_tag is not supported; use json, regex, choice or grammar"),
 ])
 def test_bad_requests_name_the_field(response_format, extra, param, message):
     with pytest.raises(GrammarError) as err:
