@@ -145,9 +145,11 @@ class GrammarCache:
 
         self._xgr = xgrammar
         self.vocab_size = vocab_size
-        self.stop_token_ids = sorted(set(stop_token_ids))
+        stop = sorted(set(stop_token_ids))
+        # No EOS ids (a model without any): the tokenizer's own, as xgrammar finds them.
         self.info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                            stop_token_ids=self.stop_token_ids)
+                                                            stop_token_ids=stop or None)
+        self.stop_token_ids = sorted(self.info.stop_token_ids)
         self._compiler = xgrammar.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=False)
         self._entries: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()  # the server compiles on a worker thread

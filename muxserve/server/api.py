@@ -411,8 +411,9 @@ def _tokenize_routes(app: FastAPI, state: ServerState, api_key: str | None) -> N
     async def on_worker(fn):
         try:
             return await asyncio.get_running_loop().run_in_executor(state.prepare_pool, fn)
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
+        except ValueError as exc:  # its message starts with the field it is about
+            field = str(exc).split(maxsplit=1)[0].rstrip(":")
+            raise ApiError(400, str(exc), field if field in ("prompt", "messages", "tokens") else None) from None
 
     def tokenizer_of(name: str) -> ServedModel:
         model = prompts.find_model(state.models, name)
