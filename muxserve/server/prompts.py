@@ -14,7 +14,13 @@ from muxserve.engine.sampling_params import SamplingParams
 from muxserve.engine.structured import GrammarError, GuidedSpec
 from muxserve.server.driver import ServedModel
 from muxserve.server.guided import guided_spec
-from muxserve.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _GenerationRequest
+from muxserve.server.protocol import (
+    MAX_CHOICES,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    _GenerationRequest,
+)
 from muxserve.server.tools import ToolFormat, ToolRequest, tool_format_for, tool_messages
 
 _PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
@@ -175,6 +181,10 @@ def stop_strings(body: _GenerationRequest) -> list[str]:
 
 
 def _refuse_unsupported(body: _GenerationRequest) -> None:
+    for name in ("n", "best_of"):
+        value = getattr(body, name)
+        if value is not None and not 1 <= value <= MAX_CHOICES:
+            raise ApiError(400, f"{name} must be in [1, {MAX_CHOICES}], got {value}", name)
     if body.best_of is not None and body.best_of < body.n:
         raise ApiError(400, f"best_of must be at least n ({body.n}), got {body.best_of}", "best_of")
     if body.stream and body.best_of not in (None, body.n):

@@ -34,13 +34,14 @@ SCRIPTS = {
     "engine/profile_decode.py": [],
     "engine/report_gpu.py": ["results.json"],
     "flexstore/bench_flexstore.py": [],
+    "serve/bench_api_features.py": [],
     "serve/bench_serve.py": ["--workload-file", "workload.json"],
     "structured/bench_grammar.py": [],
 }
 # Their defaults measure on a GPU: on a machine without one they stop with a usage error.
 GPU_DEFAULTS = ("elastic/bench_elastic.py", "end_to_end/mps_sweep.py", "engine/bench_decode_attention.py",
                 "engine/bench_gemm.py",
-                "engine/bench_gpu.py", "engine/bench_tp.py", "engine/profile_decode.py")
+                "engine/bench_gpu.py", "engine/bench_tp.py", "engine/profile_decode.py", "serve/bench_api_features.py")
 
 
 def _module(script: str):
