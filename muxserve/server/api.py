@@ -198,12 +198,19 @@ async def prepare(state: ServerState, body: _GenerationRequest,
 _TOOL_MARKERS = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
 
 
+_hidden: dict[int, frozenset[int]] = {}  # id(tokenizer) -> its hidden ids (tokenizers live as long as the server)
+
+
 def _hidden_special_ids(tokenizer) -> frozenset[int]:
     """Special tokens kept out of the text of a tool-calling answer: all but the tool-call markers."""
     if tokenizer is None:
         return frozenset()
-    markers = {tokenizer.convert_tokens_to_ids(m) for m in _TOOL_MARKERS if m in tokenizer.get_vocab()}
-    return frozenset(set(tokenizer.all_special_ids) - markers)
+    hidden = _hidden.get(id(tokenizer))
+    if hidden is None:
+        vocab = tokenizer.get_vocab()
+        markers = {vocab[m] for m in _TOOL_MARKERS if m in vocab}
+        hidden = _hidden[id(tokenizer)] = frozenset(set(tokenizer.all_special_ids) - markers)
+    return hidden
 
 
 async def run(state: ServerState, gen: Generation) -> AsyncIterator[Delta]:

@@ -230,7 +230,7 @@ def test_errors_through_the_openai_client(oai):
         oai.completions.create(model="nope", prompt="hi", max_tokens=2)
     assert err.value.status_code == 404
     with pytest.raises(openai.BadRequestError):
-        oai.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, n=3)
+        oai.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, n=17)
 
 
 # -- metrics and abort ----------------------------------------------------------------------------
