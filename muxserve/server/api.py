@@ -1,5 +1,8 @@
 """The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions,
-/health, /version and /metrics.
+/tokenize, /detokenize, /health, /version and /metrics.
+
+A request of ``n`` choices (or ``best_of``) is that many generations in the engine (``choices``);
+their answers carry logprobs, echo, tool calls (parsed in the model family's format) as asked.
 
 Handlers run on the event loop and talk to the engine thread only through the EngineDriver.
 Checking a request, rendering its chat template and tokenizing its prompt run on a worker
