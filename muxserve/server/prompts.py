@@ -196,9 +196,8 @@ def _refuse_unsupported(body: _GenerationRequest) -> None:
             raise ApiError(400, f"{name} is not supported (must be 0), got {value}", name)
     if getattr(body, "suffix", None) is not None:
         raise ApiError(400, "suffix is not supported", "suffix")
-    if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
-        if body.top_logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if isinstance(body, ChatCompletionRequest) and body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     extra = body.model_extra or {}
     for name, (absent, must, why) in _NOT_IMPLEMENTED.items():
         value = extra.get(name)
