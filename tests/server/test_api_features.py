@@ -272,3 +272,38 @@ def test_tokenize_and_detokenize_round_trip(client, oai):
     r = client.post("/detokenize", json={"model": "tiny", "tokens": [10**9]})
     assert (r.status_code, r.json()["error"]["param"]) == (400, "tokens")
     assert client.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
+
+
+# -- preemption -----------------------------------------------------------------------------------
+def test_guided_seeded_requests_survive_preemption_unchanged(tmp_path, tiny_tok_folder):
+    """A pool of 6 pages (3 blocks of 64 tokens of ``tiny``) and 4 requests of 60 + 30 tokens: they
+    preempt each other. A recomputed request's grammar catches up in both runtimes, and its
+    seeded choices and logprobs are those it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .helpers import metric_samples
+
+    config = write_config(tmp_path / "cfg.yaml", {"tiny": str(tiny_tok_folder)}, kv_cache_bytes=6 * 16384)
+    srv = start_server(config, tmp_path, "--schedule-approach", "fcfs")  # no quota: all 4 start
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            def ask(i: int) -> dict:
+                r = c.post("/v1/completions", json={
+                    "model": "tiny", "prompt": [100 + i + j for j in range(60)], "max_tokens": 40, "seed": i,
+                    "temperature": 1.0, "logprobs": 1, "guided_regex": "[0-9]{30}", "return_token_ids": True})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]
+
+            alone = [ask(i) for i in range(4)]
+            before = metric_samples(c.get("/metrics").text)
+            with ThreadPoolExecutor(4) as pool:
+                together = list(pool.map(ask, range(4)))
+            after = metric_samples(c.get("/metrics").text)
+        key = ("vllm:num_preemptions_total", (("model_name", "tiny"),))
+        assert after[key] > before[key]
+        for a, b in zip(alone, together):
+            assert re.fullmatch("[0-9]{30}", b["text"]) and b["finish_reason"] == "stop"
+            assert (b["token_ids"], b["text"]) == (a["token_ids"], a["text"])
+            assert b["logprobs"]["token_logprobs"] == pytest.approx(a["logprobs"]["token_logprobs"], abs=1e-4)
+    finally:
+        assert srv.stop() == 0, srv.log_tail()
