@@ -74,11 +74,12 @@ class Scheduler:
             by_id[req_id].pages.extend(pages)
         return list(self.running)
 
-    def finish_step(self, step: ScheduledStep, tokens: list[int]) -> list[Sequence]:
+    def finish_step(self, step: ScheduledStep, tokens: list[int],
+                    grammar_done: list[bool] | None = None) -> list[Sequence]:
         """Apply sampled tokens; free and return the sequences that finished."""
         finished = []
-        for seq, token in zip(step.seqs, tokens):
-            seq.append_token(token)
+        for i, (seq, token) in enumerate(zip(step.seqs, tokens)):
+            seq.append_token(token, bool(grammar_done and grammar_done[i]))
             if seq.is_finished:
                 finished.append(seq)
         if finished:

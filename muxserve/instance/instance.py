@@ -186,6 +186,7 @@ class Instance:
                 name=m.name, prefill_units=units_for(m.prefill_percentage), decode_units=units_for(m.decode_percentage),
                 max_num_seqs=max_num_seqs(self.config, o, m), eos_ids=end_token_ids(folder, spec),
                 max_model_len=spec.max_position_embeddings, vocab_size=spec.vocab_size,
+                architecture=spec.architecture,
             ))
             lay = layouts[m.name].layout
             quota_models.append(QuotaModel(m.name, o.rates.get(m.name, 1.0), lay.pages_per_block, lay.page_tokens))
@@ -202,6 +203,10 @@ class Instance:
     def max_tokens(self, llm: str) -> int:
         """Tokens one request of ``llm`` can hold with the whole KV pool."""
         return next(m.max_tokens for m in self.store_info.models if m.name == llm)
+
+    def llm_info(self, llm: str) -> LLMInfo:
+        """What the scheduler knows of ``llm`` (its EOS ids, context, architecture, ...)."""
+        return self._scheduler.info(llm)
 
     def limits(self, llm: str) -> RequestLimits:
         """What a request of ``llm`` must fit: its context, its vocabulary, the KV pool."""

@@ -1,10 +1,11 @@
 """Typed messages between the scheduler and the runtimes (msgpack over ZeroMQ), and the channels that carry them.
 
 The scheduler sends a ``Job`` (one prefill or decode step of one LLM); the runtime answers with
-a ``JobResult`` holding one sampled token per sequence. Page ids travel incrementally: a
-sequence carries the pages appended since ``page_offset``; offset 0 replaces the whole table
-(a first step, or a recompute after preemption). The instance binds every socket (``JobSender``,
-``ResultReceiver``); a runtime connects to them (``JobReceiver``, ``ResultSender``).
+a ``JobResult`` holding one sampled token per sequence, and, for the sequences that ask, its
+log-probabilities, their prompt's (``echo``), and whether its grammar (structured output) ended.
+Page ids travel incrementally: a sequence carries the pages appended since ``page_offset``;
+offset 0 replaces the whole table (a first step, or a recompute after preemption). The instance
+binds every socket (``JobSender``, ``ResultReceiver``); a runtime connects to them (``JobReceiver``, ``ResultSender``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ class Phase(str, enum.Enum):
     DECODE = "decode"
 
 
+class TokenLogprob(msgspec.Struct, array_like=True):
+    """The log-probability of one token, its rank (1 = most likely) and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
 class SeqInput(msgspec.Struct, array_like=True):
     req_id: str
     token_ids: list[int]  # prefill: every token to (re)compute; decode: the last sampled token
@@ -33,6 +44,11 @@ class SeqInput(msgspec.Struct, array_like=True):
     top_k: int = -1
     seed: int | None = None
     num_output_tokens: int = 0  # tokens generated so far (seeds each sampling step)
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and k alternatives
+    prompt_logprobs: int | None = None  # prefill of a request that asked for echo's prompt logprobs
+    guided: list[str] | None = None  # structured.GuidedSpec.to_wire() of its grammar
+    output_token_ids: list[int] | None = None  # every generated token, for a runtime new to a guided request
+    logit_bias: dict[int, float] | None = None
 
 
 class Job(msgspec.Struct, tag="job"):
@@ -51,6 +67,9 @@ class JobResult(msgspec.Struct, tag="result"):
     runtime: str
     tokens: list[int]
     step_seconds: float
+    logprobs: list[TokenLogprob | None] = []  # per sequence, when any asked (else empty)
+    prompt_logprobs: list[list[TokenLogprob | None] | None] = []  # per sequence, when any asked
+    grammar_done: list[int] = []  # indices of the sequences whose grammar is complete with this token
 
 
 class Ready(msgspec.Struct, tag="ready"):

@@ -122,7 +122,7 @@ class MuxScheduler(RuntimeRecovery, OverloadFairness):
         now = self.clock()
         had_running = bool(state.running)
         done, aborted = [], []
-        for req, token in zip(job.requests, result.tokens):
+        for i, (req, token) in enumerate(zip(job.requests, result.tokens)):
             if req.req_id in self._aborting:  # its token is dropped
                 self._aborting.discard(req.req_id)
                 self._end(req, FinishReason.ABORT, now)
@@ -130,7 +130,7 @@ class MuxScheduler(RuntimeRecovery, OverloadFairness):
                 continue
             if req.prefill_end is None:
                 req.prefill_end = now
-            if req.append_token(token):
+            if req.append_token(token, req.take_result(i, result)):
                 req.end = now
                 done.append(req)
             else:
