@@ -107,7 +107,8 @@ class FlexStoreConfig(msgspec.Struct, frozen=True):
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < self.page_bytes:
             raise ValueError(f"kv_cache_bytes ({self.kv_cache_bytes}) is smaller than one page ({self.page_bytes})")
         if self.granule_bytes < self.page_bytes or self.granule_bytes % self.page_bytes:
-            raise ValueError(f"granule_bytes ({self.granule_bytes}) must be a multiple of page_bytes ({self.page_bytes})")
+            raise ValueError(f"granule_bytes ({self.granule_bytes}) must be a multiple of page_bytes "
+                             f"({self.page_bytes})")
         if self.reserve_granules < 0:
             raise ValueError(f"reserve_granules must be >= 0, got {self.reserve_granules}")
         if self.elastic and self.num_devices > 1:
