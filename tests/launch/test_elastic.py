@@ -1,0 +1,110 @@
+"""Elastic residency with real processes (CPU): an LLM offloaded and woken while the others decode, a
+wake that preempts other LLMs' newest requests, and the launcher's idle-timeout policy. Every
+token equals the offline engine's (an always-resident run)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+
+from muxserve.config import load_config
+from muxserve.engine import SamplingParams
+from muxserve.instance.instance import Instance
+from muxserve.instance.options import InstanceOptions
+from muxserve.scheduler.policy import get_policy
+from muxserve.workload.workload_file import WorkloadRequest, write_workload
+
+from .helpers import run_launch
+
+pytestmark = pytest.mark.timeout(600)
+PAGE = 16384
+GRANULE = 4 * PAGE
+
+
+def elastic_config(setup, name: str, kv_cache_bytes: int, elastic=("llm-2",)):
+    path = setup.config(name, kv_cache_bytes=kv_cache_bytes)
+    doc = yaml.safe_load(path.read_text())
+    for m in doc["models"]:
+        if m["name"] in elastic:
+            m["residency"] = "elastic"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def submit(instance, setup, llm: str) -> list:
+    return [instance.submit(r.llm, r.prompt_token_ids, SamplingParams(max_tokens=r.output_len, temperature=0,
+                                                                      ignore_eos=True), time.monotonic(), r.idx)
+            for r in setup.requests if r.llm == llm]
+
+
+def poll_until(instance, condition, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        instance.poll(0.02)
+
+
+def test_offloaded_llm_is_woken_by_its_request_and_the_wake_preempts_the_newest(setup, tmp_path):
+    config = load_config(elastic_config(setup, "elastic.yaml", kv_cache_bytes=12 * PAGE))
+    options = InstanceOptions(policy=get_policy("roundrobin"), device="cpu", log_dir=tmp_path / "logs",
+                              page_bytes=PAGE, granule_bytes=GRANULE, reserve_granules=1)
+    instance = Instance(config, options)
+    try:
+        instance.start()
+        store = instance._allocator
+        weights = next(m.weight_bytes for m in instance.store_info.models if m.name == "llm-2")
+        room = store.stats().budget.free_granules  # KV room with llm-2 resident
+        event = instance.offload("llm-2")
+        assert event.kind == "offload" and event.nbytes == -(-weights // GRANULE) * GRANULE
+        assert instance.load().llms["llm-2"].state == "offloaded"
+        with pytest.raises(ValueError, match="already offloaded"):
+            instance.offload("llm-2")
+        with pytest.raises(ValueError, match="not an elastic LLM"):
+            instance.offload("llm-0")
+        first = submit(instance, setup, "llm-0") + submit(instance, setup, "llm-1")
+        # The others decode into llm-2's memory: past what they could hold with llm-2 resident.
+        grains = -(-weights // GRANULE)
+        poll_until(instance, lambda: store.stats().budget.kv_granules >= room + grains // 2)
+        late = submit(instance, setup, "llm-2")
+        poll_until(instance, lambda: instance.residency.elastic["llm-2"].resident)
+        [wake] = [e for e in instance.residency.events if e.kind == "wake"]
+        assert wake.llm == "llm-2" and wake.nbytes == weights and wake.waited >= 0
+        instance.run_until_done()
+        metrics = instance.metrics()
+    finally:
+        instance.stop()
+    for req in first + late:
+        assert req.output_token_ids == setup.expected[req.idx], f"request {req.idx} of {req.llm}"
+    assert metrics.residency["llm-2"]["offloads"] == 1 and metrics.residency["llm-2"]["wakes"] == 1
+    # The wake took pages back from the newest requests of the others: recomputed, the same tokens.
+    assert wake.preempted > 0 and sum(r.num_preemptions for r in first) >= wake.preempted
+    assert metrics.residency["llm-2"]["wake_preempted"] == wake.preempted
+
+
+def test_launch_offloads_an_idle_llm_and_wakes_it_while_the_others_decode(setup, tmp_path):
+    # llm-2's requests come in two waves with a gap; llm-0 and llm-1 run throughout.
+    late = {r.idx for r in setup.requests if r.llm == "llm-2"}
+    late = set(sorted(late)[len(late) // 2:])
+    requests = [WorkloadRequest(r.idx, r.llm, r.arrival * 2 + (4.0 if r.idx in late else 0.0), r.prompt_token_ids,
+                                r.output_len) for r in setup.requests]
+    workload = tmp_path / "waves.json"
+    write_workload(workload, {}, requests)
+    config = elastic_config(setup, "elastic-launch.yaml", kv_cache_bytes=8 << 20)
+    proc, stats = run_launch(config, workload, tmp_path, "--no-slo", "--offload-idle-s", "0.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_idx = {}
+    for r in requests:
+        by_idx[r.idx] = r
+    got = {r["idx"]: r["output_token_ids"] for r in stats["requests"]}
+    order = sorted(requests, key=lambda r: (r.arrival, r.idx))  # write_workload renumbers by arrival
+    assert len(got) == len(order)
+    for new_idx, r in enumerate(order):
+        assert got[new_idx] == setup.expected[r.idx], f"request {r.idx} of {r.llm}"
+    residency = stats["summary"]["per_model"]["llm-2"]["residency"]
+    assert residency["offloads"] >= 1 and residency["wakes"] >= 1
+    events = stats["summary"]["overall"]["residency_events"]
+    assert [e["kind"] for e in events if e["llm"] == "llm-2"][:2] == ["offload", "wake"]
+    assert "[residency]" in proc.stdout
+    assert "residency" not in stats["summary"]["per_model"]["llm-0"]
