@@ -103,13 +103,15 @@ class FlexStoreClient:
     turns False during a wait.
     """
 
+    kv_epoch = 0  # the newest epoch of FlexStore's KV range this client has heard of (a memory budget)
+    _secret = ""
+
     def __init__(self, address: str, secret: str | None, timeout_s: float = 30.0,
                  alive: Callable[[], bool] | None = None):
         self.address = address
         self.timeout_ms = int(timeout_s * 1000)
         self._alive = alive
         self._secret = secret or ""
-        self.kv_epoch = 0  # the newest epoch of FlexStore's KV range this client has heard of
         self._socket, self._monitor = self._connect(secret)
         self._info: P.Info | None = None
 

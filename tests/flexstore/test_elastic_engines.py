@@ -60,7 +60,7 @@ def requeue(engine: LLMEngine, preempted: list[str]) -> None:
     """The scheduler hook to come: requests preempted outside the engine's own allocation go back
     to the head of its queue and are recomputed (as its own preemptions are)."""
     sched = engine.scheduler
-    by_id = {s.seq_id: s for s in sched.running}
+    by_id = {s.req_id: s for s in sched.running}
     for seq_id in reversed(preempted):
         seq = by_id[seq_id]
         sched.running.remove(seq)
@@ -119,7 +119,7 @@ def test_offload_and_wake_while_another_llm_decodes(tiny_models, tag):
 
         plan = budget.wake(b)  # between a's steps: no job in flight, nothing protected
         assert plan.preempted and list(plan.preempted) == [a]
-        newest = [s.seq_id for s in engines[a].scheduler.running][-len(plan.preempted[a]):]
+        newest = [s.req_id for s in engines[a].scheduler.running][-len(plan.preempted[a]):]
         assert plan.preempted[a] == newest  # a's newest requests, oldest of them first
         requeue(engines[a], plan.preempted[a])
         kv.unmap_granules(plan.unmap)
