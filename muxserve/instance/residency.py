@@ -142,6 +142,7 @@ class ResidencyControl:
         state = self._elastic(llm)
         if state.resident:
             raise ValueError(f"{llm!r} is resident already")
+        logger.info("waking %s (%d requests waiting)", llm, len(self.scheduler.llms[llm].waiting))
         try:
             reply = self.client.wake(llm, self.scheduler.protected())
         except FlexStoreError as exc:

@@ -85,21 +85,12 @@ def test_offloaded_llm_is_woken_by_its_request_and_the_wake_preempts_the_newest(
 
 def test_launch_offloads_an_idle_llm_and_wakes_it_while_the_others_decode(setup, tmp_path):
     # llm-2's requests come in two waves with a gap; llm-0 and llm-1 run throughout.
-    late = {r.idx for r in setup.requests if r.llm == "llm-2"}
-    late = set(sorted(late)[len(late) // 2:])
-    requests = [WorkloadRequest(r.idx, r.llm, r.arrival * 2 + (4.0 if r.idx in late else 0.0), r.prompt_token_ids,
-                                r.output_len) for r in setup.requests]
-    workload = tmp_path / "waves.json"
-    write_workload(workload, {}, requests)
+    workload, order = waves(setup, tmp_path)
     config = elastic_config(setup, "elastic-launch.yaml", kv_cache_bytes=8 << 20)
     proc, stats = run_launch(config, workload, tmp_path, "--no-slo", "--offload-idle-s", "0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    by_idx = {}
-    for r in requests:
-        by_idx[r.idx] = r
     got = {r["idx"]: r["output_token_ids"] for r in stats["requests"]}
-    order = sorted(requests, key=lambda r: (r.arrival, r.idx))  # write_workload renumbers by arrival
-    assert len(got) == len(order)
+    assert len(got) == len(order)  # write_workload renumbers by arrival
     for new_idx, r in enumerate(order):
         assert got[new_idx] == setup.expected[r.idx], f"request {r.idx} of {r.llm}"
     residency = stats["summary"]["per_model"]["llm-2"]["residency"]
@@ -108,3 +99,43 @@ def test_launch_offloads_an_idle_llm_and_wakes_it_while_the_others_decode(setup,
     assert [e["kind"] for e in events if e["llm"] == "llm-2"][:2] == ["offload", "wake"]
     assert "[residency]" in proc.stdout
     assert "residency" not in stats["summary"]["per_model"]["llm-0"]
+
+
+def waves(setup, tmp_path, gap_s: float = 4.0):
+    """The setup's workload, stretched 2x, with llm-2's later half ``gap_s`` later: llm-2 is idle in between.
+    Returns the file and its requests in file order."""
+    idxs = sorted(r.idx for r in setup.requests if r.llm == "llm-2")
+    late = set(idxs[len(idxs) // 2:])
+    requests = [WorkloadRequest(r.idx, r.llm, r.arrival * 2 + (gap_s if r.idx in late else 0.0), r.prompt_token_ids,
+                                r.output_len) for r in setup.requests]
+    path = tmp_path / "waves.json"
+    write_workload(path, {}, requests)
+    return path, sorted(requests, key=lambda r: (r.arrival, r.idx))
+
+
+@pytest.mark.parametrize("victim", ["runtime", "flexstore"])
+def test_kill_during_a_wake_leaves_nothing_behind(setup, tmp_path, victim):
+    import os
+    import signal
+
+    from processes import assert_nothing_left, descendants, flexstore_pid, runtime_pid
+
+    from .test_faults import check_tokens, start_launch
+
+    workload, order = waves(setup, tmp_path)
+    config = elastic_config(setup, f"elastic-{victim}.yaml", kv_cache_bytes=8 << 20)
+    run = start_launch(config, workload, tmp_path, "--offload-idle-s", "0.5")
+    run.wait_for("offloaded llm-2")
+    children = descendants(run.proc.pid)
+    pid = runtime_pid(run.proc.pid, "llm-2", "decode") if victim == "runtime" else flexstore_pid(run.proc.pid)
+    os.kill(pid, signal.SIGSTOP)  # it stops as the wake begins: killed with the wake under way
+    run.wait_for("waking llm-2")
+    os.kill(pid, signal.SIGKILL)
+    if victim == "runtime":  # restarted, its requests recomputed: every token as offline
+        assert run.proc.wait(300) == 0, run.stderr[-3000:]
+        assert "runtime llm-2/decode is back (restart 1)" in run.stderr
+        check_tokens(setup, run.stats(), order=order)
+    else:
+        assert run.proc.wait(120) == 1, run.stderr[-3000:]
+        assert f"error: FlexStore (pid {pid}), which holds the weights and the KV pool of every LLM" in run.stderr
+    assert_nothing_left(run.proc.pid, children)
