@@ -6,6 +6,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from muxserve.flexstore import FlexStoreConfig, FlexStoreManager, ModelEntry
 from muxserve.flexstore import protocol as P
@@ -118,3 +121,127 @@ def test_idle_trim_unmaps_free_granules_beyond_the_reserve(manager):
     manager.idle()
     assert manager.elastic.kv.mapped_bytes <= mapped and manager.elastic.budget.kv_granules <= 2
     assert manager.kv_epoch >= before
+
+
+class ElasticStoreMachine(RuleBasedStateMachine):
+    """Random allocate / free / offload / wake / idle sequences through FlexStore's protocol (the budget's
+    own machine is ``test_budget_props``): the budget's invariants hold, and the ranges FlexStore maps
+    follow the budget (KV chunks = mapped granules, an elastic LLM's weights mapped iff resident,
+    memory backed = what is mapped)."""
+
+    tiny_models: dict = {}
+
+    @initialize()
+    def start(self):
+        self.prefix = f"mux-elastic-props-{uuid.uuid4().hex[:6]}"
+        self.manager = FlexStoreManager(elastic_config(self.tiny_models, self.prefix, kv_granules=6))
+        self.held: dict[str, set[str]] = {"llama-a": set(), "llama-c": set()}
+        self.next_id = 0
+        self.preempting_wakes = 0
+
+    def teardown(self):
+        manager = getattr(self, "manager", None)
+        if manager is not None:
+            manager.close()
+            assert list_shm(self.prefix) == set()
+
+    @rule(model=st.sampled_from(["llama-a", "llama-c"]), data=st.data())
+    def allocate(self, model, data):
+        grow = data.draw(st.lists(st.sampled_from(sorted(self.held[model])), unique=True)) if self.held[model] else []
+        budget = self.manager.elastic.budget
+        batch = [(rid, len(budget.pages_of(model, rid)) // budget._model(model).pages_per_block
+                  * budget._model(model).page_tokens + data.draw(st.integers(1, 20))) for rid in grow]
+        for _ in range(data.draw(st.integers(0, 4))):
+            self.next_id += 1
+            batch.append((f"r{self.next_id}", data.draw(st.integers(1, 120))))
+        reply = self.manager.handle(P.Allocate(model, batch))
+        if self.manager.elastic.state(model).value != "resident":
+            assert reply.code == "invalid"
+            return
+        assert isinstance(reply, P.Allocated), reply
+        for rid in reply.preempted:
+            self.held[model].discard(rid)
+        for rid, pages in reply.new_pages.items():
+            if pages:
+                self.held[model].add(rid)
+
+    @rule()
+    def fill(self):
+        """llama-a admits requests until the budget runs out (into llama-c's room when it is offloaded)."""
+        while True:
+            self.next_id += 1
+            reply = self.manager.handle(P.Allocate("llama-a", [(f"r{self.next_id}", 100)]))
+            if reply.preempted:
+                return
+            self.held["llama-a"].add(f"r{self.next_id}")
+
+    @rule(model=st.sampled_from(["llama-a", "llama-c"]), data=st.data())
+    def free(self, model, data):
+        if not self.held[model]:
+            return
+        done = data.draw(st.lists(st.sampled_from(sorted(self.held[model])), unique=True, min_size=1))
+        assert isinstance(self.manager.handle(P.Free(model, done)), P.Answer)
+        self.held[model] -= set(done)
+
+    @rule(idle_first=st.booleans())
+    def offload(self, idle_first):
+        if idle_first and self.held["llama-c"]:  # its requests finish: it turns idle
+            self.manager.handle(P.Free("llama-c", sorted(self.held["llama-c"])))
+            self.held["llama-c"] = set()
+        reply = self.manager.handle(P.Offload("llama-c"))
+        if self.held["llama-c"]:
+            assert reply.code == "refused" and reply.numbers["requests"] == len(self.held["llama-c"])
+        elif self.manager.elastic.state("llama-c").value == "offloaded":
+            assert isinstance(reply, P.Offloaded) or reply.code == "invalid"
+        else:
+            assert isinstance(reply, P.Offloaded)
+
+    @rule(data=st.data())
+    def wake(self, data):
+        held = sorted(self.held["llama-a"])
+        protected = data.draw(st.lists(st.sampled_from(held), unique=True)) if held else []
+        resident = self.manager.elastic.state("llama-c").value == "resident"
+        reply = self.manager.handle(P.Wake("llama-c", [("llama-a", r) for r in protected]))
+        if resident:
+            assert reply.code == "invalid"
+        elif isinstance(reply, P.Woken):
+            victims = reply.preempted.get("llama-a", [])
+            event("wake preempted" if victims else "wake without preemption")
+            if victims:
+                self.preempting_wakes += 1
+            assert not set(victims) & set(protected)
+            self.held["llama-a"] -= set(victims)
+        else:
+            event("wake refused")
+            assert reply.code == "refused" and reply.numbers["needed"] > 0
+
+    @rule()
+    def idle(self):
+        self.manager.idle()
+
+    @invariant()
+    def budget_and_ranges_agree(self):
+        if not hasattr(self, "manager"):
+            return
+        e = self.manager.elastic
+        f = e.budget.figures()
+        assert f.pinned_granules + f.elastic_granules + f.kv_granules <= f.num_granules  # weights + KV <= budget
+        owned = [p for m, rids in self.held.items() for rid in rids for p in e.budget.pages_of(m, rid)]
+        assert len(owned) == len(set(owned))  # no page owned twice
+        ppg = e.budget.pages_per_granule
+        assert all(e.kv.is_mapped(p // ppg) for p in owned)  # every owned page lies in mapped memory
+        assert sorted(c.start for c in e.kv.chunks()) == e.budget.mapped_granules()
+        state = e.state("llama-c").value
+        weights = e.weights["llama-c"]
+        if state == "offloaded":
+            assert not self.held["llama-c"] and e.budget.used_by("llama-c") == 0  # an offloaded LLM owns no page
+            assert weights.chunks() == [] and weights.allocated_bytes() == 0
+        else:
+            assert weights.mapped_bytes == weights.nbytes
+        assert e.kv.allocated_bytes() == e.kv.mapped_bytes
+
+
+def test_elastic_store_state_machine(tiny_models):
+    ElasticStoreMachine.tiny_models = tiny_models
+    run_state_machine_as_test(ElasticStoreMachine, settings=settings(
+        max_examples=40, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]))
