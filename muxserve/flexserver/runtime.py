@@ -79,9 +79,11 @@ class Runtime:
         self.runner = ModelRunner(a.model, a.layout, attention, a.device, max_num_seqs=c.max_num_seqs,
                                   max_model_len=a.spec.max_position_embeddings, cuda_graphs=graphs,
                                   parallel=self.parallel)
-        if self.runner.graphs is not None:
+        if self.runner.graphs is not None and a.weights_mapped:
             # Capture every batch size before reporting ready: a first decode of a new size would
-            # otherwise pay the capture (and Triton's compile) inside a request's latency.
+            # otherwise pay the capture (and Triton's compile) inside a request's latency. (A runtime
+            # restarted while its elastic LLM is offloaded captures each size on first use instead:
+            # its weights are not mapped now.)
             start = time.perf_counter()
             self.runner.graphs.capture_all()
             logger.info("%s captured decode graphs for batch sizes %s in %.1f s", c.name,

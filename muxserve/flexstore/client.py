@@ -69,6 +69,12 @@ class AttachedModel:
     fd_socket: str = ""
     secret: str = field(default="", repr=False)
 
+    @property
+    def weights_mapped(self) -> bool:
+        """Whether the weights are on the device now (False while an elastic LLM is offloaded)."""
+        rng = self.weights_range
+        return rng is None or rng.mapped_bytes == rng.nbytes
+
     def sync(self, kv_epoch: int = 0, weights_epoch: int = 0) -> bool:
         """Map what FlexStore mapped and unmap what it unmapped, for each range behind the given epoch;
         whether anything was asked of FlexStore."""

@@ -30,6 +30,7 @@ from muxserve.ipc import runtime as M
 from muxserve.ipc.runtime import Phase
 
 logger = logging.getLogger(__name__)
+RETRY_S = 1.0  # a wake that failed (not merely deferred) is tried again after this long
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class ResidencyControl:
         self._notices = itertools.count(1)
         self.unacknowledged: dict[int, set[str]] = {}  # notice id -> runtimes that have not answered
         self.deferred = 0  # wakes put off for want of memory outside in-flight jobs
+        self._retry_at: dict[str, float] = {}  # LLM -> when a failed wake may be tried again
 
     # -- the two moves ----------------------------------------------------------------------
     def offload(self, llm: str) -> ResidencyEvent:
@@ -173,10 +175,16 @@ class ResidencyControl:
             if not self.scheduler.is_idle(name):
                 state.last_busy = now
         for llm in self.scheduler.to_wake():
+            if now < self._retry_at.get(llm, 0.0):
+                continue
             try:
                 self.wake(llm)
             except WakeDeferred as exc:
                 logger.debug("wake of %s deferred: %s", llm, exc)
+            except FlexStoreError as exc:  # FlexStore could not map or copy (it gave the memory back): later
+                self._retry_at[llm] = now + RETRY_S
+                logger.error("waking %s failed (%s: %s); trying again in %.0f s", llm, exc.code, exc.message,
+                             RETRY_S)
         if self.policy is None:
             return
         for llm in self.policy.to_offload(self.activity(now), now):

@@ -139,3 +139,28 @@ def test_kill_during_a_wake_leaves_nothing_behind(setup, tmp_path, victim):
         assert run.proc.wait(120) == 1, run.stderr[-3000:]
         assert f"error: FlexStore (pid {pid}), which holds the weights and the KV pool of every LLM" in run.stderr
     assert_nothing_left(run.proc.pid, children)
+
+
+def test_a_runtime_restarted_while_its_llm_is_offloaded_serves_after_the_wake(setup, tmp_path):
+    import os
+    import signal
+
+    from muxserve.instance.supervisor import RuntimeState
+    from muxserve.ipc.runtime import Phase
+
+    config = load_config(elastic_config(setup, "elastic-restart.yaml", kv_cache_bytes=8 << 20))
+    options = InstanceOptions(policy=get_policy("adbs"), device="cpu", log_dir=tmp_path / "logs", page_bytes=PAGE,
+                              granule_bytes=GRANULE, reserve_granules=1)
+    instance = Instance(config, options)
+    try:
+        instance.start()
+        instance.offload("llm-2")
+        group = instance.supervisor.groups[("llm-2", Phase.DECODE)]
+        os.kill(group.children[0].proc.pid, signal.SIGKILL)
+        poll_until(instance, lambda: group.starts == 2 and group.state is RuntimeState.READY)  # attached offloaded
+        reqs = submit(instance, setup, "llm-2") + submit(instance, setup, "llm-0")
+        instance.run_until_done()
+    finally:
+        instance.stop()
+    for req in reqs:
+        assert req.output_token_ids == setup.expected[req.idx], f"request {req.idx} of {req.llm}"
