@@ -59,6 +59,7 @@ def test_offloaded_llm_is_woken_by_its_request_and_the_wake_preempts_the_newest(
         event = instance.offload("llm-2")
         assert event.kind == "offload" and event.nbytes == -(-weights // GRANULE) * GRANULE
         assert instance.load().llms["llm-2"].state == "offloaded"
+        poll_until(instance, lambda: not instance.residency.unacknowledged)  # every runtime followed the notice
         with pytest.raises(ValueError, match="already offloaded"):
             instance.offload("llm-2")
         with pytest.raises(ValueError, match="not an elastic LLM"):
@@ -73,6 +74,8 @@ def test_offloaded_llm_is_woken_by_its_request_and_the_wake_preempts_the_newest(
         assert wake.llm == "llm-2" and wake.nbytes == weights and wake.waited >= 0
         instance.run_until_done()
         metrics = instance.metrics()
+        stats = {m.name: m for m in store.stats().models}
+        assert (stats["llm-2"].state, stats["llm-2"].offloads, stats["llm-2"].wakes) == ("resident", 1, 1)
     finally:
         instance.stop()
     for req in first + late:
