@@ -41,7 +41,7 @@ def measure(folder: Path, device: str, dtype: str, prompt_len: int, output_len: 
             kv_cache_bytes: int) -> dict:
     config = MuxServeConfig(num_gpus=1, kv_cache_bytes=kv_cache_bytes, models=[LLMConfig(
         name="elastic", model=str(folder), model_dtype={"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32"),
-        load_format="random", residency="elastic")])
+        load_format="random", residency="elastic", max_num_seqs=8)])  # few decode graphs to capture at start
     check_config(config, "bench_elastic")
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
     prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
