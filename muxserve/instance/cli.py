@@ -112,8 +112,15 @@ def check_instance_args(args: argparse.Namespace, config: MuxServeConfig, device
         raise ConfigError(f"--offload-idle-s must be >= 0, got {args.offload_idle_s}")
     if args.min_resident_s < 0:
         raise ConfigError(f"--min-resident-s must be >= 0, got {args.min_resident_s}")
-    if args.offload_idle_s is not None and not any(m.residency == "elastic" for m in config.models):
+    elastic = any(m.residency == "elastic" for m in config.models)
+    if args.offload_idle_s is not None and not elastic:
         raise ConfigError(f"--offload-idle-s: no LLM of {source} has 'residency: elastic', so none can be offloaded")
+    if elastic and args.block_size is not None:
+        page = page_bytes_for(config, args.block_size)
+        if ELASTIC_GRANULE % page:
+            raise ConfigError(f"--block-size {args.block_size} gives pages of {page} B, which do not divide the "
+                              f"{ELASTIC_GRANULE >> 20} MiB granule that an elastic LLM's memory budget maps: choose "
+                              f"a block size whose page is a power of two, or leave --block-size out")
     if args.flexstore_port is not None:
         if not 1 <= args.flexstore_port <= 65535:
             raise ConfigError(f"--flexstore-port must be a TCP port (1-65535), got {args.flexstore_port}")
@@ -146,6 +153,7 @@ def check_port_free(flag: str, host: str, port: int) -> None:
                 raise ConfigError(f"{flag}: cannot use port {port} of {host}: {e.strerror}") from None
 
 
+ELASTIC_GRANULE = 2 * 1024 * 1024  # InstanceOptions.granule_bytes: what the budget maps at a time
 PAGE_ALIGN = 64  # FlexStore's page sizes are multiples of 64 bytes (FlexStoreConfig checks it)
 
 
