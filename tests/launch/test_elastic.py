@@ -33,6 +33,19 @@ def elastic_config(setup, name: str, kv_cache_bytes: int, elastic=("llm-2",)):
     return path
 
 
+@pytest.fixture(autouse=True)
+def _no_segment_left():
+    """An Instance of this process names its segments muxserve<pid>-...: none may outlive its stop()."""
+    import os
+
+    from processes import shm_segments, wait_until
+
+    yield
+    prefix = f"muxserve{os.getpid()}-"
+    wait_until(lambda: not shm_segments(prefix), 10)
+    assert shm_segments(prefix) == set()
+
+
 def submit(instance, setup, llm: str) -> list:
     return [instance.submit(r.llm, r.prompt_token_ids, SamplingParams(max_tokens=r.output_len, temperature=0,
                                                                       ignore_eos=True), time.monotonic(), r.idx)
