@@ -28,7 +28,7 @@ from muxserve.instance import calibrate
 from muxserve.instance.mps import mps_env
 from muxserve.instance.options import InstanceOptions
 from muxserve.instance.processes import ChildDied, ProcessGroup
-from muxserve.instance.residency import IdleTimeout, ResidencyControl, ResidencyEvent
+from muxserve.instance.residency import IdleTimeout, ResidencyControl, ResidencyEvent, kv_pages
 from muxserve.instance.runtimes import Runtimes, max_num_seqs
 from muxserve.instance.supervisor import Event, Failed, Lost, Restored, RuntimeState, Supervisor
 from muxserve.ipc import runtime as M
@@ -199,7 +199,9 @@ class Instance:
             quota_models.append(QuotaModel(m.name, o.rates.get(m.name, 1.0), lay.pages_per_block, lay.page_tokens))
         quota = None
         if o.policy.quota is not QuotaMode.NONE:
-            quota = QuotaManager(quota_models, self.store_info.num_pages, o.avg_seq_len,
+            with self.flexstore.client() as client:
+                pages = kv_pages(client.stats(), self.store_info.page_bytes)
+            quota = QuotaManager(quota_models, pages, o.avg_seq_len,
                                  by_rate=o.policy.quota is QuotaMode.ADAPTIVE)
             logger.info("initial quotas (sequences): %s", quota.all_max_num_seqs())
         self._allocator = self.flexstore.client()  # a FlexStore death ends its waits at once

@@ -33,6 +33,15 @@ logger = logging.getLogger(__name__)
 RETRY_S = 1.0  # a wake that failed (not merely deferred) is tried again after this long
 
 
+def kv_pages(stats, page_bytes: int) -> int:
+    """Pages for KV with every LLM resident (FlexStore's ``Stats``): the pool, or under a memory budget
+    the granules no weights hold (the budget's page ids span the weights' granules too)."""
+    budget = stats.budget
+    if budget is None:
+        return stats.num_pages
+    return (budget.free_granules + budget.kv_granules) * budget.granule_bytes // page_bytes
+
+
 @dataclass(frozen=True)
 class ResidencyEvent:
     """One offload or wake. ``at``: time.monotonic() when it ended; ``waited``: (wake) how long the
@@ -244,4 +253,5 @@ class ResidencyControl:
                              f"{sorted(self.elastic)}") from None
 
 
-__all__ = ["IdleTimeout", "LLMActivity", "ResidencyControl", "ResidencyEvent", "ResidencyPolicy", "WakeDeferred"]
+__all__ = ["IdleTimeout", "LLMActivity", "ResidencyControl", "ResidencyEvent", "ResidencyPolicy", "WakeDeferred",
+           "kv_pages"]
