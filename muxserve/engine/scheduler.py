@@ -39,8 +39,10 @@ class Scheduler:
         if prefill:
             return ScheduledStep(prefill, Phase.PREFILL)
         if self.running:
-            return ScheduledStep(self._schedule_decode(), Phase.DECODE)
-        return None
+            decode = self._schedule_decode()
+            if decode:
+                return ScheduledStep(decode, Phase.DECODE)
+        return None  # nothing to run, or every running sequence was preempted: skip the step
 
     def _schedule_prefill(self) -> list[Sequence]:
         batch: list[Sequence] = []

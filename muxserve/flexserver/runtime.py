@@ -85,15 +85,25 @@ class Runtime:
         self.runner = ModelRunner(a.model, a.layout, attention, a.device, max_num_seqs=c.max_num_seqs,
                                   max_model_len=a.spec.max_position_embeddings, cuda_graphs=graphs,
                                   parallel=self.parallel)
-        if self.runner.graphs is not None:
+        if self.runner.graphs is not None and a.weights_mapped:
             # Capture every batch size before reporting ready: a first decode of a new size would
-            # otherwise pay the capture (and Triton's compile) inside a request's latency.
+            # otherwise pay the capture (and Triton's compile) inside a request's latency. (A runtime
+            # restarted while its elastic LLM is offloaded captures each size on first use instead:
+            # its weights are not mapped now.)
             start = time.perf_counter()
             self.runner.graphs.capture_all()
             logger.info("%s captured decode graphs for batch sizes %s in %.1f s", c.name,
                         self.runner.graphs.captured, time.perf_counter() - start)
 
+    def sync(self, kv_epoch: int, weights_epoch: int) -> None:
+        """Follow FlexStore's ranges (elastic residency) up to these epochs. Addresses never change,
+        so the model's parameters, the pool and captured CUDA graphs stay valid."""
+        if self.attached.sync(kv_epoch, weights_epoch) and self.attached.device.type == "cuda":
+            torch.cuda.synchronize(self.attached.device)
+
     def run_job(self, job: M.Job) -> StepOutput:
+        if job.kv_epoch or job.weights_epoch:
+            self.sync(job.kv_epoch, job.weights_epoch)
         for req_id in job.release:
             self.pages.pop(req_id, None)
             self.params.pop(req_id, None)
@@ -157,6 +167,12 @@ class Runtime:
                 msg = jobs.receive()
                 if isinstance(msg, M.Shutdown):
                     break
+                if isinstance(msg, M.Sync):
+                    start = time.perf_counter()
+                    self.sync(msg.kv_epoch, msg.weights_epoch)
+                    if self.config.tp_rank == 0:
+                        results.send(M.Synced(msg.notice_id, name, time.perf_counter() - start))
+                    continue
                 start = time.perf_counter()
                 out = self.run_job(msg)
                 if self.config.tp_rank == 0:  # every rank has the same tokens (rank 0's, broadcast)

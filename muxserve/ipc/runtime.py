@@ -56,6 +56,19 @@ class Job(msgspec.Struct, tag="job"):
     phase: Phase
     seqs: list[SeqInput]
     release: list[str] = []  # requests whose page lists the runtime can drop
+    # Under a memory budget (elastic residency): the runtime first follows FlexStore's KV range
+    # and its LLM's weights range up to these epochs (0: nothing to follow).
+    kv_epoch: int = 0
+    weights_epoch: int = 0
+
+
+class Sync(msgspec.Struct, tag="sync"):
+    """A residency notice: follow FlexStore's ranges up to these epochs now (an offload or a wake
+    changed them), then answer ``Synced``; device memory goes back once every process unmapped it."""
+
+    notice_id: int
+    kv_epoch: int = 0
+    weights_epoch: int = 0
 
 
 class Shutdown(msgspec.Struct, tag="shutdown"):
@@ -82,8 +95,16 @@ class Failure(msgspec.Struct, tag="failure"):
     message: str
 
 
-ToRuntime = Job | Shutdown
-FromRuntime = JobResult | Ready | Failure
+class Synced(msgspec.Struct, tag="synced"):
+    """A runtime's answer to ``Sync``."""
+
+    notice_id: int
+    runtime: str
+    seconds: float
+
+
+ToRuntime = Job | Shutdown | Sync
+FromRuntime = JobResult | Ready | Failure | Synced
 
 _encoder = msgspec.msgpack.Encoder()
 _to_runtime = msgspec.msgpack.Decoder(ToRuntime)
@@ -94,11 +115,11 @@ def encode(msg) -> bytes:
     return _encoder.encode(msg)
 
 
-def decode_to_runtime(data: bytes) -> Job | Shutdown:
+def decode_to_runtime(data: bytes) -> Job | Shutdown | Sync:
     return _to_runtime.decode(data)
 
 
-def decode_from_runtime(data: bytes) -> JobResult | Ready | Failure:
+def decode_from_runtime(data: bytes) -> JobResult | Ready | Failure | Synced:
     return _from_runtime.decode(data)
 
 
@@ -115,7 +136,7 @@ class JobSender:
             self.sockets.append(sock)
         self.undelivered = False
 
-    def send(self, message: Job | Shutdown) -> None:
+    def send(self, message: Job | Shutdown | Sync) -> None:
         data = encode(message)
         for sock in self.sockets:
             try:
@@ -144,7 +165,7 @@ class ResultReceiver:
         poller.register(wake_fd, zmq.POLLIN)
         return self.socket in dict(poller.poll(timeout_ms))
 
-    def receive(self) -> JobResult | Ready | Failure:
+    def receive(self) -> JobResult | Ready | Failure | Synced:
         return decode_from_runtime(self.socket.recv())
 
     def close(self) -> None:
@@ -158,7 +179,7 @@ class JobReceiver:
         self.socket = context.socket(zmq.PULL)
         self.socket.connect(address)
 
-    def receive(self) -> Job | Shutdown:
+    def receive(self) -> Job | Shutdown | Sync:
         return decode_to_runtime(self.socket.recv())
 
     def close(self) -> None:
@@ -173,7 +194,7 @@ class ResultSender:
         self.socket.setsockopt(zmq.LINGER, 2000)
         self.socket.connect(address)
 
-    def send(self, message: JobResult | Ready | Failure) -> None:
+    def send(self, message: JobResult | Ready | Failure | Synced) -> None:
         self.socket.send(encode(message))
 
     def close(self) -> None:
