@@ -68,10 +68,10 @@ def _served_models(config: MuxServeConfig, instance: Instance) -> dict:
 
     from muxserve.server.driver import ServedModel
 
-    folders = {m.name: Path(m.folder) for m in instance.store_info.models}
+    store = {m.name: m for m in instance.store_info.models}
     out = {}
     for m in config.models:
-        folder = folders[m.name]
+        folder = Path(store[m.name].folder)
         limits = instance.limits(m.name)
         tokenizer = None
         if any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -81,7 +81,8 @@ def _served_models(config: MuxServeConfig, instance: Instance) -> dict:
                            m.name, folder)
         info = instance.llm_info(m.name)
         out[m.name] = ServedModel(m.name, m.model, folder, limits.max_model_len, limits.vocab_size,
-                                  limits.max_tokens, tokenizer, info.architecture, info.eos_ids)
+                                  limits.max_tokens, tokenizer, info.architecture, info.eos_ids,
+                                  m.residency, store[m.name].weight_bytes)
     return out
 
 
@@ -127,7 +128,7 @@ def serve(args) -> int:
     except BaseException:
         instance.stop()
         raise
-    metrics = ServerMetrics(config.model_names)
+    metrics = ServerMetrics(config.model_names, {m.name: m.weight_bytes for m in instance.store_info.models})
     server: _Server | None = None
 
     def engine_died(exc: BaseException) -> None:

@@ -48,6 +48,7 @@ from muxserve.server.errors import add_error_handlers
 from muxserve.server.guards import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit, api_key_check
 from muxserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from muxserve.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _GenerationRequest
+from muxserve.server.residency import change_residency, model_states
 from muxserve.server.tokenize import (
     DetokenizeRequest,
     TokenizeChatRequest,
@@ -373,10 +374,25 @@ def create_app(state: ServerState, lifespan=None, api_key: str | None = None,
     @v1.get("/models", responses={200: {"model": schema.ModelList, "description": "every LLM served"},
                                   **schema.errors(*auth, 500)})
     async def models() -> Response:
+        states = await model_states(state)
         data = [{"id": m.name, "object": "model", "created": state.created, "owned_by": "muxserve",
-                 "root": m.root, "parent": None, "max_model_len": m.max_model_len, "permission": []}
+                 "root": m.root, "parent": None, "max_model_len": m.max_model_len, "permission": [],
+                 "residency": m.residency, "state": states.get(m.name)}
                 for m in state.models.values()]
         return json_response({"object": "list", "data": data})
+
+    residency_answers = {200: {"model": schema.ResidencyChange, "description": "the LLM's state now"},
+                         **schema.errors(400, *auth, 404, 409, 503)}
+
+    @v1.post("/models/{model}/sleep", responses=residency_answers)
+    async def sleep(model: str) -> Response:
+        """Offload an idle elastic LLM's weights to host memory (its next request wakes it)."""
+        return json_response(await change_residency(state, model, sleep=True))
+
+    @v1.post("/models/{model}/wake", responses=residency_answers)
+    async def wake(model: str) -> Response:
+        """Bring an offloaded elastic LLM's weights back to the device."""
+        return json_response(await change_residency(state, model, sleep=False))
 
     generation_errors = schema.errors(400, *auth, 404, 413, 500, 503)
 

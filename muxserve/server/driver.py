@@ -54,6 +54,8 @@ class ServedModel:
     tokenizer: Any | None  # None: the folder has no tokenizer (prompts must be token ids)
     architecture: str | None = None  # config.json's: the tool-call format of its family
     eos_ids: frozenset[int] = frozenset()
+    residency: str = "pinned"  # or "elastic": its weights may leave the device while it is idle
+    weight_bytes: int = 0
 
     def grammars(self):
         """The ``GrammarCache`` of this model's tokenizer (compiled grammars, made once)."""
@@ -110,11 +112,20 @@ class _Refresh:
 
 
 @dataclass(frozen=True)
+class _Call:
+    """Run ``fn(instance)`` on the engine thread (the Instance is not thread-safe); its result or
+    exception goes to ``done``."""
+
+    fn: Callable[[Instance], Any]
+    done: concurrent.futures.Future
+
+
+@dataclass(frozen=True)
 class _Stop:
     pass
 
 
-_Command = _Submit | _Abort | _AbortAll | _Refresh | _Stop
+_Command = _Submit | _Abort | _AbortAll | _Refresh | _Call | _Stop
 
 
 @dataclass
@@ -182,6 +193,14 @@ class EngineDriver:
             await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
         except (asyncio.TimeoutError, RuntimeError) as exc:
             logger.warning("metrics refresh did not complete: %s", exc)
+
+    async def call(self, fn: Callable[[Instance], Any]) -> Any:
+        """``fn(instance)`` run on the engine thread between two polls; raises what it raises, or
+        RuntimeError when the engine thread has ended."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if not self._post(_Call(fn, fut)):
+            raise RuntimeError(self._stopped_message())
+        return await asyncio.wrap_future(fut)
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Fail what is left, stop the engine thread, then every process of the instance."""
@@ -254,6 +273,11 @@ class EngineDriver:
                 self._fail_all(503, cmd.message)
             elif isinstance(cmd, _Refresh):
                 self._refresh(cmd.done)
+            elif isinstance(cmd, _Call):
+                try:
+                    cmd.done.set_result(cmd.fn(self.instance))
+                except Exception as exc:  # goes to the caller, who answers with it
+                    cmd.done.set_exception(exc)
             else:
                 self._request_command(cmd)
 
@@ -356,6 +380,7 @@ class EngineDriver:
     def _refresh(self, fut: concurrent.futures.Future) -> None:
         try:
             self.metrics.set_load(self.instance.load())
+            self.metrics.set_residency(self.instance.metrics().residency_events)
         except Exception as exc:
             fut.set_exception(exc)
             return
@@ -387,6 +412,8 @@ class EngineDriver:
                 late.append((cmd.handle, ErrorEvent(503, message)))
             elif isinstance(cmd, _Refresh):
                 cmd.done.set_result(None)
+            elif isinstance(cmd, _Call):
+                cmd.done.set_exception(RuntimeError(message))
         if late:
             self._call_soon(_deliver, late)
 

@@ -12,6 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from muxserve.engine.sequence import FinishReason
 from muxserve.instance.instance import InstanceLoad
+from muxserve.instance.residency import ResidencyEvent
 from muxserve.scheduler.request import Request
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py)
@@ -21,13 +22,14 @@ TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5
                          20.0, 40.0, 80.0)
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+WAKE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 FINISH_REASONS = tuple(str(r) for r in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT))
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class ServerMetrics:
-    def __init__(self, model_names: list[str]):
+    def __init__(self, model_names: list[str], weight_bytes: dict[str, int] | None = None):
         r = self.registry = CollectorRegistry(auto_describe=True)
         label = ["model_name"]
         self.running = Gauge("vllm:num_requests_running", "Requests prefilled or in a job (per LLM).", label,
@@ -44,6 +46,15 @@ class ServerMetrics:
         self.resident = Gauge("muxserve:llm_resident",
                               "1 while the LLM's weights are on the device, 0 while offloaded (residency: elastic).",
                               label, registry=r)
+        self.resident_weight_bytes = Gauge("muxserve:llm_resident_weight_bytes",
+                                           "Bytes of the LLM's weights on the device now.", label, registry=r)
+        self.offloads = Counter("muxserve:llm_offloads", "Offloads of the LLM's weights to host memory.", label,
+                                registry=r)
+        self.wakes = Counter("muxserve:llm_wakes", "Wakes of the LLM (weights copied back to the device).", label,
+                             registry=r)
+        self.wake_seconds = Histogram("muxserve:llm_wake_seconds", "Time of one wake (map, copy, preemption).",
+                                      label, buckets=WAKE_BUCKETS, registry=r)
+        self._residency_events_seen = 0
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens prefilled.", label, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", label, registry=r)
         self.success = Counter("vllm:request_success", "Requests finished, by finish reason.",
@@ -66,10 +77,12 @@ class ServerMetrics:
         self.request_generation = Histogram("vllm:request_generation_tokens", "Generated tokens per request.",
                                             label, buckets=TOKEN_COUNT_BUCKETS, registry=r)
         self._preemptions_seen: dict[str, int] = {}
+        self._weight_bytes = weight_bytes or {}
         for name in model_names:  # every series exists from the start, at 0
             for metric in (self.running, self.waiting, self.kv_usage, self.used_pages, self.free_pages,
                            self.prompt_tokens, self.generation_tokens, self.preemptions, self.ttft, self.itl,
-                           self.tpot, self.e2e, self.queue, self.request_prompt, self.request_generation):
+                           self.tpot, self.e2e, self.queue, self.request_prompt, self.request_generation,
+                           self.resident_weight_bytes, self.offloads, self.wakes, self.wake_seconds):
                 metric.labels(model_name=name)
             for reason in FINISH_REASONS:
                 self.success.labels(model_name=name, finished_reason=reason)
@@ -109,7 +122,9 @@ class ServerMetrics:
             self.used_pages.labels(model_name=name).set(load.used_pages)
             self.free_pages.labels(model_name=name).set(free_pages)
             self.kv_usage.labels(model_name=name).set(load.used_pages / total_pages if total_pages else 0.0)
-            self.resident.labels(model_name=name).set(1.0 if load.state == "resident" else 0.0)
+            resident = load.state == "resident"
+            self.resident.labels(model_name=name).set(1.0 if resident else 0.0)
+            self.resident_weight_bytes.labels(model_name=name).set(self._weight_bytes.get(name, 0) if resident else 0)
             new = load.preemptions - self._preemptions_seen.get(name, 0)
             if new > 0:
                 self.preemptions.labels(model_name=name).inc(new)
@@ -118,3 +133,13 @@ class ServerMetrics:
     # -- HTTP thread ----------------------------------------------------------------------------
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def set_residency(self, events: tuple[ResidencyEvent, ...]) -> None:
+        """Count the offloads and wakes of ``events`` (every one since start) not counted yet."""
+        for event in events[self._residency_events_seen:]:
+            if event.kind == "wake":
+                self.wakes.labels(model_name=event.llm).inc()
+                self.wake_seconds.labels(model_name=event.llm).observe(event.seconds)
+            else:
+                self.offloads.labels(model_name=event.llm).inc()
+        self._residency_events_seen = len(events)

@@ -22,8 +22,8 @@ class ApiError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with HTTP ``status``."""
 
     TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-             405: "MethodNotAllowedError", 413: "RequestTooLargeError", 500: "InternalServerError",
-             503: "ServiceUnavailableError"}
+             405: "MethodNotAllowedError", 409: "ConflictError", 413: "RequestTooLargeError",
+             500: "InternalServerError", 503: "ServiceUnavailableError"}
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  headers: dict[str, str] | None = None):

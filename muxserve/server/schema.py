@@ -46,11 +46,24 @@ class ModelCard(BaseModel):
     parent: str | None
     max_model_len: int
     permission: list[Any]
+    residency: Literal["pinned", "elastic"]  # elastic: its weights may leave the device while it is idle
+    state: Literal["resident", "offloaded", "waking"] | None  # None once the engine has stopped
 
 
 class ModelList(BaseModel):
     object: Literal["list"]
     data: list[ModelCard]
+
+
+class ResidencyChange(BaseModel):
+    """The answer of /v1/models/{model}/sleep and /wake."""
+
+    id: str
+    object: Literal["model"]
+    state: Literal["resident", "offloaded"]
+    changed: bool  # False: it was in that state already
+    seconds: float  # FlexStore's time for the offload or wake
+    bytes: int  # device memory given back (sleep) or weights copied in (wake)
 
 
 class Usage(BaseModel):
@@ -150,6 +163,7 @@ class DetokenizeResponse(BaseModel):
 _WHEN = {400: "a bad field, named in `param`, or a prompt over the context or the KV pool",
          401: "the API key is missing or incorrect (only when the server has one)",
          404: "unknown model",
+         409: "the LLM cannot change its residency now (it has requests, or the memory is in use)",
          413: "the request body is larger than --max-request-bytes",
          500: "an internal error while handling this request",
          503: "the server is draining, or the engine stopped"}
