@@ -36,6 +36,7 @@ SCRIPTS = {
     "engine/report_gpu.py": ["results.json"],
     "flexstore/bench_flexstore.py": [],
     "serve/bench_serve.py": ["--workload-file", "workload.json"],
+    "serve/runtime_memory.py": [],
     "structured/bench_grammar.py": [],
 }
 # Their defaults measure on a GPU: on a machine without one they stop with a usage error.
