@@ -54,7 +54,8 @@ def process_figures(pid: int) -> dict[str, int]:
     s = smaps_rollup(pid)
     return {"uss": s.get("Private_Clean", 0) + s.get("Private_Dirty", 0), "pss": s.get("Pss", 0),
             "rss": s.get("Rss", 0), "shared": s.get("Shared_Clean", 0) + s.get("Shared_Dirty", 0),
-            "pss_shmem": s.get("Pss_Shmem", 0), "swap": s.get("Swap", 0)}
+            "pss_anon": s.get("Pss_Anon", 0), "pss_file": s.get("Pss_File", 0), "pss_shmem": s.get("Pss_Shmem", 0),
+            "swap": s.get("Swap", 0)}
 
 
 def gpu_memory_by_pid() -> dict[int, int]:
@@ -70,6 +71,16 @@ def gpu_memory_by_pid() -> dict[int, int]:
         if pid.strip().isdigit() and mib.strip().isdigit():
             out[int(pid)] = int(mib) * 2**20
     return out
+
+
+def gpu_memory_used() -> int | None:
+    """Device memory in use on GPU 0 (bytes, every process of the machine), from nvidia-smi."""
+    try:
+        text = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                              capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return int(text) * 2**20 if text.isdigit() else None
 
 
 def write_tiny_model(folder: Path, hidden: int, layers: int, vocab: int) -> Path:
@@ -105,14 +116,16 @@ def measure(n: int, args, root: Path) -> dict:
     (root / f"config_n{n}.yaml").write_text(yaml.safe_dump(doc))
     config = load_config(root / f"config_n{n}.yaml")
     options = InstanceOptions(policy=get_policy("adbs"), device=args.device, log_dir=root / f"logs_n{n}",
-                              ready_timeout_s=args.ready_timeout_s, enforce_eager=True)
+                              ready_timeout_s=args.ready_timeout_s, enforce_eager=args.enforce_eager)
     instance = Instance(config, options)
+    before = gpu_memory_used() if args.device == "cuda" else None
     started = time.monotonic()
     instance.start()
     try:
         ready_s = time.monotonic() - started
         time.sleep(args.settle_s)  # let lazy allocations settle
         gpu = gpu_memory_by_pid() if args.device == "cuda" else {}
+        after = gpu_memory_used() if args.device == "cuda" else None
         procs = [{"name": "flexstore", "pid": instance.flexstore.proc.pid}]
         procs += [{"name": c.name, "pid": c.proc.pid} for c in instance.processes.children]
         procs.append({"name": "scheduler (this process)", "pid": os.getpid()})
@@ -124,13 +137,16 @@ def measure(n: int, args, root: Path) -> dict:
         instance.stop()
     runtimes = [p for p in procs if p["name"] not in ("flexstore", "scheduler (this process)")]
     total = {k: sum(p[k] for p in procs) for k in ("uss", "pss", "rss")}
-    per_runtime = {k: round(sum(p[k] for p in runtimes) / len(runtimes)) for k in ("uss", "pss", "rss", "shared")}
+    per_runtime = {k: round(sum(p[k] for p in runtimes) / len(runtimes))
+                   for k in ("uss", "pss", "rss", "shared", "pss_anon", "pss_file", "pss_shmem")}
     row = {"num_llms": n, "num_runtimes": len(runtimes), "ready_s": round(ready_s, 2), "processes": procs,
            "per_runtime": per_runtime, "total": total,
            "runtimes_pss": sum(p["pss"] for p in runtimes), "runtimes_uss": sum(p["uss"] for p in runtimes)}
     if gpu:
         row["gpu_total"] = sum(p.get("gpu", 0) for p in procs)
         row["gpu_per_runtime"] = round(sum(p.get("gpu", 0) for p in runtimes) / len(runtimes))
+    if before is not None and after is not None:
+        row["gpu_used_growth"] = after - before  # the whole device: FlexStore (weights, KV) and every runtime
     return row
 
 
@@ -152,17 +168,23 @@ def markdown(result: dict) -> str:
     rows = result["runs"]
     lines = [f"# Host memory of an instance's processes ({result['device']})", "",
              f"Machine: {result['machine']}. Model: {result['model_note']}. Command: `{result['command']}`.", "",
-             "| LLMs | runtimes | ready s | USS / runtime MiB | PSS / runtime MiB | shared / runtime MiB | "
-             "runtimes PSS MiB | total PSS MiB (FlexStore + runtimes + scheduler) | total USS MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| LLMs | runtimes | ready s | USS / runtime MiB | PSS / runtime MiB (anon / file / shmem) | "
+             "shared / runtime MiB | runtimes PSS MiB | FlexStore PSS MiB | total PSS MiB | total USS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pr = r["per_runtime"]
+        store = next(p for p in r["processes"] if p["name"] == "flexstore")
         lines.append(f"| {r['num_llms']} | {r['num_runtimes']} | {r['ready_s']} | {mib(pr['uss'])} | {mib(pr['pss'])} "
-                     f"| {mib(pr['shared'])} | {mib(r['runtimes_pss'])} | {mib(r['total']['pss'])} | "
-                     f"{mib(r['total']['uss'])} |")
-    if any("gpu_total" in r for r in rows):
-        lines += ["", "| LLMs | device memory per runtime MiB | device memory total MiB |", "|---|---|---|"]
-        lines += [f"| {r['num_llms']} | {mib(r['gpu_per_runtime'])} | {mib(r['gpu_total'])} |" for r in rows]
+                     f"({mib(pr['pss_anon'])} / {mib(pr['pss_file'])} / {mib(pr['pss_shmem'])}) "
+                     f"| {mib(pr['shared'])} | {mib(r['runtimes_pss'])} | {mib(store['pss'])} | "
+                     f"{mib(r['total']['pss'])} | {mib(r['total']['uss'])} |")
+    lines += ["", "Total = FlexStore + runtimes + the scheduler's process (this script, which imports torch too)."]
+    if any("gpu_used_growth" in r or "gpu_total" in r for r in rows):
+        lines += ["", "| LLMs | device memory per runtime MiB (nvidia-smi per process) | device memory of all "
+                  "processes MiB | device memory in use grew by MiB |", "|---|---|---|---|"]
+        lines += [f"| {r['num_llms']} | {mib(r['gpu_per_runtime']) if 'gpu_per_runtime' in r else 'n/a'} | "
+                  f"{mib(r['gpu_total']) if 'gpu_total' in r else 'n/a'} | "
+                  f"{mib(r['gpu_used_growth']) if 'gpu_used_growth' in r else 'n/a'} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +205,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-bytes", type=int, default=16 << 20, help="the shared KV pool (default: 16 MiB)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu, or cuda (adds each process's device memory from nvidia-smi) (default: cpu)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="decode runtimes without CUDA graphs (default: with them, as the instance runs)")
     p.add_argument("--ready-timeout-s", type=float, default=600.0, help="start-up limit per instance (default: 600)")
     p.add_argument("--settle-s", type=float, default=2.0, help="wait after ready before reading (default: 2)")
     p.add_argument("--work-dir", default=None, help="configs and logs (default: a temporary folder)")
