@@ -41,8 +41,12 @@ FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Privat
 
 def smaps_rollup(pid: int) -> dict[str, int]:
     """The fields of /proc/PID/smaps_rollup, in bytes."""
+    return parse_smaps(Path(f"/proc/{pid}/smaps_rollup").read_text())
+
+
+def parse_smaps(text: str) -> dict[str, int]:
     out = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+    for line in text.splitlines()[1:]:
         key, _, rest = line.partition(":")
         parts = rest.split()
         if key in FIELDS and parts:
@@ -51,7 +55,10 @@ def smaps_rollup(pid: int) -> dict[str, int]:
 
 
 def process_figures(pid: int) -> dict[str, int]:
-    s = smaps_rollup(pid)
+    return figures_of(smaps_rollup(pid))
+
+
+def figures_of(s: dict[str, int]) -> dict[str, int]:
     return {"uss": s.get("Private_Clean", 0) + s.get("Private_Dirty", 0), "pss": s.get("Pss", 0),
             "rss": s.get("Rss", 0), "shared": s.get("Shared_Clean", 0) + s.get("Shared_Dirty", 0),
             "pss_anon": s.get("Pss_Anon", 0), "pss_file": s.get("Pss_File", 0), "pss_shmem": s.get("Pss_Shmem", 0),
