@@ -134,3 +134,15 @@ def test_cli_elastic_flag_and_models_yaml(tmp_path, shapes, capsys):
     (tmp_path / "models.yaml").write_text(yaml.safe_dump(doc))
     assert main(base + ["--output-dir", str(tmp_path / "bad")]) != 0
     assert "unknown keys ['idle_timeout']" in capsys.readouterr().err
+
+
+def test_the_exact_program_agrees_on_an_elastic_instance(shapes):
+    from muxserve.placement.ilp import ilp_place
+
+    table = synthetic_table({shapes["small"]: SMALL}, ngpus=(1,))
+    entries = [LLMEntry("hot-a", shapes["small"], 6.0), LLMEntry("hot-b", shapes["small"], 3.0)] + [
+        LLMEntry(f"cold-{i}", shapes["small"], 0.01 * (i + 1)) for i in range(6)]
+    est = estimator(entries, table, elastic=True)
+    exact = ilp_place(est, 1, 2)
+    assert exact.served == pytest.approx(optimize(est, 1, 2).served)
+    assert sorted(n for m in exact.meshes for n in m.llms) == sorted(est.llms)
