@@ -233,9 +233,9 @@ class LRUPolicy:
             if head_blocked:
                 deferred.append(DeferredWake(m.name, DeferReason.BEHIND, m.wake_bytes, free))
                 continue
-            if m.wake_bytes <= free:
+            if m.wake_bytes <= free:  # its first request's KV stays counted until the next decision
                 wakes.append(Wake(m.name, m.weight_bytes))
-                free -= m.weight_bytes
+                free -= m.wake_bytes
                 continue
             take, got = [], free
             for v in victims:
@@ -248,7 +248,7 @@ class LRUPolicy:
                     victims.remove(v)
                     offloads.append(Offload(v.name, v.weight_bytes, OffloadReason.WAKE, m.name))
                 wakes.append(Wake(m.name, m.weight_bytes))
-                free = got - m.weight_bytes
+                free = got - m.wake_bytes
                 continue
             # Not now: the free bytes stay for it (they are fewer than it needs), later waiters wait.
             head_blocked = True

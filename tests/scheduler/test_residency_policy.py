@@ -123,6 +123,13 @@ def test_kv_demand_of_busy_llms_offloads_idle_ones_lru_first():
     assert d.offload == (Offload("b", 20 * GB, OffloadReason.KV), Offload("a", 20 * GB, OffloadReason.KV))
 
 
+def test_two_wakes_each_keep_room_for_their_first_request():
+    llms = [LLMActivity(n, 4 * GB, O, waiting=1, last_active=t, oldest_wait=t, wake_kv_bytes=2 * GB)
+            for n, t in (("a", 1.0), ("b", 2.0))]
+    d = LRUPolicy().decide(3.0, llms, MemoryView(10 * GB, 10 * GB))  # 4 + 2 + 4 + 2 > 10
+    assert [w.llm for w in d.wake] == ["a"] and [(w.llm, w.reason) for w in d.deferred] == [("b", DeferReason.NO_ROOM)]
+
+
 def test_bytes_of_offloads_in_progress_count_for_a_wake():
     llms = [act("a", 50, WeightState.OFFLOADING), act("b", 60, O, waiting=1, last=1.0), act("c", 40, running=1)]
     d = LRUPolicy().decide(1.0, llms, mem(100, llms))
@@ -275,7 +282,8 @@ class Sim:
         for w in d.wake:
             assert by[w.llm].state is O and by[w.llm].waiting > 0
             self.t.set_state(w.llm, R, self.now)
-            assert self.used() + KV <= BUDGET, f"wake of {w.llm} leaves no room for its request: {self.used()}"
+        # every LLM woken here can admit its first request (the KV of each is kept free)
+        assert self.used() + KV * len(d.wake) <= BUDGET, f"wakes {d.wake} leave no room for their requests"
         self.refused |= {r.llm for r in d.refused}
         for r in d.refused:
             assert self.weights[r.llm] > BUDGET - self.pinned
