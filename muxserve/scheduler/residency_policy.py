@@ -54,8 +54,8 @@ from typing import Protocol
 from muxserve.flexstore.residency import WeightState
 
 __all__ = ["Decision", "DeferReason", "DeferredWake", "LLMActivity", "LRUPolicy", "MemoryView", "Offload",
-           "OffloadReason", "QuotaInputs", "RefusalReason", "ResidencyPolicy", "ResidencyTracker", "SwapPolicy",
-           "Wake", "WakeRefusal", "WeightState", "held_bytes", "kv_quota_inputs"]
+           "OffloadReason", "QuotaInputs", "RefusalReason", "RESIDENCY_POLICIES", "ResidencyPolicy", "ResidencyTracker",
+           "SwapPolicy", "Wake", "WakeRefusal", "WeightState", "held_bytes", "kv_quota_inputs", "make_policy"]
 
 HELD = (WeightState.RESIDENT, WeightState.WAKING, WeightState.OFFLOADING)  # states whose weights take budget
 
@@ -334,6 +334,19 @@ class SwapPolicy:
         offloads = tuple(Offload(h.name, h.weight_bytes, OffloadReason.SWAP, target.name)
                          for h in others if h.state is WeightState.RESIDENT)
         return Decision(offload=offloads, wake=(Wake(target.name, target.weight_bytes),), refused=tuple(refused))
+
+
+RESIDENCY_POLICIES = ("lru", "swap")
+
+
+def make_policy(name: str, idle_timeout_s: float = 60.0, min_resident_s: float = 10.0,
+                min_hold_s: float = 5.0) -> LRUPolicy | SwapPolicy:
+    """The policy of a name (``lru``: elastic residency; ``swap``: the swapping-router baseline)."""
+    if name == "lru":
+        return LRUPolicy(idle_timeout_s=idle_timeout_s, min_resident_s=min_resident_s)
+    if name == "swap":
+        return SwapPolicy(min_hold_s=min_hold_s)
+    raise ValueError(f"unknown residency policy {name!r}; choose from {', '.join(RESIDENCY_POLICIES)}")
 
 
 class ResidencyTracker:

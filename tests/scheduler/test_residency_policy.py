@@ -21,6 +21,7 @@ from muxserve.scheduler.residency_policy import (
     WeightState,
     held_bytes,
     kv_quota_inputs,
+    make_policy,
 )
 
 R, O = WeightState.RESIDENT, WeightState.OFFLOADED  # noqa: E741
@@ -134,6 +135,13 @@ def test_bytes_of_offloads_in_progress_count_for_a_wake():
     llms = [act("a", 50, WeightState.OFFLOADING), act("b", 60, O, waiting=1, last=1.0), act("c", 40, running=1)]
     d = LRUPolicy().decide(1.0, llms, mem(100, llms))
     assert d.wake == (Wake("b", 60 * GB),) and d.offload == ()
+
+
+def test_policies_by_name():
+    assert make_policy("lru", idle_timeout_s=5, min_resident_s=2) == LRUPolicy(idle_timeout_s=5, min_resident_s=2)
+    assert make_policy("swap", min_hold_s=3) == SwapPolicy(min_hold_s=3)
+    with pytest.raises(ValueError, match="choose from lru, swap"):
+        make_policy("fifo")
 
 
 def test_policy_knobs_are_checked():
