@@ -16,6 +16,8 @@ Format (compatible with the original MuxServe)::
         mps_percentage: [100, 30]      # [prefill, decode]; the larger one runs prefill
         model_dtype: fp32              # fp16, bf16 or fp32
         max_num_seqs: 64               # optional, per model
+        residency: elastic             # optional: pinned (default) or elastic (weights offloaded to
+                                       # host memory when idle, woken by the next request)
     workloads:
       workload_file: examples/basic/workload.json
 """
@@ -47,6 +49,9 @@ class LLMConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen
     model_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     max_num_seqs: PositiveInt | None = None
     load_format: Literal["auto", "random"] = "auto"  # random: seeded weights from config.json (benchmarks)
+    # pinned: the weights stay on the device; elastic: offloaded to a pinned host copy when idle
+    # (their device memory serves other LLMs' KV), woken by the next request (README: elastic residency)
+    residency: str = "pinned"
 
     @property
     def prefill_percentage(self) -> int:
@@ -118,3 +123,9 @@ def check_config(config: MuxServeConfig, source: str) -> None:
         out_of_range = [d for d in m.devices if d >= config.num_gpus]
         if out_of_range:
             raise ConfigError(f"{where}: placement devices {out_of_range} are outside num_gpus={config.num_gpus}")
+        if m.residency not in ("pinned", "elastic"):
+            raise ConfigError(f"{where}: residency must be 'pinned' or 'elastic', got {m.residency!r}")
+        if m.residency == "elastic" and (gpus > 1 or config.num_gpus > 1):
+            raise ConfigError(f"{where}: residency 'elastic' needs a single-device instance and an LLM without "
+                              f"tensor or pipeline parallelism (num_gpus={config.num_gpus}, {gpus} devices); "
+                              f"use residency 'pinned'")

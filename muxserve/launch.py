@@ -215,6 +215,11 @@ def run(args) -> int:
     for llm, wait in figures.decode_waits.items():
         if llm in summary["per_model"]:
             summary["per_model"][llm]["scheduler"] = wait
+    for llm, row in figures.residency.items():  # elastic LLMs: offloads and wakes with their durations
+        if llm in summary["per_model"]:
+            summary["per_model"][llm]["residency"] = row
+    if figures.residency_events:
+        summary["overall"]["residency_events"] = [e.as_dict() for e in figures.residency_events]
     print(format_stats(summary), flush=True)
     if args.stats_file:
         write_stats(args, records, summary, bases)

@@ -79,8 +79,9 @@ def _served_models(config: MuxServeConfig, instance: Instance) -> dict:
         else:
             logger.warning("%s: %s has no tokenizer; it takes prompts as token ids and answers with empty text",
                            m.name, folder)
+        info = instance.llm_info(m.name)
         out[m.name] = ServedModel(m.name, m.model, folder, limits.max_model_len, limits.vocab_size,
-                                  limits.max_tokens, tokenizer)
+                                  limits.max_tokens, tokenizer, info.architecture, info.eos_ids)
     return out
 
 

@@ -200,3 +200,34 @@ def test_invalid_yaml(tmp_path):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_residency_is_pinned_or_elastic(tmp_path):
+    config = load_config(write(tmp_path, "models:\n  - name: a\n    model: m\n    residency: elastic\n"))
+    assert config.models[0].residency == "elastic"
+    assert load_config(write(tmp_path, "models:\n  - name: a\n    model: m\n")).models[0].residency == "pinned"
+    path = write(tmp_path, "models:\n  - name: a\n    model: m\n    residency: sometimes\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: models[0] ('a'): residency must be 'pinned' or 'elastic', got 'sometimes'"
+
+
+def test_elastic_needs_a_single_device(tmp_path):
+    path = write(tmp_path, VALID.replace("    model_dtype: bf16\n", "    model_dtype: bf16\n    residency: elastic\n"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert_names(err, path, "models[1] ('llm-1')", "residency 'elastic' needs a single-device instance",
+                 "num_gpus=2", "use residency 'pinned'")
+
+
+def test_offload_idle_s_needs_an_elastic_llm(tmp_path):
+    from muxserve.instance.cli import check_instance_args
+    from muxserve.launch import build_parser
+
+    config = load_config(write(tmp_path, "models:\n  - name: a\n    model: m\n"))
+    args = build_parser().parse_args(["cfg.yaml", "--offload-idle-s", "5"])
+    with pytest.raises(ConfigError, match="--offload-idle-s: no LLM of cfg.yaml has 'residency: elastic'"):
+        check_instance_args(args, config, "cpu", "cfg.yaml")
+    args = build_parser().parse_args(["cfg.yaml", "--offload-idle-s", "-1"])
+    with pytest.raises(ConfigError, match="--offload-idle-s must be >= 0, got -1"):
+        check_instance_args(args, config, "cpu", "cfg.yaml")

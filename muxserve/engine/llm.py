@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from muxserve.engine.llm_engine import EngineConfig, LLMEngine
+from muxserve.engine.logprobs import TokenLogprobs
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.progress import Progress
 
@@ -24,6 +25,8 @@ class RequestOutput:
     text: str
     finish_reason: str
     num_preemptions: int = 0
+    logprobs: list[TokenLogprobs] | None = None  # with SamplingParams.logprobs: one per generated token
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with SamplingParams.prompt_logprobs
 
 
 class LLM:
@@ -82,7 +85,8 @@ class LLM:
         return [
             RequestOutput(text, s.prompt_token_ids, list(s.output_token_ids),
                           tokenizer.decode(s.output_token_ids, skip_special_tokens=True) if tokenizer else "",
-                          str(s.finish_reason), s.num_preemptions)
+                          str(s.finish_reason), s.num_preemptions,
+                          list(s.logprobs) if params.logprobs is not None else None, s.prompt_logprobs)
             for text, s in zip(texts, seqs)
         ]
 

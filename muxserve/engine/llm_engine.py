@@ -18,6 +18,7 @@ from muxserve.engine.runner import ModelRunner
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.engine.scheduler import Scheduler
 from muxserve.engine.sequence import RequestLimits, Sequence, check_request
+from muxserve.engine.structured import grammar_cache_for
 from muxserve.ipc.devices import parse_device, parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,9 @@ class LLMEngine:
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         self.check_request(prompt_token_ids, params)
         seq = Sequence(str(next(self._ids)), list(prompt_token_ids), params, self.eos_token_ids, self.max_model_len)
+        if params.guided is not None:
+            cache = grammar_cache_for(self.folder, self.spec.vocab_size, self.eos_token_ids)
+            seq.matcher = cache.matcher(params.guided)  # GrammarError (a ValueError) naming its field
         self.scheduler.add(seq)
         return seq
 
@@ -155,8 +159,13 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if step is None:
             return []
-        tokens = self.runner.step(step.seqs, step.phase)
-        finished = self.scheduler.finish_step(step, tokens)
+        out = self.runner.execute(step.seqs, step.phase)
+        for i, seq in enumerate(step.seqs):
+            if out.logprobs is not None and out.logprobs[i] is not None:
+                seq.logprobs.append(out.logprobs[i])
+            if out.prompt_logprobs is not None and out.prompt_logprobs[i] is not None:
+                seq.prompt_logprobs = out.prompt_logprobs[i]
+        finished = self.scheduler.finish_step(step, out.tokens, out.grammar_done)
         if finished:
             self.runner.release([s.req_id for s in finished])
         return finished

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -10,9 +11,11 @@ import torch
 from muxserve.engine.attention import AttentionBackend, AttentionMetadata
 from muxserve.engine.attention.page_table import PageTables
 from muxserve.engine.kv_cache import KVLayout
+from muxserve.engine.logprobs import TokenLogprobs, logits_rows, prompt_logprobs, token_logprobs
 from muxserve.engine.parallel import SINGLE, TensorParallel
 from muxserve.engine.sampler import sample
 from muxserve.engine.sampling_params import SamplingParams
+from muxserve.engine.structured import GuidedMatcher, fill_bitmask
 from muxserve.ipc.runtime import Phase
 
 
@@ -44,6 +47,48 @@ class StepSequence(Protocol):
 
     @property
     def step_seed(self) -> int | None: ...
+
+    @property
+    def num_output_tokens(self) -> int: ...  # generated so far (0: a prefill scores the prompt for echo)
+
+    # Optional: ``matcher`` (a ``structured.GuidedMatcher`` at the tokens generated so far), read
+    # with getattr; absent or None: the sequence is not constrained.
+
+
+@dataclass
+class StepOutput:
+    """What one step gives each sequence: its token and, where asked, the rest (else None).
+
+    ``logprobs[i]``: the log-probability of token i and its alternatives; ``prompt_logprobs[i]``:
+    a prefill's scores of the prompt (``echo``); ``grammar_done[i]``: sequence i's grammar is
+    complete once it took token i (structured output: it ends with ``stop``).
+    """
+
+    tokens: list[int]
+    logprobs: list[TokenLogprobs | None] | None = None
+    prompt_logprobs: list[list[TokenLogprobs | None] | None] | None = None
+    grammar_done: list[bool] | None = None
+
+
+def _wants_prompt_logprobs(s) -> bool:
+    return s.params.prompt_logprobs is not None and s.num_output_tokens == 0
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``logits`` plus each row's ``logit_bias`` (a new tensor; the same one when no row has any)."""
+    rows, cols, values = [], [], []
+    vocab = logits.shape[1]
+    for i, p in enumerate(params):
+        for token, bias in (p.logit_bias or {}).items():
+            if token < vocab:
+                rows.append(i)
+                cols.append(token)
+                values.append(float(bias))
+    if not rows:
+        return logits
+    index = torch.tensor([rows, cols], dtype=torch.int64).to(logits.device, non_blocking=True)
+    bias = torch.tensor(values, dtype=logits.dtype).to(logits.device, non_blocking=True)
+    return logits.index_put((index[0], index[1]), bias, accumulate=True)
 
 
 class ModelRunner:
@@ -88,18 +133,61 @@ class ModelRunner:
         """Drop the page tables of finished or aborted sequences."""
         self.tables.release(req_ids)
 
-    @torch.inference_mode()
     def step(self, seqs: list[StepSequence], phase: Phase) -> list[int]:
         """Run one prefill or decode step over ``seqs`` (their pages already allocated); one token each."""
+        return self.execute(seqs, phase).tokens
+
+    @torch.inference_mode()
+    def execute(self, seqs: list[StepSequence], phase: Phase) -> StepOutput:
+        """``step`` with everything a request may ask for besides its token: log-probabilities
+        (of the raw logits, before bias, temperature and masks), its prompt's (a first prefill),
+        a logit bias and a grammar (each constrained row's mask is applied before sampling, and
+        the sampled token is taken by its matcher)."""
         is_prefill = phase is Phase.PREFILL
+        params = [s.params for s in seqs]
+        matchers: list[GuidedMatcher | None] = [getattr(s, "matcher", None) for s in seqs]
+        constrained = any(m is not None for m in matchers)
+        plain = not constrained and all(p.logprobs is None and not p.logit_bias for p in params)
+        prompt = None
         if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs)):
-            tokens = self._graph_decode(seqs)
+            if plain:
+                return StepOutput(self._broadcast(self._graph_decode(seqs)))
+            logits = self._graph_logits(seqs)  # no argmax shortcut: rows need logits or a mask
         else:
             input_ids, positions, meta, last_index = self._prepare(seqs, is_prefill)
             hidden = self.model(input_ids, positions, self.attention, meta)  # (N, hidden)
-            logits = self.model.compute_logits(hidden[last_index])  # (B, vocab)
-            tokens = sample(logits, [s.params for s in seqs], [s.step_seed for s in seqs])
+            wants = [is_prefill and _wants_prompt_logprobs(s) for s in seqs]
+            if any(wants):
+                indices, spans = logits_rows(meta.seq_lens_list, wants)
+                rows = self.model.compute_logits(hidden[torch.tensor(indices, device=hidden.device)])
+                last = torch.tensor([a + n - 1 for a, n in spans], device=rows.device)
+                logits = rows.index_select(0, last)
+                prompt = [prompt_logprobs(rows[a:a + n], s.token_ids, s.params.prompt_logprobs) if w else None
+                          for s, w, (a, n) in zip(seqs, wants, spans)]
+            else:
+                logits = self.model.compute_logits(hidden[last_index])  # (B, vocab)
+        seeds = [s.step_seed for s in seqs]
+        if plain:
+            return StepOutput(self._broadcast(sample(logits, params, seeds)), prompt_logprobs=prompt)
+        bitmask = fill_bitmask(matchers, logits.shape[1]) if constrained else None
+        tokens = self._broadcast(sample(apply_logit_bias(logits, params), params, seeds, bitmask=bitmask))
+        out = StepOutput(tokens, prompt_logprobs=prompt)
+        if any(p.logprobs is not None for p in params):
+            out.logprobs = token_logprobs(logits, tokens, [p.logprobs for p in params])
+        if constrained:
+            for m, t in zip(matchers, tokens):
+                if m is not None:
+                    m.accept(t)
+            out.grammar_done = [m is not None and m.finished for m in matchers]
+        return out
+
+    def _broadcast(self, tokens: list[int]) -> list[int]:
         return self.parallel.broadcast_tokens(tokens) if self.parallel.enabled else tokens
+
+    def _graph_logits(self, seqs) -> torch.Tensor:
+        """A graph decode step's logits (B, vocab), without the in-graph argmax."""
+        self._stage_decode(seqs, self.graphs.stage(len(seqs)))
+        return self.graphs.run(len(seqs), False)
 
     def _graph_decode(self, seqs) -> list[int]:
         timer = self.step_timer

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from muxserve.engine.logprobs import check_num_top
+from muxserve.engine.structured import GuidedSpec
+
 # Seeds are signed 64-bit integers: what msgpack carries to the runtimes, and a range that
 # ``sampler.step_seed`` maps one-to-one onto its keys (distinct seeds, distinct sampling streams).
 SEED_MIN = -(1 << 63)
@@ -23,6 +26,11 @@ class SamplingParams:
             distinct seeds distinct ones.
         stop_token_ids: extra token ids that end the request (the stop token is kept).
         ignore_eos: keep generating past EOS until ``max_tokens`` (benchmarks).
+        logprobs: None, or how many most likely alternatives (0-20) to return with the
+            log-probability of each generated token.
+        prompt_logprobs: None, or the same for every prompt token (``echo``).
+        guided: a grammar the output must follow (``structured.GuidedSpec``), or None.
+        logit_bias: token id -> a bias in [-100, 100] added to its logit before sampling.
     """
 
     max_tokens: int = 16
@@ -32,6 +40,10 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    guided: GuidedSpec | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -50,6 +62,17 @@ class SamplingParams:
         if bad:
             raise ValueError(f"stop_token_ids must be non-negative integers, got {bad!r}")
         self.stop_token_ids = list(self.stop_token_ids)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                check_num_top(getattr(self, name), name)
+        if self.guided is not None and not isinstance(self.guided, GuidedSpec):
+            raise ValueError(f"guided must be a GuidedSpec, got {type(self.guided).__name__}")
+        if self.logit_bias:
+            bad = {k: v for k, v in self.logit_bias.items()
+                   if isinstance(k, bool) or not isinstance(k, int) or k < 0
+                   or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100}
+            if bad:
+                raise ValueError(f"logit_bias must map token ids to numbers in [-100, 100], got {bad!r}")
 
     @property
     def greedy(self) -> bool:

@@ -39,8 +39,10 @@ class Scheduler:
         if prefill:
             return ScheduledStep(prefill, Phase.PREFILL)
         if self.running:
-            return ScheduledStep(self._schedule_decode(), Phase.DECODE)
-        return None
+            decode = self._schedule_decode()
+            if decode:
+                return ScheduledStep(decode, Phase.DECODE)
+        return None  # nothing to run, or every running sequence was preempted: skip the step
 
     def _schedule_prefill(self) -> list[Sequence]:
         batch: list[Sequence] = []
@@ -74,11 +76,12 @@ class Scheduler:
             by_id[req_id].pages.extend(pages)
         return list(self.running)
 
-    def finish_step(self, step: ScheduledStep, tokens: list[int]) -> list[Sequence]:
+    def finish_step(self, step: ScheduledStep, tokens: list[int],
+                    grammar_done: list[bool] | None = None) -> list[Sequence]:
         """Apply sampled tokens; free and return the sequences that finished."""
         finished = []
-        for seq, token in zip(step.seqs, tokens):
-            seq.append_token(token)
+        for i, (seq, token) in enumerate(zip(step.seqs, tokens)):
+            seq.append_token(token, bool(grammar_done and grammar_done[i]))
             if seq.is_finished:
                 finished.append(seq)
         if finished:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from muxserve.engine.logprobs import TokenLogprobs
 from muxserve.engine.sampler import step_seed
 from muxserve.engine.sampling_params import SamplingParams
 
@@ -60,8 +61,8 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, limits: R
 class Sequence:
     """One request: its tokens, sampling settings and the KV pages it owns.
 
-    ``append_token`` applies the stop rule: EOS (unless ``ignore_eos``) or a stop token ends it
-    with ``stop``; ``max_tokens`` generated tokens or a full context end it with ``length``.
+    ``append_token`` applies the stop rule: EOS (unless ``ignore_eos``), a stop token or a complete
+    grammar ends it with ``stop``; ``max_tokens`` generated tokens or a full context end it with ``length``.
     """
 
     req_id: str
@@ -74,10 +75,17 @@ class Sequence:
     finish_reason: FinishReason | None = None
     pages: list[int] = field(default_factory=list)  # block-major: [block][layer][kv-head]
     num_preemptions: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token (params.logprobs)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # params.prompt_logprobs, once prefilled
+    matcher: object | None = None  # structured.GuidedMatcher of params.guided, where this process steps it
 
     @property
     def step_seed(self) -> int | None:
         return step_seed(self.params.seed, len(self.output_token_ids))
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
 
     @property
     def token_ids(self) -> list[int]:
@@ -95,11 +103,14 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status >= SequenceStatus.FINISHED
 
-    def append_token(self, token_id: int) -> FinishReason | None:
-        """Record a sampled token; finish the request and return why if it ends here."""
+    def append_token(self, token_id: int, grammar_done: bool = False) -> FinishReason | None:
+        """Record a sampled token; finish the request and return why if it ends here.
+
+        ``grammar_done``: its structured output is complete with this token (``stop``)."""
         self.output_token_ids.append(token_id)
         p = self.params
-        if (token_id in self.eos_token_ids and not p.ignore_eos) or token_id in p.stop_token_ids:
+        if ((token_id in self.eos_token_ids and not p.ignore_eos) or token_id in p.stop_token_ids
+                or grammar_done):
             self.finish(FinishReason.STOP)
         elif len(self.output_token_ids) >= p.max_tokens or (
             self.max_model_len is not None and self.num_tokens >= self.max_model_len

@@ -37,7 +37,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("json_object", "json_schema", "regex", "choice", "tagged_json")
+KINDS = ("json_object", "json_schema", "regex", "choice", "tagged_json", "grammar")
 
 
 class GrammarError(ValueError):
@@ -55,7 +55,8 @@ class GuidedSpec:
     kind: ``json_object`` (any JSON object), ``json_schema`` (``text`` is the schema as JSON),
     ``regex`` (``text`` is the expression), ``choice`` (``text`` is a JSON list of strings, the
     output is exactly one of them) or ``tagged_json`` (``text`` is JSON ``{"begin", "schema",
-    "end"}``: the literal ``begin``, a JSON value of ``schema``, then ``end``; tool calls).
+    "end"}``: the literal ``begin``, a JSON value of ``schema``, then ``end``; tool calls) or
+    ``grammar`` (``text`` is an EBNF grammar whose start rule is ``root``).
     param: the request field it came from, named in errors (not part of the key).
     """
 
@@ -99,6 +100,12 @@ class GuidedSpec:
         return cls("regex", pattern, param)
 
     @classmethod
+    def grammar(cls, text: Any, param: str = "guided_grammar") -> GuidedSpec:
+        if not isinstance(text, str) or not text.strip():
+            raise GrammarError(f"{param} must be a non-empty EBNF grammar, got {text!r}", param)
+        return cls("grammar", text, param)
+
+    @classmethod
     def choice(cls, choices: Any, param: str = "guided_choice") -> GuidedSpec:
         if (not isinstance(choices, list) or not choices
                 or not all(isinstance(c, str) and c for c in choices)):
@@ -138,9 +145,11 @@ class GrammarCache:
 
         self._xgr = xgrammar
         self.vocab_size = vocab_size
-        self.stop_token_ids = sorted(set(stop_token_ids))
+        stop = sorted(set(stop_token_ids))
+        # No EOS ids (a model without any): the tokenizer's own, as xgrammar finds them.
         self.info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                            stop_token_ids=self.stop_token_ids)
+                                                            stop_token_ids=stop or None)
+        self.stop_token_ids = sorted(self.info.stop_token_ids)
         self._compiler = xgrammar.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=False)
         self._entries: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()  # the server compiles on a worker thread
@@ -179,6 +188,8 @@ class GrammarCache:
             return c.compile_json_schema(spec.text, any_whitespace=False, strict_mode=True)
         if spec.kind == "regex":
             return c.compile_regex(spec.text)
+        if spec.kind == "grammar":
+            return c.compile_grammar(spec.text)
         if spec.kind == "choice":
             return c.compile_grammar("root ::= " + " | ".join(_literal(s) for s in json.loads(spec.text)))
         parts = json.loads(spec.text)
@@ -188,6 +199,22 @@ class GrammarCache:
         if parts["end"]:
             pieces.append(xgr.Grammar.from_ebnf(f"root ::= {_literal(parts['end'])}"))
         return c.compile_grammar(xgr.Grammar.concat(*pieces) if len(pieces) > 1 else pieces[0])
+
+
+_caches: dict[tuple[str, int], GrammarCache] = {}
+_caches_lock = threading.Lock()
+
+
+def grammar_cache_for(folder, vocab_size: int, stop_token_ids: Iterable[int]) -> GrammarCache:
+    """The process's ``GrammarCache`` of the tokenizer in model folder ``folder`` (made once)."""
+    key = (str(folder), vocab_size)
+    with _caches_lock:
+        cache = _caches.get(key)
+        if cache is None:
+            from transformers import AutoTokenizer
+
+            cache = _caches[key] = GrammarCache(AutoTokenizer.from_pretrained(folder), vocab_size, stop_token_ids)
+        return cache
 
 
 class GuidedMatcher:

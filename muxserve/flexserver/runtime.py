@@ -17,10 +17,13 @@ import torch
 import zmq
 
 from muxserve.engine.attention import make_attention, select_backend
+from muxserve.engine.logprobs import TokenLogprobs
+from muxserve.engine.model_config import end_token_ids
 from muxserve.engine.parallel import TensorParallel, join_group, leave_group
-from muxserve.engine.runner import ModelRunner
+from muxserve.engine.runner import ModelRunner, StepOutput
 from muxserve.engine.sampler import step_seed
 from muxserve.engine.sampling_params import SamplingParams
+from muxserve.engine.structured import GuidedMatcher, GuidedSpec, grammar_cache_for
 from muxserve.flexserver.config import RuntimeConfig
 from muxserve.flexstore.client import FlexStoreClient
 from muxserve.ipc import runtime as M
@@ -39,6 +42,8 @@ class _StepSeq:
     pages: list[int]
     params: SamplingParams
     step_seed: int | None = None  # sampler.step_seed of this step (seeded requests)
+    num_output_tokens: int = 0
+    matcher: GuidedMatcher | None = None
 
     @property
     def last_token_id(self) -> int:
@@ -53,6 +58,7 @@ class Runtime:
         self._secret = secret
         self.pages: dict[str, list[int]] = {}  # request id -> its page list
         self.params: dict[str, SamplingParams] = {}
+        self.matchers: dict[str, GuidedMatcher] = {}  # guided requests: where each stands in its grammar
 
     def attach(self) -> None:
         c = self.config
@@ -79,18 +85,29 @@ class Runtime:
         self.runner = ModelRunner(a.model, a.layout, attention, a.device, max_num_seqs=c.max_num_seqs,
                                   max_model_len=a.spec.max_position_embeddings, cuda_graphs=graphs,
                                   parallel=self.parallel)
-        if self.runner.graphs is not None:
+        if self.runner.graphs is not None and a.weights_mapped:
             # Capture every batch size before reporting ready: a first decode of a new size would
-            # otherwise pay the capture (and Triton's compile) inside a request's latency.
+            # otherwise pay the capture (and Triton's compile) inside a request's latency. (A runtime
+            # restarted while its elastic LLM is offloaded captures each size on first use instead:
+            # its weights are not mapped now.)
             start = time.perf_counter()
             self.runner.graphs.capture_all()
             logger.info("%s captured decode graphs for batch sizes %s in %.1f s", c.name,
                         self.runner.graphs.captured, time.perf_counter() - start)
 
-    def run_job(self, job: M.Job) -> list[int]:
+    def sync(self, kv_epoch: int, weights_epoch: int) -> None:
+        """Follow FlexStore's ranges (elastic residency) up to these epochs. Addresses never change,
+        so the model's parameters, the pool and captured CUDA graphs stay valid."""
+        if self.attached.sync(kv_epoch, weights_epoch) and self.attached.device.type == "cuda":
+            torch.cuda.synchronize(self.attached.device)
+
+    def run_job(self, job: M.Job) -> StepOutput:
+        if job.kv_epoch or job.weights_epoch:
+            self.sync(job.kv_epoch, job.weights_epoch)
         for req_id in job.release:
             self.pages.pop(req_id, None)
             self.params.pop(req_id, None)
+            self.matchers.pop(req_id, None)
         if job.release:
             self.runner.release(job.release)
         seqs = []
@@ -103,15 +120,39 @@ class Runtime:
             pages.extend(s.new_pages)
             params = self.params.get(s.req_id)
             if params is None or params.seed != s.seed or params.temperature != s.temperature:
+                guided = GuidedSpec.from_wire(s.guided) if s.guided else None
                 params = SamplingParams(max_tokens=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                        seed=s.seed)
+                                        seed=s.seed, logprobs=s.logprobs, guided=guided, logit_bias=s.logit_bias)
                 self.params[s.req_id] = params
+            if s.prompt_logprobs != params.prompt_logprobs:
+                params.prompt_logprobs = s.prompt_logprobs  # asked in a first prefill only
             seqs.append(_StepSeq(s.req_id, s.token_ids, s.num_tokens, pages, params,
-                                 step_seed(s.seed, s.num_output_tokens)))
-        tokens = self.runner.step(seqs, job.phase)
+                                 step_seed(s.seed, s.num_output_tokens), s.num_output_tokens,
+                                 self._matcher(s, job.phase, params)))
+        out = self.runner.execute(seqs, job.phase)
         if self.attached.device.type == "cuda":
             torch.cuda.synchronize(self.attached.device)
-        return tokens
+        return out
+
+    def _matcher(self, s: M.SeqInput, phase: Phase, params: SamplingParams) -> GuidedMatcher | None:
+        """The request's matcher, caught up with every token generated before this step."""
+        if params.guided is None:
+            return None
+        matcher = self.matchers.get(s.req_id)
+        if matcher is None:
+            a = self.attached
+            cache = grammar_cache_for(a.folder, a.spec.vocab_size, end_token_ids(a.folder, a.spec))
+            matcher = self.matchers[s.req_id] = cache.matcher(params.guided)
+        n = s.num_output_tokens
+        if s.output_token_ids is not None:
+            matcher.advance(s.output_token_ids)
+        elif phase is Phase.PREFILL:
+            matcher.advance(s.token_ids[len(s.token_ids) - n:] if n else [])
+        elif matcher.num_accepted == n - 1:  # the last token came from the other runtime
+            matcher.accept(s.token_ids[-1])
+        if matcher.num_accepted != n:
+            raise RuntimeError(f"request {s.req_id}: the grammar saw {matcher.num_accepted} of its {n} tokens")
+        return matcher
 
     def serve(self) -> None:
         ctx = zmq.Context.instance()
@@ -126,10 +167,16 @@ class Runtime:
                 msg = jobs.receive()
                 if isinstance(msg, M.Shutdown):
                     break
+                if isinstance(msg, M.Sync):
+                    start = time.perf_counter()
+                    self.sync(msg.kv_epoch, msg.weights_epoch)
+                    if self.config.tp_rank == 0:
+                        results.send(M.Synced(msg.notice_id, name, time.perf_counter() - start))
+                    continue
                 start = time.perf_counter()
-                tokens = self.run_job(msg)
+                out = self.run_job(msg)
                 if self.config.tp_rank == 0:  # every rank has the same tokens (rank 0's, broadcast)
-                    results.send(M.JobResult(msg.job_id, self.config.group, tokens, time.perf_counter() - start))
+                    results.send(job_result(msg.job_id, self.config.group, out, time.perf_counter() - start))
         except Exception as exc:  # report, then die: the launcher stops everything
             logger.exception("%s failed", name)
             results.send(M.Failure(name, f"{type(exc).__name__}: {exc}"))
@@ -142,3 +189,21 @@ class Runtime:
                 self.runner = None
                 gc.collect()
                 leave_group()
+
+
+def _wire(lp: TokenLogprobs | None) -> M.TokenLogprob | None:
+    if lp is None:
+        return None
+    return M.TokenLogprob(lp.token_id, lp.logprob, lp.rank, [t for t, _ in lp.top], [v for _, v in lp.top])
+
+
+def job_result(job_id: int, runtime: str, out: StepOutput, seconds: float) -> M.JobResult:
+    """A step's output as the typed answer to its job."""
+    result = M.JobResult(job_id, runtime, out.tokens, seconds)
+    if out.logprobs is not None:
+        result.logprobs = [_wire(lp) for lp in out.logprobs]
+    if out.prompt_logprobs is not None:
+        result.prompt_logprobs = [None if p is None else [_wire(lp) for lp in p] for p in out.prompt_logprobs]
+    if out.grammar_done is not None:
+        result.grammar_done = [i for i, done in enumerate(out.grammar_done) if done]
+    return result

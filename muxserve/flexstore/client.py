@@ -22,6 +22,7 @@ from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.parallel import SINGLE, TensorParallel
 from muxserve.flexstore import protocol as P
 from muxserve.flexstore.auth import present_secret
+from muxserve.flexstore.device_memory import DeviceRange, attach_range, sync_range
 from muxserve.flexstore.manager import FlexStoreError
 from muxserve.flexstore.segments import SharedSegment
 from muxserve.flexstore.weights import attach_model
@@ -61,6 +62,28 @@ class AttachedModel:
     model: torch.nn.Module
     pool: KVPool
     _segments: list[SharedSegment] = field(default_factory=list, repr=False)
+    # Under a memory budget: the KV range and (an elastic LLM) the weights range, which follow
+    # FlexStore's mappings over the fd socket (``sync``); their addresses never change.
+    kv_range: DeviceRange | None = None
+    weights_range: DeviceRange | None = None
+    fd_socket: str = ""
+    secret: str = field(default="", repr=False)
+
+    @property
+    def weights_mapped(self) -> bool:
+        """Whether the weights are on the device now (False while an elastic LLM is offloaded)."""
+        rng = self.weights_range
+        return rng is None or rng.mapped_bytes == rng.nbytes
+
+    def sync(self, kv_epoch: int = 0, weights_epoch: int = 0) -> bool:
+        """Map what FlexStore mapped and unmap what it unmapped, for each range behind the given epoch;
+        whether anything was asked of FlexStore."""
+        synced = False
+        for rng, epoch in ((self.kv_range, kv_epoch), (self.weights_range, weights_epoch)):
+            if rng is not None and epoch > rng.epoch:
+                sync_range(rng, self.fd_socket, self.secret)
+                synced = True
+        return synced
 
     def close(self) -> None:
         """Drop this process's mappings (never unlinks: FlexStore owns the segments)."""
@@ -69,6 +92,10 @@ class AttachedModel:
         for segment in self._segments:
             segment.release()
         self._segments = []
+        for rng in (self.kv_range, self.weights_range):
+            if rng is not None:
+                rng.close()
+        self.kv_range = self.weights_range = None
 
 
 class FlexStoreClient:
@@ -82,11 +109,15 @@ class FlexStoreClient:
     turns False during a wait.
     """
 
+    kv_epoch = 0  # the newest epoch of FlexStore's KV range this client has heard of (a memory budget)
+    _secret = ""
+
     def __init__(self, address: str, secret: str | None, timeout_s: float = 30.0,
                  alive: Callable[[], bool] | None = None):
         self.address = address
         self.timeout_ms = int(timeout_s * 1000)
         self._alive = alive
+        self._secret = secret or ""
         self._socket, self._monitor = self._connect(secret)
         self._info: P.Info | None = None
 
@@ -130,7 +161,7 @@ class FlexStoreClient:
     @staticmethod
     def _check(reply: P.Reply) -> P.Reply:
         if isinstance(reply, P.Error):
-            raise FlexStoreError(reply.code, reply.message)
+            raise FlexStoreError(reply.code, reply.message, reply.numbers)
         return reply
 
     def close(self) -> None:
@@ -159,6 +190,18 @@ class FlexStoreClient:
 
     def shutdown(self) -> None:
         self.call(P.Shutdown())
+
+    # -- elastic residency ------------------------------------------------------------------
+    def offload(self, model: str) -> P.Offloaded:
+        """Offload an elastic LLM that holds no pages; FlexStoreError ``refused`` (with ``numbers``) otherwise."""
+        return self.call(P.Offload(model))
+
+    def wake(self, model: str, protected: Iterable[tuple[str, str]] = ()) -> P.Woken:
+        """Wake an offloaded LLM; other LLMs' requests in ``Woken.preempted`` lost their pages (recompute
+        them). FlexStoreError ``refused`` (with ``numbers``) when even preemption cannot make room."""
+        woken = self.call(P.Wake(model, [tuple(p) for p in protected]))
+        self.kv_epoch = max(self.kv_epoch, woken.kv_epoch)
+        return woken
 
     # -- the PageAllocator interface --------------------------------------------------------
     @property
@@ -192,6 +235,8 @@ class FlexStoreClient:
         """Same contract as ``PageAllocator.allocate``; every admitted id is in ``new_pages``."""
         requests = _as_list(requests)
         reply = self.call(P.Allocate(model, requests))
+        if reply.kv_epoch > self.kv_epoch:
+            self.kv_epoch = reply.kv_epoch
         admitted = len(requests) - len(reply.preempted)
         new_pages = {rid: [] for rid, _ in requests[:admitted]}
         new_pages.update(reply.new_pages)  # FlexStore sends only the requests that got pages
@@ -229,18 +274,46 @@ class FlexStoreClient:
         if parallel.world_size != tp or parallel.rank != rank:
             raise ValueError(f"model {model!r} is stored for tensor_parallel_size {tp}; this process is rank "
                              f"{parallel.rank} of {parallel.world_size} (asked for rank {rank})")
+        lay = info.model.layout
+        layout = KVLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, parse_dtype(lay.dtype), lay.page_bytes)
+        if info.pool_range is not None:
+            return self._attach_ranges(info, dtype, device, layout, parallel)
         weights = SharedSegment.attach(info.weights)
         try:
             pool_segment = SharedSegment.attach(info.pool)
         except BaseException:
             weights.release()
             raise
-        lay = info.model.layout
-        layout = KVLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, parse_dtype(lay.dtype), lay.page_bytes)
         net = attach_model(info.spec, dtype, device, weights.tensor, info.tensors, parallel)
         pool = KVPool(pool_segment.tensor, lay.page_bytes)
         return AttachedModel(model, Path(info.model.folder), info.spec, dtype, device, layout, net, pool,
                              [weights, pool_segment])
+
+    def _attach_ranges(self, info: P.AttachInfo, dtype: torch.dtype, device: torch.device, layout: KVLayout,
+                       parallel: TensorParallel) -> AttachedModel:
+        """Under a memory budget: attach the KV range (and an elastic LLM's weights range) and catch up
+        with FlexStore's mappings; a pinned LLM's weights are still a segment."""
+        name = info.model.name
+        attached = AttachedModel(name, Path(info.model.folder), info.spec, dtype, device, layout, None, None,
+                                 fd_socket=info.fd_socket, secret=self._secret)
+        try:
+            attached.kv_range = attach_range(info.pool_range, device)
+            if info.weights_range is not None:
+                attached.weights_range = attach_range(info.weights_range, device)
+                buffer = attached.weights_range.tensor
+            else:
+                segment = SharedSegment.attach(info.weights)
+                attached._segments.append(segment)
+                buffer = segment.tensor
+            for rng in (attached.kv_range, attached.weights_range):
+                if rng is not None:
+                    sync_range(rng, info.fd_socket, self._secret)
+            attached.model = attach_model(info.spec, dtype, device, buffer, info.tensors, parallel)
+            attached.pool = KVPool(attached.kv_range.tensor, layout.page_bytes)
+        except BaseException:
+            attached.close()
+            raise
+        return attached
 
 
 def attached_engine(client: FlexStoreClient, model: str, **engine_kwargs):

@@ -26,6 +26,8 @@ class ModelEntry(msgspec.Struct, frozen=True):
         seed: seed of the random weights.
         tensor_parallel_size: ranks of the model; FlexStore stores each rank's shard once.
         devices: the mesh position (device index) of each rank, e.g. ``(0, 1)``.
+        residency: ``pinned`` (weights on the device for good) or ``elastic`` (weights in a range of
+            the memory budget with a host copy: FlexStore offloads and wakes them on request).
     """
 
     name: str
@@ -35,8 +37,13 @@ class ModelEntry(msgspec.Struct, frozen=True):
     seed: int = 0
     tensor_parallel_size: int = 1
     devices: tuple[int, ...] = (0,)
+    residency: str = "pinned"
 
     def __post_init__(self) -> None:
+        if self.residency not in ("pinned", "elastic"):
+            raise ValueError(f"residency of model {self.name!r} must be 'pinned' or 'elastic', got {self.residency!r}")
+        if self.residency == "elastic" and self.tensor_parallel_size > 1:
+            raise ValueError(f"model {self.name!r}: residency 'elastic' is for LLMs without tensor parallelism")
         if not self.name or any(c.isspace() for c in self.name):
             raise ValueError(f"model name {self.name!r} must be non-empty and have no spaces")
         if self.load_format not in LOAD_FORMATS:
@@ -72,6 +79,8 @@ class FlexStoreConfig(msgspec.Struct, frozen=True):
     page_bytes: int = DEFAULT_PAGE_BYTES
     shm_prefix: str = "muxserve"
     num_devices: int = 1
+    granule_bytes: int = 2 * 1024 * 1024  # mapping unit of the memory budget (elastic LLMs only)
+    reserve_granules: int = 32  # whole free KV granules kept mapped ahead of growth (elastic LLMs only)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -97,9 +106,21 @@ class FlexStoreConfig(msgspec.Struct, frozen=True):
             raise ValueError(f"page_bytes must be a positive multiple of 64, got {self.page_bytes!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < self.page_bytes:
             raise ValueError(f"kv_cache_bytes ({self.kv_cache_bytes}) is smaller than one page ({self.page_bytes})")
+        if self.granule_bytes < self.page_bytes or self.granule_bytes % self.page_bytes:
+            raise ValueError(f"granule_bytes ({self.granule_bytes}) must be a multiple of page_bytes "
+                             f"({self.page_bytes})")
+        if self.reserve_granules < 0:
+            raise ValueError(f"reserve_granules must be >= 0, got {self.reserve_granules}")
+        if self.elastic and self.num_devices > 1:
+            raise ValueError(f"elastic residency needs a single-device FlexStore, not a mesh of {self.num_devices}")
         if not _SHM_PREFIX.match(self.shm_prefix):
             raise ValueError(f"shm_prefix {self.shm_prefix!r} must be 1-64 letters, digits, '_', '.' or '-'")
 
+
+    @property
+    def elastic(self) -> bool:
+        """Whether any model is elastic: then weights and KV share one memory budget (``budget.py``)."""
+        return any(m.residency == "elastic" for m in self.models)
 
     def device_names(self) -> list[str]:
         """The torch device of each mesh position."""

@@ -17,6 +17,9 @@ from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.parallel import TensorParallel
 from muxserve.flexstore import protocol as P
 from muxserve.flexstore.config import FlexStoreConfig
+from muxserve.flexstore.elastic import ElasticMemory, Refused
+from muxserve.flexstore.host_copy import HostCopy
+from muxserve.flexstore.residency import BudgetError
 from muxserve.flexstore.segments import SharedSegment, release_torch_ipc_files
 from muxserve.flexstore.weights import StoredWeights, load_shared
 from muxserve.ipc.devices import parse_device
@@ -27,10 +30,11 @@ logger = logging.getLogger(__name__)
 class FlexStoreError(Exception):
     """A request FlexStore refused; ``code`` is one of ``protocol.ERROR_CODES``."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, numbers: dict[str, int] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.numbers = numbers or {}  # a refused offload or wake: its figures
 
 
 class _Allocator(PageAllocator):
@@ -42,7 +46,13 @@ class _Allocator(PageAllocator):
 
 
 class FlexStoreManager:
-    """Loads every model once, allocates one pool per device of the mesh, owns every page id; see ``handle``."""
+    """Loads every model once, allocates one pool per device of the mesh, owns every page id; see ``handle``.
+
+    With an elastic LLM (``ModelEntry.residency``) the device's memory is one budget instead
+    (``elastic.ElasticMemory``): the pool is a range mapped as KV grows, elastic LLMs' weights have
+    a host copy and move on ``Offload`` / ``Wake``; ``fd_socket`` (set by the server) is where
+    runtimes follow the ranges' mappings.
+    """
 
     def __init__(self, config: FlexStoreConfig):
         self.config = config
@@ -53,6 +63,8 @@ class FlexStoreManager:
         self._segments: list[SharedSegment] = []
         self.shards: dict[str, list[StoredWeights]] = {}  # per model, one entry per tensor-parallel rank
         self._preemptions: dict[str, int] = {}
+        self.elastic: ElasticMemory | None = None
+        self.fd_socket = ""
         try:
             self._check_devices()
             for i, entry in enumerate(config.models):
@@ -62,8 +74,11 @@ class FlexStoreManager:
                 for rank, position in enumerate(entry.devices):
                     # Only the shapes and slicing of rank ``rank``; FlexStore never runs a forward pass.
                     parallel = TensorParallel(tp, rank)
-                    stored = load_shared(entry, folder, self.devices[position],
-                                         f"{self._tag}-w{i}" + (f"r{rank}" if tp > 1 else ""), parallel)
+                    # An elastic LLM is read into host memory: its host copy, copied to the device below.
+                    elastic = entry.residency == "elastic"
+                    where = torch.device("cpu") if elastic else self.devices[position]
+                    stored = load_shared(entry, folder, where, f"{self._tag}-{'h' if elastic else 'w'}{i}"
+                                         + (f"r{rank}" if tp > 1 else ""), parallel)
                     self._segments.append(stored.segment)
                     shards.append(stored)
                 stored = shards[0]
@@ -71,38 +86,65 @@ class FlexStoreManager:
                             stored.spec.architecture, stored.dtype, stored.segment.nbytes / 2**20,
                             f" per rank, tensor parallel over devices {list(entry.devices)}" if tp > 1 else "")
             pool_bytes = self._pool_bytes()
-            self.pools: list[KVPool] = []
-            self.pool_segments: list[SharedSegment] = []
-            for position, device in enumerate(self.devices):
-                name = f"{self._tag}-pool" + (f"{position}" if position else "")
-                segment = SharedSegment.create(pool_bytes, device, name, zero=True)
-                self._segments.append(segment)
-                self.pool_segments.append(segment)
-                self.pools.append(KVPool(segment.tensor, config.page_bytes))
-            self.pool = self.pools[0]
-            self.allocator = _Allocator(self.pool.num_pages)
             self.layouts: dict[str, KVLayout] = {}
             for entry in config.models:
                 stored = self.shards[entry.name][0]
                 s = stored.spec
                 # One rank's kv heads: a token block costs layers x (kv heads / tp) page ids, the same
                 # ids on every rank's device.
-                layout = KVLayout(s.num_layers, s.num_kv_heads // entry.tensor_parallel_size, s.head_dim,
-                                  stored.dtype, config.page_bytes)
-                self.layouts[entry.name] = layout
-                self.allocator.register_model(entry.name, layout)
+                self.layouts[entry.name] = KVLayout(s.num_layers, s.num_kv_heads // entry.tensor_parallel_size,
+                                                    s.head_dim, stored.dtype, config.page_bytes)
                 self._preemptions[entry.name] = 0
+            self.pool_segments: list[SharedSegment] = []
+            if config.elastic:
+                self._build_budget(pool_bytes)
+            else:
+                self._build_pools(pool_bytes)
         except BaseException:
             self.close()
             raise
         where = f"each of {len(self.devices)} devices ({self.device} ...)" if len(self.devices) > 1 else self.device
-        logger.info("KV pool on %s: %d pages of %d B (%.1f MiB)", where, self.pool.num_pages,
-                    config.page_bytes, pool_bytes / 2**20)
+        logger.info("KV pool on %s: %d pages of %d B (%.1f MiB%s)", where, self.pool.num_pages,
+                    config.page_bytes, self.pool.num_pages * config.page_bytes / 2**20,
+                    ", mapped as KV grows" if self.elastic else "")
         for name, layout in self.layouts.items():
             logger.info("  %s: %d layers x %d kv-heads x head_dim %d (%s): %d tokens per page, %d pages per "
                         "block; at most %d tokens with the whole pool", name, layout.num_layers,
                         layout.num_kv_heads, layout.head_dim, layout.dtype, layout.page_tokens,
                         layout.pages_per_block, self.allocator.max_tokens(name))
+
+    def _build_pools(self, pool_bytes: int) -> None:
+        self.pools: list[KVPool] = []
+        for position, device in enumerate(self.devices):
+            name = f"{self._tag}-pool" + (f"{position}" if position else "")
+            segment = SharedSegment.create(pool_bytes, device, name, zero=True)
+            self._segments.append(segment)
+            self.pool_segments.append(segment)
+            self.pools.append(KVPool(segment.tensor, self.config.page_bytes))
+        self.pool = self.pools[0]
+        self.allocator = _Allocator(self.pool.num_pages)
+        for name, layout in self.layouts.items():
+            self.allocator.register_model(name, layout)
+
+    def _build_budget(self, kv_bytes: int) -> None:
+        cfg = self.config
+        weight_bytes = {e.name: self.shards[e.name][0].segment.nbytes for e in cfg.models}
+        self.elastic = ElasticMemory(self.device, self._tag, kv_bytes, cfg.page_bytes, cfg.granule_bytes,
+                                     cfg.reserve_granules, weight_bytes)
+        for i, entry in enumerate(cfg.models):
+            stored = self.shards[entry.name][0]
+            if entry.residency == "elastic":
+                self._segments.remove(stored.segment)  # the host copy: ElasticMemory releases it
+                self.elastic.add_elastic(entry.name, self.layouts[entry.name], HostCopy(stored.segment), i)
+            else:
+                self.elastic.add_pinned(entry.name, self.layouts[entry.name], stored.segment.nbytes)
+        self.pool = self.elastic.pool
+        self.pools = [self.pool]
+        self.allocator = self.elastic.budget
+        figures = self.elastic.budget.figures()
+        logger.info("memory budget on %s: %d granules of %.1f MiB (pinned weights %d, elastic weights %d, "
+                    "KV room %d)", self.device, figures.num_granules, figures.granule_bytes / 2**20,
+                    figures.pinned_granules, figures.elastic_granules, figures.free_granules)
 
     def _check_devices(self) -> None:
         if self.device.type != "cuda":
@@ -131,20 +173,23 @@ class FlexStoreManager:
         try:
             return self._dispatch(request)
         except FlexStoreError as exc:
-            return P.Error(code=exc.code, message=exc.message)
+            return P.Error(code=exc.code, message=exc.message, numbers=exc.numbers)
         except Exception as exc:  # a bug, not a bad request: report it and keep serving
             logger.exception("FlexStore failed on %r", type(request).__name__)
             return P.Error(code="internal", message=f"{type(exc).__name__}: {exc}")
 
     def _dispatch(self, req: P.Request) -> P.Reply:
         if isinstance(req, P.Allocate):
+            allocate = self.elastic.allocate_sparse if self.elastic else self.allocator.allocate_sparse
             try:
-                result = self.allocator.allocate_sparse(self._known(req.model), req.requests)
-            except ValueError as exc:
+                result = allocate(self._known(req.model), req.requests)
+            except ValueError as exc:  # BudgetError too: an LLM that is not resident
                 raise FlexStoreError("invalid", str(exc)) from None
             if result.preempted:
                 self._preemptions[req.model] += len(result.preempted)
-            return P.Allocated(new_pages=result.new_pages, preempted=result.preempted)
+            return P.Allocated(new_pages=result.new_pages, preempted=result.preempted, kv_epoch=self.kv_epoch)
+        if isinstance(req, (P.Offload, P.Wake)):
+            return self._residency(req)
         if isinstance(req, P.Free):
             try:
                 return P.Answer(self.allocator.free(self._known(req.model), req.request_ids))
@@ -173,6 +218,36 @@ class FlexStoreManager:
             return P.Ok()
         raise FlexStoreError("invalid", f"unsupported request {type(req).__name__}")
 
+    def _residency(self, req: P.Offload | P.Wake) -> P.Offloaded | P.Woken:
+        name = self._known(req.model)
+        if self.elastic is None or self.elastic.budget.residency_of(name).value != "elastic":
+            raise FlexStoreError("invalid", f"model {name!r} is pinned: only an LLM with residency 'elastic' "
+                                            f"is offloaded and woken")
+        try:
+            if isinstance(req, P.Offload):
+                return self.elastic.offload(name)
+            woken = self.elastic.wake(name, req.protected)
+        except Refused as exc:
+            raise FlexStoreError("refused", str(exc), exc.numbers) from None
+        except BudgetError as exc:  # not in the state the transition needs
+            raise FlexStoreError("invalid", str(exc)) from None
+        for model, ids in woken.preempted.items():
+            self._preemptions[model] += len(ids)
+        return woken
+
+    @property
+    def kv_epoch(self) -> int:
+        return self.elastic.kv.epoch if self.elastic else 0
+
+    def idle(self) -> None:
+        """Nothing to serve for a while: unmap the KV granules beyond the reserve (a budget only)."""
+        if self.elastic is not None:
+            self.elastic.trim()
+
+    def range_handler(self):
+        """The fd server's handler for the ranges of the budget (None without one)."""
+        return self.elastic.range_server if self.elastic else None
+
     def _known(self, model: str) -> str:
         if model not in self.shards:
             raise FlexStoreError("unknown_model", f"unknown model {model!r}; served: {sorted(self.shards)}")
@@ -189,7 +264,8 @@ class FlexStoreManager:
                                 str(layout.dtype).removeprefix("torch."), layout.page_bytes, layout.page_tokens,
                                 layout.pages_per_block),
             max_tokens=self.allocator.max_tokens(name), weight_bytes=sum(s.segment.nbytes for s in shards),
-            tensor_parallel_size=entry.tensor_parallel_size, devices=entry.devices)
+            tensor_parallel_size=entry.tensor_parallel_size, devices=entry.devices, residency=entry.residency,
+            state=self.elastic.state(name).value if self.elastic else "resident")
 
     def attach_info(self, name: str, rank: int = 0) -> P.AttachInfo:
         shards = self.shards[name]
@@ -198,7 +274,15 @@ class FlexStoreManager:
                                             f"there is no rank {rank}")
         stored = shards[rank]
         position = stored.entry.devices[rank]
-        return P.AttachInfo(model=self.model_info(name), spec=stored.spec, device=str(self.devices[position]),
+        device = str(self.devices[position])
+        if self.elastic is not None:
+            weights_range = self.elastic.weights.get(name)
+            return P.AttachInfo(model=self.model_info(name), spec=stored.spec, device=device,
+                                weights=None if weights_range else stored.segment.share(), tensors=stored.tensors,
+                                pool=None, num_pages=self.pool.num_pages,
+                                weights_range=weights_range.descriptor if weights_range else None,
+                                pool_range=self.elastic.kv.descriptor, fd_socket=self.fd_socket)
+        return P.AttachInfo(model=self.model_info(name), spec=stored.spec, device=device,
                             weights=stored.segment.share(), tensors=stored.tensors,
                             pool=self.pool_segments[position].share(), num_pages=self.pool.num_pages)
 
@@ -206,17 +290,28 @@ class FlexStoreManager:
         models = []
         for name in self.shards:
             requests, pages = self.allocator.usage(name)
-            models.append(P.ModelStats(name=name, requests=requests, pages=pages,
-                                       preemptions=self._preemptions[name]))
-        return P.Stats(num_pages=self.pool.num_pages, num_free=self.allocator.num_free, models=models)
+            if self.elastic is None:
+                models.append(P.ModelStats(name=name, requests=requests, pages=pages,
+                                           preemptions=self._preemptions[name]))
+                continue
+            counts = self.elastic.counts[name]
+            models.append(P.ModelStats(name=name, requests=requests, pages=pages, preemptions=self._preemptions[name],
+                                       state=self.elastic.state(name).value, offloads=counts.offloads,
+                                       wakes=counts.wakes))
+        return P.Stats(num_pages=self.pool.num_pages, num_free=self.allocator.num_free, models=models,
+                       kv_epoch=self.kv_epoch, budget=self.elastic.budget_info() if self.elastic else None)
 
     # -- shutdown ---------------------------------------------------------------------------
     def segment_names(self) -> list[str]:
-        return [s.descriptor.name for s in self._segments if s.descriptor.kind == "shm"]
+        names = [s.descriptor.name for s in self._segments if s.descriptor.kind == "shm"]
+        return names + (self.elastic.names() if self.elastic else [])
 
     def close(self) -> None:
         """Release every segment (unlink shm names, drop CUDA allocations). Idempotent."""
         segments, self._segments = self._segments, []
+        elastic, self.elastic = self.elastic, None
+        if elastic is not None:
+            elastic.close()
         self.shards = {}
         self.pool = None  # type: ignore[assignment]
         self.pools = []

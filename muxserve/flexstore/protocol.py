@@ -10,6 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from muxserve.engine.model_config import ModelSpec
+from muxserve.flexstore.device_memory import RangeDescriptor
 
 
 class _Msg(msgspec.Struct, array_like=True, tag=True, frozen=True, omit_defaults=True):
@@ -64,7 +65,23 @@ class Shutdown(_Msg):
     """Reply, then release every segment and exit."""
 
 
-Request = Ping | GetInfo | Attach | Allocate | CanAllocate | Free | PagesOf | GetStats | Shutdown
+class Offload(_Msg):
+    """Give an elastic LLM's device memory back to the budget (its host copy stays); refused while
+    any of its requests holds pages."""
+
+    model: str
+
+
+class Wake(_Msg):
+    """Map an offloaded LLM's weights again and copy them in from the host copy. Room comes from
+    free budget, then whole free KV granules, then by preempting other LLMs' newest requests,
+    never one of ``protected`` (``(model, request id)`` inside in-flight jobs)."""
+
+    model: str
+    protected: list[tuple[str, str]] = []
+
+
+Request = Ping | GetInfo | Attach | Allocate | CanAllocate | Free | PagesOf | GetStats | Shutdown | Offload | Wake
 
 
 # -- pieces of replies -------------------------------------------------------------------------
@@ -117,13 +134,29 @@ class ModelInfo(msgspec.Struct, array_like=True, frozen=True):
     weight_bytes: int  # of every rank together
     tensor_parallel_size: int = 1
     devices: tuple[int, ...] = (0,)  # mesh position of each rank
+    residency: str = "pinned"  # or "elastic"
+    state: str = "resident"  # residency.WeightState: resident, offloading, offloaded, waking
 
 
 class ModelStats(msgspec.Struct, array_like=True, frozen=True):
     name: str
     requests: int  # requests holding pages now
     pages: int  # pages held now
-    preemptions: int  # requests preempted since start
+    preemptions: int  # requests preempted since start (by the pool running out or by a wake)
+    state: str = "resident"
+    offloads: int = 0  # since start
+    wakes: int = 0
+
+
+class BudgetInfo(msgspec.Struct, array_like=True, frozen=True):
+    """The memory budget of the device (elastic residency), in granules of ``granule_bytes``."""
+
+    num_granules: int
+    granule_bytes: int
+    pinned_granules: int  # weights of pinned LLMs
+    elastic_granules: int  # weights of elastic LLMs that hold theirs now
+    kv_granules: int  # mapped KV granules
+    free_granules: int  # held by nobody
 
 
 # -- replies -----------------------------------------------------------------------------------
@@ -140,13 +173,20 @@ class Info(_Msg):
 
 
 class AttachInfo(_Msg):
+    """Under a memory budget (an elastic LLM on the device) the pool is ``pool_range`` and an elastic
+    LLM's weights are ``weights_range``: ranges mapped granule by granule, followed with
+    ``device_memory.sync_range`` over the fd socket at ``fd_socket``; ``weights``/``pool`` are then None."""
+
     model: ModelInfo
     spec: ModelSpec
     device: str
-    weights: Segment
+    weights: Segment | None
     tensors: list[TensorSpec]
-    pool: Segment
+    pool: Segment | None
     num_pages: int
+    weights_range: RangeDescriptor | None = None
+    pool_range: RangeDescriptor | None = None
+    fd_socket: str = ""
 
 
 class Allocated(_Msg):
@@ -154,6 +194,7 @@ class Allocated(_Msg):
 
     new_pages: dict[str, list[int]]
     preempted: list[str]
+    kv_epoch: int = 0  # of the KV range after this allocation (a memory budget only)
 
 
 class Answer(_Msg):
@@ -170,6 +211,28 @@ class Stats(_Msg):
     num_pages: int
     num_free: int
     models: list[ModelStats]
+    kv_epoch: int = 0
+    budget: BudgetInfo | None = None
+
+
+class Offloaded(_Msg):
+    model: str
+    freed_bytes: int  # device memory given back to the budget
+    seconds: float
+    weights_epoch: int  # of the LLM's weight range: its runtimes unmap by syncing to it
+
+
+class Woken(_Msg):
+    """The LLM is resident again. ``preempted``: per LLM, the requests whose pages the wake took
+    (oldest first), to be recomputed; its runtimes must sync to ``kv_epoch`` / ``weights_epoch``."""
+
+    model: str
+    seconds: float  # the whole wake
+    copy_seconds: float  # host -> device copy of the weights
+    nbytes: int
+    preempted: dict[str, list[str]]
+    kv_epoch: int
+    weights_epoch: int
 
 
 class Ok(_Msg):
@@ -177,15 +240,17 @@ class Ok(_Msg):
 
 
 class Error(_Msg):
-    """``code`` is one of ERROR_CODES; ``message`` says what was wrong, naming the bad value."""
+    """``code`` is one of ERROR_CODES; ``message`` says what was wrong, naming the bad value.
+    A ``refused`` offload or wake carries its figures in ``numbers`` (e.g. granules needed, free)."""
 
     code: str
     message: str
+    numbers: dict[str, int] = {}
 
 
-ERROR_CODES = ("malformed", "unknown_model", "unknown_request", "invalid", "internal")
+ERROR_CODES = ("malformed", "unknown_model", "unknown_request", "invalid", "refused", "internal")
 
-Reply = Pong | Info | AttachInfo | Allocated | Answer | Pages | Stats | Ok | Error
+Reply = Pong | Info | AttachInfo | Allocated | Answer | Pages | Stats | Ok | Error | Offloaded | Woken
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)

@@ -4,15 +4,20 @@ Requests are served one at a time, in arrival order (as in the original). A clie
 DEALER socket) must present the instance's secret (``auth.py``); others never reach the loop.
 SIGINT and SIGTERM, a ``Shutdown`` request, or the death of the parent process
 (``exit_with_parent``) end the loop; every exit path releases every segment.
+
+Under a memory budget (an elastic LLM) the same loop also answers the fd socket where runtimes
+follow the ranges' mappings (``device_memory.sync_range``), and trims free KV granules when idle.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +27,7 @@ import zmq
 from muxserve.flexstore import protocol as P
 from muxserve.flexstore.auth import SECRET_ENV, new_secret, serve_with_secret
 from muxserve.flexstore.config import FlexStoreConfig
+from muxserve.flexstore.fd_passing import FdServer
 from muxserve.flexstore.manager import FlexStoreManager
 from muxserve.ipc import process
 from muxserve.ipc.rundir import remove_stale_run_dirs
@@ -44,6 +50,8 @@ class FlexStoreServer:
         self.manager = manager
         self.address = address
         self._parent = parent
+        self._fd_server: FdServer | None = None
+        self._fd_dir: str | None = None
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -59,6 +67,22 @@ class FlexStoreServer:
             raise
         self._bound = True
         self._running = False
+        handler = manager.range_handler()
+        if handler is not None:
+            try:
+                self._fd_server = FdServer(self._fd_path(address), secret, handler)
+            except BaseException:
+                self.close()
+                raise
+            manager.fd_socket = self._fd_server.path
+
+    def _fd_path(self, address: str) -> str:
+        """Next to an ipc socket (the instance's private directory), else in a new private directory."""
+        path = address[len("ipc://"):]
+        if address.startswith("ipc://") and not path.startswith("@") and len(path) < 90:
+            return path + ".fd"
+        self._fd_dir = tempfile.mkdtemp(prefix="muxserve-fd-")
+        return os.path.join(self._fd_dir, "fd.sock")
 
     @property
     def parent_gone(self) -> bool:
@@ -66,14 +90,29 @@ class FlexStoreServer:
 
     def serve_forever(self) -> None:
         self._running = True
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        fd_server = self._fd_server
+        if fd_server is not None:
+            poller.register(fd_server.fileno(), zmq.POLLIN)
         while self._running:
-            try:
-                frames = self._socket.recv_multipart()
-            except zmq.Again:  # idle for POLL_MS
+            events = dict(poller.poll(POLL_MS))
+            if not events:  # idle for POLL_MS
                 if self.parent_gone:
                     return
+                self.manager.idle()
                 continue
-            self.serve_one(frames)
+            if fd_server is not None and fd_server.fileno() in events:
+                try:
+                    fd_server.serve_one()
+                except Exception:  # one bad runtime connection; keep serving
+                    logger.exception("fd socket failed on a request")
+            if self._socket in events:
+                try:
+                    frames = self._socket.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                self.serve_one(frames)
 
     def serve_one(self, frames: list[bytes]) -> None:
         # REQ clients put an empty delimiter between the routing envelope and the body.
@@ -93,6 +132,12 @@ class FlexStoreServer:
             self._running = False
 
     def close(self) -> None:
+        if self._fd_server is not None:
+            self._fd_server.close()
+            self._fd_server = None
+        if self._fd_dir is not None:
+            shutil.rmtree(self._fd_dir, ignore_errors=True)
+            self._fd_dir = None
         self._socket.close(linger=0)
         self._auth.stop()
         self._context.term()

@@ -53,6 +53,14 @@ def add_instance_arguments(parser: argparse.ArgumentParser, default_log_dir: str
     g.add_argument("--restart-backoff", type=float, default=0.5,
                    help="seconds before the first restart of a dead runtime, doubling with each further one "
                         "(default: 0.5)")
+    g.add_argument("--offload-idle-s", type=float, default=None,
+                   help="elastic residency: offload an LLM with 'residency: elastic' in the config once it has "
+                        "been idle (no request waiting or running) this many seconds; its weights go to a pinned "
+                        "host copy and its GPU memory serves the other LLMs' KV; its next request wakes it (the "
+                        "wait counts in that request's TTFT). Default: never offload on its own")
+    g.add_argument("--min-resident-s", type=float, default=0.0,
+                   help="elastic residency: an LLM stays resident at least this long after a wake (against "
+                        "thrash; default: 0)")
     g = parser.add_argument_group("scheduler")
     g.add_argument("--schedule-approach", choices=list(POLICIES), default="adbs",
                    help="adbs (MuxServe), fcfs (temporal multiplexing), roundrobin, fix, fix-adbs (default: adbs)")
@@ -100,6 +108,19 @@ def check_instance_args(args: argparse.Namespace, config: MuxServeConfig, device
         raise ConfigError(f"--max-runtime-restarts must be >= 0, got {args.max_runtime_restarts}")
     if args.restart_backoff < 0:
         raise ConfigError(f"--restart-backoff must be >= 0, got {args.restart_backoff}")
+    if args.offload_idle_s is not None and args.offload_idle_s < 0:
+        raise ConfigError(f"--offload-idle-s must be >= 0, got {args.offload_idle_s}")
+    if args.min_resident_s < 0:
+        raise ConfigError(f"--min-resident-s must be >= 0, got {args.min_resident_s}")
+    elastic = any(m.residency == "elastic" for m in config.models)
+    if args.offload_idle_s is not None and not elastic:
+        raise ConfigError(f"--offload-idle-s: no LLM of {source} has 'residency: elastic', so none can be offloaded")
+    if elastic and args.block_size is not None:
+        page = page_bytes_for(config, args.block_size)
+        if ELASTIC_GRANULE % page:
+            raise ConfigError(f"--block-size {args.block_size} gives pages of {page} B, which do not divide the "
+                              f"{ELASTIC_GRANULE >> 20} MiB granule that an elastic LLM's memory budget maps: choose "
+                              f"a block size whose page is a power of two, or leave --block-size out")
     if args.flexstore_port is not None:
         if not 1 <= args.flexstore_port <= 65535:
             raise ConfigError(f"--flexstore-port must be a TCP port (1-65535), got {args.flexstore_port}")
@@ -132,6 +153,7 @@ def check_port_free(flag: str, host: str, port: int) -> None:
                 raise ConfigError(f"{flag}: cannot use port {port} of {host}: {e.strerror}") from None
 
 
+ELASTIC_GRANULE = 2 * 1024 * 1024  # InstanceOptions.granule_bytes: what the budget maps at a time
 PAGE_ALIGN = 64  # FlexStore's page sizes are multiples of 64 bytes (FlexStoreConfig checks it)
 
 
@@ -191,7 +213,8 @@ def instance_options(args: argparse.Namespace, config: MuxServeConfig, device: s
         flexstore_address=None if args.flexstore_port is None else f"tcp://127.0.0.1:{args.flexstore_port}",
         log_dir=Path(args.log_dir), rates=dict(rates or {}), enforce_eager=args.enforce_eager,
         dist_host=dist_host, dist_base_port=args.server_port,
-        restart=RestartPolicy(args.max_runtime_restarts, args.restart_backoff), **extra,
+        restart=RestartPolicy(args.max_runtime_restarts, args.restart_backoff),
+        offload_idle_s=args.offload_idle_s, min_resident_s=args.min_resident_s, **extra,
     )
 
 

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from muxserve.config import MuxServeConfig
@@ -28,6 +28,7 @@ from muxserve.instance import calibrate
 from muxserve.instance.mps import mps_env
 from muxserve.instance.options import InstanceOptions
 from muxserve.instance.processes import ChildDied, ProcessGroup
+from muxserve.instance.residency import IdleTimeout, ResidencyControl, ResidencyEvent, kv_pages
 from muxserve.instance.runtimes import Runtimes, max_num_seqs
 from muxserve.instance.supervisor import Event, Failed, Lost, Restored, RuntimeState, Supervisor
 from muxserve.ipc import runtime as M
@@ -63,6 +64,7 @@ class LLMLoad:
     waiting: int
     used_pages: int  # of the shared pool
     preemptions: int  # since start
+    state: str = "resident"  # elastic residency: resident or offloaded (FlexStore's word)
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,11 @@ class InstanceLoad:
 class InstanceMetrics:
     """What the launcher reports after a run."""
 
-    preemptions: int  # requests the scheduler preempted
+    preemptions: int  # requests the scheduler preempted (wakes' preemptions included)
     decode_waits: dict[str, dict[str, float]]  # per LLM: decode_jobs, decode_wait_ms_mean
+    # per elastic LLM: offloads, wakes and their durations; every offload and wake
+    residency: dict[str, dict[str, float]] = field(default_factory=dict)
+    residency_events: tuple[ResidencyEvent, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ class Instance:
         self.supervisor = Supervisor(self.processes, self.runtimes.spawn, options.restart)
         self.flexstore: FlexStoreProcess | None = None
         self._scheduler: MuxScheduler | None = None
+        self.residency: ResidencyControl | None = None  # with an elastic LLM
         self._allocator = None
         self._listeners: dict[str, _Listener] = {}
         self._ids = 0
@@ -130,13 +136,15 @@ class Instance:
         o = self.options
         device = "cuda:0" if o.device == "cuda" else "cpu"
         models = tuple(ModelEntry(m.name, m.model, m.torch_dtype_name, m.load_format,
-                                  tensor_parallel_size=m.tensor_parallel_size, devices=tuple(m.devices))
+                                  tensor_parallel_size=m.tensor_parallel_size, devices=tuple(m.devices),
+                                  residency=m.residency)
                        for m in self.config.models)
         store_config = FlexStoreConfig(models=models, address=self.flexstore_address, device=device,
                                        kv_cache_bytes=self.config.kv_cache_bytes,
                                        gpu_memory_utilization=self.config.gpu_memory_utilization,
                                        page_bytes=o.page_bytes, shm_prefix=f"muxserve{os.getpid()}",
-                                       num_devices=self.config.num_gpus)
+                                       num_devices=self.config.num_gpus, granule_bytes=o.granule_bytes,
+                                       reserve_granules=o.reserve_granules)
         log = o.log_dir / "flexstore.log" if o.log_dir else None
         if o.log_dir:
             o.log_dir.mkdir(parents=True, exist_ok=True)
@@ -186,22 +194,34 @@ class Instance:
                 name=m.name, prefill_units=units_for(m.prefill_percentage), decode_units=units_for(m.decode_percentage),
                 max_num_seqs=max_num_seqs(self.config, o, m), eos_ids=end_token_ids(folder, spec),
                 max_model_len=spec.max_position_embeddings, vocab_size=spec.vocab_size,
+                architecture=spec.architecture,
             ))
             lay = layouts[m.name].layout
             quota_models.append(QuotaModel(m.name, o.rates.get(m.name, 1.0), lay.pages_per_block, lay.page_tokens))
         quota = None
         if o.policy.quota is not QuotaMode.NONE:
-            quota = QuotaManager(quota_models, self.store_info.num_pages, o.avg_seq_len,
+            with self.flexstore.client() as client:
+                pages = kv_pages(client.stats(), self.store_info.page_bytes)
+            quota = QuotaManager(quota_models, pages, o.avg_seq_len,
                                  by_rate=o.policy.quota is QuotaMode.ADAPTIVE)
             logger.info("initial quotas (sequences): %s", quota.all_max_num_seqs())
         self._allocator = self.flexstore.client()  # a FlexStore death ends its waits at once
-        return MuxScheduler(infos, self._allocator, self.runtimes.links, o.policy, o.max_num_batched_tokens,
-                            self.config.overload_threshold, quota, on_token=self._token, on_error=self._error)
+        scheduler = MuxScheduler(infos, self._allocator, self.runtimes.links, o.policy, o.max_num_batched_tokens,
+                                 self.config.overload_threshold, quota, on_token=self._token, on_error=self._error)
+        elastic = [m.name for m in self.config.models if m.residency == "elastic"]
+        if elastic:
+            policy = None if o.offload_idle_s is None else IdleTimeout(o.offload_idle_s, o.min_resident_s)
+            self.residency = ResidencyControl(elastic, scheduler, self._allocator, self.runtimes.links, policy)
+        return scheduler
 
     # -- requests ---------------------------------------------------------------------------
     def max_tokens(self, llm: str) -> int:
         """Tokens one request of ``llm`` can hold with the whole KV pool."""
         return next(m.max_tokens for m in self.store_info.models if m.name == llm)
+
+    def llm_info(self, llm: str) -> LLMInfo:
+        """What the scheduler knows of ``llm`` (its EOS ids, context, architecture, ...)."""
+        return self._scheduler.info(llm)
 
     def limits(self, llm: str) -> RequestLimits:
         """What a request of ``llm`` must fit: its context, its vocabulary, the KV pool."""
@@ -256,6 +276,20 @@ class Instance:
         listener = self._listeners.pop(req.req_id, None)
         if listener is not None and listener.on_error is not None:
             listener.on_error(req)
+
+    def offload(self, llm: str) -> ResidencyEvent:
+        """Offload an idle elastic LLM now (its weights to the host copy, its device memory to KV)."""
+        return self._residency().offload(llm)
+
+    def wake(self, llm: str) -> ResidencyEvent:
+        """Wake an offloaded elastic LLM now (``residency.WakeDeferred`` when in-flight jobs hold the room).
+        A request of an offloaded LLM wakes it anyway."""
+        return self._residency().wake(llm)
+
+    def _residency(self) -> ResidencyControl:
+        if self.residency is None:
+            raise ValueError("no LLM of this instance is elastic (residency: elastic in the config)")
+        return self.residency
 
     # -- running ----------------------------------------------------------------------------
     def poll(self, timeout_s: float, wake_fd: int | None = None) -> list[Request]:
@@ -316,6 +350,8 @@ class Instance:
     def _supervise(self) -> None:
         """Handle dead runtimes and unreachable ones, then dispatch what may run."""
         self._apply(self.supervisor.check())
+        if self.residency is not None:
+            self.residency.tick()
         self._scheduler.schedule()
         for key, link in self.runtimes.links.items():
             if link.undelivered:  # sent to a runtime with no connected process
@@ -346,6 +382,9 @@ class Instance:
             event = self.supervisor.on_ready(msg)
             if event is not None:
                 self._apply([event])
+        elif isinstance(msg, M.Synced):
+            if self.residency is not None:
+                self.residency.on_synced(msg)
         else:
             self.supervisor.on_failure(msg)
         return []
@@ -363,12 +402,15 @@ class Instance:
         llms = {}
         for name, (running, waiting) in self._scheduler.queue_lengths().items():
             m = pages.get(name)
-            llms[name] = LLMLoad(running, waiting, m.pages if m else 0, m.preemptions if m else 0)
+            llms[name] = LLMLoad(running, waiting, m.pages if m else 0, m.preemptions if m else 0,
+                                 m.state if m else "resident")
         return InstanceLoad(llms, stats.num_free, stats.num_pages)
 
     def metrics(self) -> InstanceMetrics:
         """The scheduler's figures of the run so far: preemptions and each LLM's decode wait."""
-        return InstanceMetrics(self._scheduler.num_preemptions, self._scheduler.decode_waits())
+        r = self.residency
+        return InstanceMetrics(self._scheduler.num_preemptions, self._scheduler.decode_waits(),
+                               r.summary() if r else {}, tuple(r.events) if r else ())
 
     # -- stop -------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -31,6 +31,10 @@ class InstanceOptions(msgspec.Struct, frozen=True, kw_only=True):
             the private directory, or with ``dist_base_port`` the k-th group (an LLM's prefill or
             decode ranks) at ``dist_host:dist_base_port + k``.
         restart: what a dead runtime gets.
+        offload_idle_s: offload an elastic LLM (``residency: elastic``) idle this long (None: only
+            when asked, ``Instance.offload``); ``min_resident_s``: not before it was resident this long.
+        granule_bytes, reserve_granules: the memory budget's mapping unit and the free KV granules
+            kept mapped ahead of growth (instances with an elastic LLM only).
     """
 
     policy: SchedulePolicy
@@ -48,3 +52,7 @@ class InstanceOptions(msgspec.Struct, frozen=True, kw_only=True):
     dist_host: str = "127.0.0.1"
     dist_base_port: int | None = None
     restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
+    offload_idle_s: float | None = None
+    min_resident_s: float = 0.0
+    granule_bytes: int = 2 * 1024 * 1024
+    reserve_granules: int = 32

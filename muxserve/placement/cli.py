@@ -344,8 +344,9 @@ def run(args) -> dict:
     summary = write_outputs(out, Path(args.model_yaml).stem, est, chosen, args.workload_file, args.write_kv_bytes)
     summary["elastic"] = elastic
     if elastic:
-        summary["elastic_note"] = ("meshes may hold more weights than memory; the model configs need elastic residency "
-                                   "(residency: elastic) in the server to run")
+        summary["elastic_note"] = ("meshes may hold more weights than memory; running them needs elastic residency "
+                                   "with LLMs that start offloaded and a budget capped at the device's memory (the "
+                                   "instance now starts every elastic LLM resident); the configs are written pinned")
     summary.update({"model_yaml": args.model_yaml, "cost_file": args.cost_file, "avg_prompt_len": round(prompt_len, 3),
                     "avg_output_len": round(output_len, 3), "avg_lengths_from": source,
                     "greedy_tpt": round(greedy.served, 4),

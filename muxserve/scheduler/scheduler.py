@@ -25,6 +25,7 @@ from muxserve.scheduler.policy import QuotaMode, SchedulePolicy
 from muxserve.scheduler.quota import QuotaManager
 from muxserve.scheduler.recovery import LLMUnavailable, RuntimeRecovery
 from muxserve.scheduler.request import Request
+from muxserve.scheduler.residency import ResidencyTracking
 from muxserve.scheduler.sm_units import SMResource
 from muxserve.scheduler.state import (
     Dispatch,
@@ -43,7 +44,7 @@ DEFAULT_WAIT_BOUND_S = (0.1, 0.025)
 __all__ = ["ErrorCallback", "LLMInfo", "LLMUnavailable", "MuxScheduler", "RuntimeLink", "TokenCallback"]
 
 
-class MuxScheduler(RuntimeRecovery, OverloadFairness):
+class MuxScheduler(RuntimeRecovery, OverloadFairness, ResidencyTracking):
     """ADBS and its baselines over the LLMs of one instance.
 
     ``on_token(request, token)``, when set, is called for every token a result brings, after the
@@ -82,6 +83,8 @@ class MuxScheduler(RuntimeRecovery, OverloadFairness):
         self.down: set[tuple[str, Phase]] = set()  # runtimes that are restarting (or failed): no jobs
         self.failed: dict[str, str] = {}  # LLM -> why it failed
         self.guard = WaitGuard(*wait_bound_s) if policy.overload_fairness else None
+        self.offloaded: set[str] = set()  # elastic LLMs whose weights are off the device: no jobs
+        self.weights_epochs: dict[str, int] = {}  # LLM -> weights epoch its jobs carry (elastic residency)
 
     # -- requests in and out ----------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -122,7 +125,7 @@ class MuxScheduler(RuntimeRecovery, OverloadFairness):
         now = self.clock()
         had_running = bool(state.running)
         done, aborted = [], []
-        for req, token in zip(job.requests, result.tokens):
+        for i, (req, token) in enumerate(zip(job.requests, result.tokens)):
             if req.req_id in self._aborting:  # its token is dropped
                 self._aborting.discard(req.req_id)
                 self._end(req, FinishReason.ABORT, now)
@@ -130,7 +133,7 @@ class MuxScheduler(RuntimeRecovery, OverloadFairness):
                 continue
             if req.prefill_end is None:
                 req.prefill_end = now
-            if req.append_token(token):
+            if req.append_token(token, req.take_result(i, result)):
                 req.end = now
                 done.append(req)
             else:
@@ -266,11 +269,11 @@ class MuxScheduler(RuntimeRecovery, OverloadFairness):
     def _wants_prefill(self, state: _LLMState) -> bool:
         name = state.info.name
         return (bool(state.waiting) and not state.wait_for_cache and state.active < self.quota_of(name)
-                and (name, Phase.PREFILL) not in self.down)
+                and (name, Phase.PREFILL) not in self.down and name not in self.offloaded)
 
     def _phase_blocked(self, state: _LLMState, phase: Phase) -> bool:
         name = state.info.name
-        if (name, phase) in self.busy or (name, phase) in self.down:
+        if (name, phase) in self.busy or (name, phase) in self.down or name in self.offloaded:
             return True
         other = Phase.DECODE if phase is Phase.PREFILL else Phase.PREFILL
         return self.policy.exclusive_phases and (name, other) in self.busy
@@ -349,7 +352,8 @@ class MuxScheduler(RuntimeRecovery, OverloadFairness):
         name = state.info.name
         runtime = f"{name}/{phase.value}"
         job = Job(next(self._job_ids), phase, [r.seq_input(runtime, phase) for r in requests],
-                  release=state.release[phase])
+                  release=state.release[phase], kv_epoch=getattr(self.allocator, "kv_epoch", 0),
+                  weights_epoch=self.weights_epochs.get(name, 0))
         state.release[phase] = []
         units = self.sm.allocate(units_needed)
         self.inflight[job.job_id] = _Inflight(name, phase, requests, units)

@@ -27,6 +27,7 @@ class LLMInfo:
     eos_ids: frozenset[int]
     max_model_len: int
     vocab_size: int
+    architecture: str | None = None  # config.json's (the tool-call format of its family)
 
 
 @dataclass

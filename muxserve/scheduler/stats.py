@@ -129,6 +129,11 @@ def format_stats(summary: dict) -> str:
             w = s["scheduler"]
             lines.append(f"  [decode wait] mean {w['decode_wait_ms_mean']:.2f} ms before each of {w['decode_jobs']} "
                          "decode jobs (SM units or a prefill first)")
+        if "residency" in s:
+            r = s["residency"]
+            lines.append(f"  [residency] {r['offloads']:.0f} offloads (mean {r['offload_ms_mean']:.1f} ms), "
+                         f"{r['wakes']:.0f} wakes (mean {r['wake_ms_mean']:.1f} ms, max {r['wake_ms_max']:.1f} ms), "
+                         f"{r['wake_preempted']:.0f} requests of other LLMs preempted by its wakes")
     return "\n".join(lines)
 
 

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from muxserve.engine.logprobs import TokenLogprobs
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.engine.sequence import FinishReason
+from muxserve.engine.structured import grammar_cache_for
 from muxserve.instance.instance import Instance
 from muxserve.scheduler.recovery import LLMUnavailable
 from muxserve.scheduler.request import Request
@@ -50,12 +52,20 @@ class ServedModel:
     vocab_size: int
     max_tokens: int  # tokens one request can hold in the KV pool
     tokenizer: Any | None  # None: the folder has no tokenizer (prompts must be token ids)
+    architecture: str | None = None  # config.json's: the tool-call format of its family
+    eos_ids: frozenset[int] = frozenset()
+
+    def grammars(self):
+        """The ``GrammarCache`` of this model's tokenizer (compiled grammars, made once)."""
+        return grammar_cache_for(self.folder, self.vocab_size, self.eos_ids)
 
 
 @dataclass(frozen=True)
 class TokenEvent:
     token: int
     finish_reason: FinishReason | None  # stop or length on the last token
+    logprob: TokenLogprobs | None = None  # when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the first token, when it asked (echo)
 
 
 @dataclass(frozen=True)
@@ -326,7 +336,9 @@ class EngineDriver:
         if tracked.first_token is None:
             tracked.first_token = now
         tracked.last_token = now
-        self._outbox.append((tracked.handle, TokenEvent(token, req.finish_reason)))
+        logprob = req.logprobs[-1] if req.params.logprobs is not None and req.logprobs else None
+        prompt = req.prompt_logprobs if len(req.output_token_ids) == 1 else None
+        self._outbox.append((tracked.handle, TokenEvent(token, req.finish_reason, logprob, prompt)))
         if req.finish_reason is not None:
             self.metrics.on_finish(req, req.finish_reason, now, tracked.first_token)
             del self._tracked[req.req_id]

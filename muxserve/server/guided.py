@@ -1,7 +1,7 @@
 """From a request's structured-output fields to the ``GuidedSpec`` its decoding must follow.
 
 OpenAI's ``response_format`` (``text``, ``json_object``, ``json_schema``) and vLLM's spellings:
-``guided_json``, ``guided_regex``, ``guided_choice`` and the newer ``structured_outputs`` object
+``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar`` and the newer ``structured_outputs`` object
 (``json``, ``regex``, ``choice``). At most one of them may constrain a request. Every problem is a
 ``GrammarError`` (a ValueError) naming the field, which the server answers with a 400.
 
@@ -16,8 +16,9 @@ from typing import Any
 
 from muxserve.engine.structured import GrammarError, GuidedSpec
 
-_VLLM_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}
-_UNSUPPORTED = ("guided_grammar", "guided_json_object")
+_VLLM_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                "guided_grammar": "grammar"}
+_UNSUPPORTED = ("guided_json_object",)
 
 
 def guided_spec(response_format: Any = None, extra: Mapping[str, Any] | None = None) -> GuidedSpec | None:
@@ -29,7 +30,8 @@ def guided_spec(response_format: Any = None, extra: Mapping[str, Any] | None = N
         found.append(spec)
     for name in _UNSUPPORTED:
         if extra.get(name) is not None:
-            raise GrammarError(f"{name} is not supported; use guided_json, guided_regex or guided_choice", name)
+            raise GrammarError(f"{name} is not supported; use response_format json_object, guided_json, guided_regex, "
+                               "guided_choice or guided_grammar", name)
     for name, kind in _VLLM_FIELDS.items():
         if extra.get(name) is not None:
             found.append(_of_kind(kind, extra[name], name))
@@ -40,8 +42,8 @@ def guided_spec(response_format: Any = None, extra: Mapping[str, Any] | None = N
         for key, value in outputs.items():
             if value is None:
                 continue
-            if key not in ("json", "regex", "choice"):
-                raise GrammarError(f"structured_outputs.{key} is not supported; use json, regex or choice",
+            if key not in ("json", "regex", "choice", "grammar"):
+                raise GrammarError(f"structured_outputs.{key} is not supported; use json, regex, choice or grammar",
                                    "structured_outputs")
             found.append(_of_kind(key, value, f"structured_outputs.{key}"))
     if len(found) > 1:
@@ -55,6 +57,8 @@ def _of_kind(kind: str, value: Any, param: str) -> GuidedSpec:
         return GuidedSpec.json_schema(value, param)
     if kind == "regex":
         return GuidedSpec.regex(value, param)
+    if kind == "grammar":
+        return GuidedSpec.grammar(value, param)
     return GuidedSpec.choice(value, param)
 
 

@@ -41,6 +41,9 @@ class ServerMetrics:
         self.free_pages = Gauge("muxserve:kv_cache_free_pages",
                                 "Free KV pages of the shared pool (any LLM may take them).", label, registry=r)
         self.total_pages = Gauge("muxserve:kv_cache_total_pages", "KV pages of the shared pool.", registry=r)
+        self.resident = Gauge("muxserve:llm_resident",
+                              "1 while the LLM's weights are on the device, 0 while offloaded (residency: elastic).",
+                              label, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens prefilled.", label, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", label, registry=r)
         self.success = Counter("vllm:request_success", "Requests finished, by finish reason.",
@@ -106,6 +109,7 @@ class ServerMetrics:
             self.used_pages.labels(model_name=name).set(load.used_pages)
             self.free_pages.labels(model_name=name).set(free_pages)
             self.kv_usage.labels(model_name=name).set(load.used_pages / total_pages if total_pages else 0.0)
+            self.resident.labels(model_name=name).set(1.0 if load.state == "resident" else 0.0)
             new = load.preemptions - self._preemptions_seen.get(name, 0)
             if new > 0:
                 self.preemptions.labels(model_name=name).inc(new)

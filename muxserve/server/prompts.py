@@ -9,9 +9,19 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from muxserve.engine.logprobs import MAX_TOP_LOGPROBS
 from muxserve.engine.sampling_params import SamplingParams
+from muxserve.engine.structured import GrammarError, GuidedSpec
 from muxserve.server.driver import ServedModel
-from muxserve.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _GenerationRequest
+from muxserve.server.guided import guided_spec
+from muxserve.server.protocol import (
+    MAX_CHOICES,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    _GenerationRequest,
+)
+from muxserve.server.tools import ToolFormat, ToolRequest, tool_format_for, tool_messages
 
 _PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 
@@ -19,16 +29,9 @@ _PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 # (ignoring them would answer something other than what was asked). name -> (values that ask for
 # nothing, how to say them, why).
 _NOT_IMPLEMENTED = {
-    "tools": ((None, []), "", "this server does not call tools"),
-    "tool_choice": ((None, "none"), ' must be "none" or absent', "this server does not call tools"),
-    "functions": ((None, []), "", "this server does not call functions"),
-    "function_call": ((None, "none"), ' must be "none" or absent', "this server does not call functions"),
-    "response_format": ((None, {"type": "text"}), ' must be {"type": "text"} or absent',
-                        "structured output is not implemented"),
-    "logit_bias": ((None, {}), "", "logit biases are not implemented"),
-    "structured_outputs": ((None,), "", "guided decoding is not implemented"),
+    "functions": ((None, []), "", "this server calls tools: use tools"),
+    "function_call": ((None, "none"), ' must be "none" or absent', "this server calls tools: use tool_choice"),
 }
-_GUIDED = ((None,), "", "guided decoding is not implemented")  # vLLM's guided_json, guided_regex, ...
 
 
 def check_body(body: _GenerationRequest) -> None:
@@ -92,6 +95,19 @@ def completion_prompt(body: CompletionRequest, model: ServedModel) -> list[int]:
     return ids
 
 
+def tool_request(body: ChatCompletionRequest) -> ToolRequest | None:
+    """``tools`` and ``tool_choice``, checked (a 400 naming the field)."""
+    try:
+        return ToolRequest.from_body(body.tools, body.tool_choice)
+    except GrammarError as exc:
+        raise ApiError(400, str(exc), exc.param) from None
+
+
+def tool_format(model: ServedModel) -> ToolFormat:
+    tokenizer = _tokenizer(model, "tools")
+    return tool_format_for(model.architecture, getattr(tokenizer, "chat_template", None))
+
+
 def chat_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
     tokenizer = _tokenizer(model, "messages")
     if not getattr(tokenizer, "chat_template", None):
@@ -104,9 +120,10 @@ def chat_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
             raise ApiError(400, f"messages[{i}].role must be a string, got {short_repr(message.get('role'))}",
                            f"messages[{i}].role")
         conversation.append({**message, "content": _text_of(message.get("content"), i)})
+    conversation, tools = tool_messages(conversation, tool_request(body), tokenizer.chat_template)
     try:
-        encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=body.add_generation_prompt,
-                                                tokenize=True)
+        encoded = tokenizer.apply_chat_template(conversation, tools=tools,
+                                                add_generation_prompt=body.add_generation_prompt, tokenize=True)
     except Exception as exc:
         raise ApiError(400, f"messages could not be rendered with the chat template of `{model.name}`: {exc}",
                        "messages") from None
@@ -116,8 +133,10 @@ def chat_prompt(body: ChatCompletionRequest, model: ServedModel) -> list[int]:
 
 
 def sampling_params(body: _GenerationRequest, model: ServedModel, prompt_len: int,
-                    max_tokens: int | None, prompt_field: str) -> SamplingParams:
-    """Check the sampling fields and the lengths; ``max_tokens`` None: what the context leaves."""
+                    max_tokens: int | None, prompt_field: str, guided: GuidedSpec | None = None) -> SamplingParams:
+    """Check the sampling fields and the lengths; ``max_tokens`` None: what the context leaves.
+
+    ``guided``: the request's grammar (``guided``), already compiled once."""
     if prompt_len >= model.max_model_len:
         raise ApiError(400, f"This model's maximum context length is {model.max_model_len} tokens. However, your "
                             f"prompt has {prompt_len} tokens; reduce the length of the {prompt_field}.",
@@ -142,8 +161,10 @@ def sampling_params(body: _GenerationRequest, model: ServedModel, prompt_len: in
               "seed": body.seed}
     if values["top_k"] == 0:  # OpenAI-style clients send 0 for "off"
         values["top_k"] = -1
+    logprobs, prompt_logprobs = _logprobs(body)
     try:
-        return SamplingParams(**values, ignore_eos=body.ignore_eos)
+        return SamplingParams(**values, ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              guided=guided, logit_bias=_logit_bias(body, model))
     except ValueError as exc:  # SamplingParams names the field first
         field = str(exc).split()[0]
         raise ApiError(400, str(exc), field if field in _PARAM_FIELDS else None) from None
@@ -160,27 +181,88 @@ def stop_strings(body: _GenerationRequest) -> list[str]:
 
 
 def _refuse_unsupported(body: _GenerationRequest) -> None:
-    if body.n != 1:
-        raise ApiError(400, f"n must be 1 (one choice per request), got {body.n}", "n")
-    if body.best_of not in (None, 1):
-        raise ApiError(400, f"best_of must be 1 or absent, got {body.best_of}", "best_of")
+    for name in ("n", "best_of"):
+        value = getattr(body, name)
+        if value is not None and not 1 <= value <= MAX_CHOICES:
+            raise ApiError(400, f"{name} must be in [1, {MAX_CHOICES}], got {value}", name)
+    if body.best_of is not None and body.best_of < body.n:
+        raise ApiError(400, f"best_of must be at least n ({body.n}), got {body.best_of}", "best_of")
+    if body.stream and body.best_of not in (None, body.n):
+        raise ApiError(400, "best_of other than n is not supported when streaming (the best choices are known at "
+                            "the end only)", "best_of")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(body, name)
         if value not in (None, 0, 0.0):
             raise ApiError(400, f"{name} is not supported (must be 0), got {value}", name)
-    logprobs = getattr(body, "logprobs", None)
-    if logprobs not in (None, False):
-        raise ApiError(400, f"logprobs is not supported, got {short_repr(logprobs)}", "logprobs")
-    if getattr(body, "echo", False):
-        raise ApiError(400, "echo is not supported, got true", "echo")
     if getattr(body, "suffix", None) is not None:
         raise ApiError(400, "suffix is not supported", "suffix")
+    if isinstance(body, ChatCompletionRequest) and body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     extra = body.model_extra or {}
-    for name in [*_NOT_IMPLEMENTED, *(k for k in extra if k.startswith("guided_"))]:
+    for name, (absent, must, why) in _NOT_IMPLEMENTED.items():
         value = extra.get(name)
-        absent, must, why = _NOT_IMPLEMENTED.get(name, _GUIDED)
         if not any(value == a for a in absent):
             raise ApiError(400, f"{name}{must or ' is not supported'} ({why}), got {short_repr(value)}", name)
+    backend = extra.get("guided_decoding_backend")
+    if backend not in (None, "xgrammar", "auto"):
+        raise ApiError(400, f"guided_decoding_backend must be xgrammar (the only one here), got {short_repr(backend)}",
+                       "guided_decoding_backend")
+
+
+def _logprobs(body: _GenerationRequest) -> tuple[int | None, int | None]:
+    """(alternatives per generated token, per prompt token), None where not asked."""
+    if isinstance(body, CompletionRequest):
+        k = body.logprobs
+        if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {k}", "logprobs")
+        return k, (k if body.echo and k is not None else None)
+    if isinstance(body, ChatCompletionRequest) and body.logprobs:
+        k = body.top_logprobs or 0
+        if not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {k}",
+                           "top_logprobs")
+        return k, None
+    return None, None
+
+
+def _logit_bias(body: _GenerationRequest, model: ServedModel) -> dict[int, float] | None:
+    if not body.logit_bias:
+        return None
+    out = {}
+    for key, value in body.logit_bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(400, f"logit_bias keys must be token ids, got {short_repr(key)}", "logit_bias") from None
+        if not 0 <= token < model.vocab_size:
+            raise ApiError(400, f"logit_bias token id {token} is outside the vocabulary of `{model.name}` "
+                                f"[0, {model.vocab_size})", "logit_bias")
+        if not -100 <= value <= 100:
+            raise ApiError(400, f"logit_bias values must be in [-100, 100], got {value} for token {token}",
+                           "logit_bias")
+        out[token] = float(value)
+    return out
+
+
+def guided(body: _GenerationRequest, model: ServedModel, tools: ToolRequest | None = None,
+           fmt: ToolFormat | None = None) -> GuidedSpec | None:
+    """The grammar the output must follow (structured output, or a forced tool call), compiled once
+    here so that a bad one is a 400 naming its field."""
+    extra = {**(body.model_extra or {}), "guided_json": body.guided_json, "guided_regex": body.guided_regex,
+             "guided_choice": body.guided_choice, "guided_grammar": body.guided_grammar}
+    try:
+        spec = guided_spec(body.response_format, extra)
+        forced = tools.guided_spec(fmt) if tools is not None and fmt is not None else None
+        if spec is not None and forced is not None:
+            raise GrammarError(f"tool_choice {tools.choice!r} forces a tool call, which {spec.param} would "
+                               "constrain too: send one of them", spec.param)
+        spec = spec or forced
+        if spec is not None:
+            _tokenizer(model, spec.param)
+            model.grammars().compile(spec)
+    except GrammarError as exc:
+        raise ApiError(400, str(exc), exc.param) from None
+    return spec
 
 
 def short_repr(value: Any, limit: int = 200) -> str:

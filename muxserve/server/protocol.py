@@ -3,8 +3,8 @@
 Numbers and flags are strict JSON types (``true`` is not 1, ``"5"`` is not 5, in token ids
 neither). Unknown fields are accepted and ignored (as vLLM does), so clients that send more than
 this server reads still work; fields that would change the answer and are not supported
-(``logprobs``, ``echo``, penalties, ``n`` > 1, tools, ``response_format``, ``logit_bias``,
-guided decoding, ...) are refused with a 400 naming them (``prompts.check_body``).
+(penalties, ``suffix``, ``functions``, ``guided_decoding_backend`` other than xgrammar, ...) are
+refused with a 400 naming them (``prompts.check_body``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from muxserve.engine.sampling_params import SEED_MAX, SEED_MIN, TOP_K_MAX
+
+MAX_CHOICES = 16  # n and best_of: each choice is one sequence in the engine
 
 
 class ApiError(Exception):
@@ -67,12 +69,19 @@ class _GenerationRequest(BaseModel):
     top_k: StrictInt | None = Field(default=None, ge=-1, le=TOP_K_MAX)  # -1 or 0: off
     seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)  # what the sampler takes, one stream each
     stop: str | list[str] | None = None
-    n: StrictInt = _bounded(1, minimum=1, maximum=1)
+    n: StrictInt = _bounded(1, minimum=1, maximum=MAX_CHOICES)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     presence_penalty: StrictFloat | None = None
     frequency_penalty: StrictFloat | None = None
-    best_of: StrictInt | None = _bounded(minimum=1, maximum=1)
+    best_of: StrictInt | None = _bounded(minimum=1, maximum=MAX_CHOICES)  # >= n; the n most likely are answered
+    logit_bias: dict[str, StrictFloat | StrictInt] | None = None  # token id -> bias in [-100, 100]
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    # vLLM's guided decoding (one constraint per request, response_format included)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # EBNF (xgrammar's dialect, GBNF-like), its rule ``root`` first
     # vLLM extensions
     ignore_eos: StrictBool = False
     return_token_ids: StrictBool = False  # add prompt_token_ids and token_ids to each choice
@@ -86,8 +95,8 @@ class CompletionRequest(_GenerationRequest):
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     # OpenAI's and vLLM's default for completions (null: what the context leaves)
     max_tokens: StrictInt | None = _bounded(16, minimum=1)
-    echo: StrictBool = False
-    logprobs: StrictInt | None = None
+    echo: StrictBool = False  # the prompt before the completion (with its logprobs when logprobs is set)
+    logprobs: StrictInt | None = _bounded(minimum=0, maximum=20)  # alternatives per token (0: the token only)
     suffix: str | None = None
 
 
@@ -95,5 +104,8 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[dict[str, Any]]
     max_completion_tokens: StrictInt | None = _bounded(minimum=1)  # the newer name of max_tokens
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
+    top_logprobs: StrictInt | None = _bounded(minimum=0, maximum=20)  # with logprobs: alternatives per token
+    tools: list[dict[str, Any]] | None = None  # [{"type": "function", "function": {"name", "parameters"}}]
+    tool_choice: str | dict[str, Any] | None = None  # none, auto, required or {"type": "function", ...}
+    parallel_tool_calls: StrictBool | None = None  # false: at most one call per answer
     add_generation_prompt: StrictBool = True  # vLLM extension

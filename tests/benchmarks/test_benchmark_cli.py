@@ -35,14 +35,15 @@ SCRIPTS = {
     "engine/profile_decode.py": [],
     "engine/report_gpu.py": ["results.json"],
     "flexstore/bench_flexstore.py": [],
+    "serve/bench_api_features.py": [],
     "serve/bench_serve.py": ["--workload-file", "workload.json"],
     "serve/runtime_memory.py": [],
     "structured/bench_grammar.py": [],
 }
 # Their defaults measure on a GPU: on a machine without one they stop with a usage error.
 GPU_DEFAULTS = ("elastic/bench_elastic.py", "end_to_end/mps_sweep.py", "engine/bench_decode_attention.py",
-                "engine/bench_gemm.py", "engine/bench_green_contexts.py",
-                "engine/bench_gpu.py", "engine/bench_tp.py", "engine/profile_decode.py")
+                "engine/bench_gemm.py", "engine/bench_green_contexts.py", "engine/bench_gpu.py", "engine/bench_tp.py",
+                "engine/profile_decode.py", "serve/bench_api_features.py")
 
 
 def _module(script: str):
@@ -158,3 +159,13 @@ def test_mps_sweep_on_cpu_measures_at_100_percent(tmp_path):
     table = (tmp_path / "out" / "mps_sweep_tiny-a.md").read_text()
     assert "| phase | batch | length | 100 % |" in table
     assert "| decoding | 1 | 16 |" in table and "| prefill | 1 | 16 |" in table
+
+
+def test_bench_api_features_on_cpu_times_every_mode(tmp_path):
+    out = tmp_path / "api.json"
+    _run("serve/bench_api_features.py", "--device", "cpu", "--batch", "2", "--context", "8", "--steps", "2",
+         "--warmup", "1", "--top-logprobs", "2", "--output-json", str(out), tmp_path=tmp_path, timeout=400)
+    result = json.loads(out.read_text())
+    assert list(result["modes"]) == ["greedy", "sampled", "logprobs", "json", "json+logprobs"]
+    assert all(m["steps"] == 2 and m["median_ms"] > 0 for m in result["modes"].values())
+    assert result["device"] == "cpu" and result["cuda_graphs"] is False

@@ -63,8 +63,8 @@ def test_greedy_and_sampled_requests_share_a_batch(tiny_llm, greedy_outputs):
 def test_max_num_seqs_limits_the_batch_not_the_result(tiny_model, greedy_outputs, monkeypatch):
     llm = LLM(str(tiny_model("llama-gqa-hd64")), kv_cache_bytes=TINY_KV_BYTES, max_num_seqs=2)
     sizes = []
-    real_step = llm.engine.runner.step
-    monkeypatch.setattr(llm.engine.runner, "step",
+    real_step = llm.engine.runner.execute
+    monkeypatch.setattr(llm.engine.runner, "execute",
                         lambda seqs, prefill: sizes.append(len(seqs)) or real_step(seqs, prefill))
     assert token_ids(llm.generate(PROMPTS, GREEDY)) == greedy_outputs
     assert max(sizes) == 2

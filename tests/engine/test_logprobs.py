@@ -223,3 +223,38 @@ def test_echo_prompt_logprobs_equal_transformers(monkeypatch, smollm2_llm, smoll
         assert echoed[0] is None
         for t in range(1, len(prompt)):
             assert_matches(echoed[t], reference[t - 1], prompt[t], 3)
+
+
+# -- through the engine -------------------------------------------------------------------------
+def test_generate_returns_the_logprobs_of_transformers(tiny_llm, tiny_model):
+    """Raw logprobs (any temperature), prompt logprobs, and a logit bias that changes the sampling
+    but not the logprobs, in one batch with a row that asks for nothing."""
+    from conftest import load_hf
+
+    from muxserve.engine import SamplingParams
+
+    hf = load_hf(tiny_model("llama-gqa-hd64"))
+    prompts = [[5, 17, 99, 3, 250, 41], [7, 8, 300, 12]]
+    params = [SamplingParams(max_tokens=4, temperature=0.9, seed=3, logprobs=3, prompt_logprobs=2),
+              SamplingParams(max_tokens=4, temperature=0, logprobs=0, logit_bias={42: 100.0})]
+    outs = [tiny_llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    plain = tiny_llm.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0.9, seed=3))[0]
+    assert plain.token_ids == outs[0].token_ids and plain.logprobs is None
+    assert outs[1].token_ids == [42] * 4  # the bias decides the token
+    for prompt, out, sp in zip(prompts, outs, params):
+        ids = prompt + out.token_ids
+        with torch.inference_mode():
+            expected = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+        for i, lp in enumerate(out.logprobs):
+            t = len(prompt) - 1 + i
+            assert lp.token_id == ids[t + 1]
+            assert lp.logprob == pytest.approx(expected[t, ids[t + 1]].item(), abs=2e-4)
+            assert lp.rank == int((expected[t] > expected[t, ids[t + 1]]).sum()) + 1
+            assert [v for _, v in lp.top] == pytest.approx(expected[t].topk(sp.logprobs).values.tolist(), abs=2e-4)
+    first = outs[0].prompt_logprobs
+    assert first[0] is None and len(first) == len(prompts[0])
+    for t in range(1, len(prompts[0])):
+        assert first[t].logprob == pytest.approx(
+            torch.log_softmax(hf(torch.tensor([prompts[0]])).logits[0].float(), -1)[t - 1, prompts[0][t]].item(),
+            abs=2e-4)
+        assert len(first[t].top) == 2

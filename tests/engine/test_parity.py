@@ -26,13 +26,13 @@ GREEDY = SamplingParams(max_tokens=NUM_NEW, temperature=0, ignore_eos=True)
 def _record_steps(llm: LLM, monkeypatch) -> list[tuple[int, Phase]]:
     """Spy on the runner: (batch size, phase) of every step."""
     steps: list[tuple[int, Phase]] = []
-    real_step = llm.engine.runner.step
+    real_step = llm.engine.runner.execute
 
     def step(seqs, phase):
         steps.append((len(seqs), phase))
         return real_step(seqs, phase)
 
-    monkeypatch.setattr(llm.engine.runner, "step", step)
+    monkeypatch.setattr(llm.engine.runner, "execute", step)
     return steps
 
 

@@ -4,6 +4,7 @@ errors, the batched mask, and the real SmolLM2 decoding under hypothesis-generat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -14,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from muxserve.engine import SamplingParams
-from muxserve.engine import runner as runner_module
 from muxserve.engine.sampler import sample
 from muxserve.engine.structured import (
     GrammarCache,
@@ -89,12 +89,14 @@ def test_vllm_fields():
      "guided_choice must be a non-empty list of non-empty strings, got []"),
     (None, {"guided_choice": ["a", ""]}, "guided_choice",
      "guided_choice must be a non-empty list of non-empty strings, got ['a', '']"),
-    (None, {"guided_grammar": "root ::= 'a'"}, "guided_grammar",
-     "guided_grammar is not supported; use guided_json, guided_regex or guided_choice"),
+    (None, {"guided_grammar": "  "}, "guided_grammar", "guided_grammar must be a non-empty EBNF grammar, got '  '"),
+    (None, {"guided_json_object": True}, "guided_json_object",
+     "guided_json_object is not supported; use response_format json_object, guided_json, guided_regex, "
+     "guided_choice or guided_grammar"),
     ({"type": "json_object"}, {"guided_regex": "a"}, "guided_regex",
      "only one structured-output constraint per request, got response_format, guided_regex"),
-    (None, {"structured_outputs": {"grammar": "x"}}, "structured_outputs",
-     "structured_outputs.grammar is not supported; use json, regex or choice"),
+    (None, {"structured_outputs": {"structural_tag": "x"}}, "structured_outputs",
+     "structured_outputs.structural_tag is not supported; use json, regex, choice or grammar"),
 ])
 def test_bad_requests_name_the_field(response_format, extra, param, message):
     with pytest.raises(GrammarError) as err:
@@ -104,11 +106,19 @@ def test_bad_requests_name_the_field(response_format, extra, param, message):
     assert isinstance(err.value, ValueError)
 
 
+def test_an_ebnf_grammar_compiles_and_constrains(cache):
+    spec = GuidedSpec.grammar('root ::= "ab" | "cd"')
+    matcher = cache.matcher(spec)
+    assert not matcher.finished
+    with pytest.raises(GrammarError, match="guided_grammar could not be compiled"):
+        cache.compile(GuidedSpec.grammar("root ::= ("))
+
+
 def test_spec_travels_as_a_list():
     spec = GuidedSpec.regex("a+", "guided_regex")
     assert GuidedSpec.from_wire(spec.to_wire()) == spec
     with pytest.raises(ValueError, match="kind must be one of"):
-        GuidedSpec("grammar", "x")
+        GuidedSpec("lark", "x")
 
 
 # -- compilation --------------------------------------------------------------------------------
@@ -239,40 +249,17 @@ def test_the_sampler_never_draws_a_masked_token():
 
 # -- the real model ---------------------------------------------------------------------------
 class GuidedRun:
-    """Runs requests through an ``LLMEngine`` with a matcher each, as a runtime would: before each
-    step its matchers take the tokens generated so far, their bitmask goes to the sampler."""
+    """Runs requests through an ``LLMEngine`` with a grammar each (``SamplingParams.guided``): the
+    engine keeps their matchers, masks every step and ends a request once its grammar is complete."""
 
-    def __init__(self, monkeypatch, engine):
+    def __init__(self, engine):
         self.engine = engine
-        self.matchers: dict[str, object] = {}
-        self.finished_by_grammar: dict[str, int] = {}  # seq id -> output length when it said so
-        real_step, real_sample = engine.runner.step, runner_module.sample
 
-        def step(seqs, is_prefill):
-            guided = [self.matchers.get(s.req_id) for s in seqs]
-            for s, m in zip(seqs, guided):
-                if m is not None:
-                    m.advance(s.output_token_ids)
-                    if m.finished:
-                        self.finished_by_grammar.setdefault(s.req_id, len(s.output_token_ids))
-            bitmask = fill_bitmask(guided, VOCAB)
-            monkeypatch.setattr(runner_module, "sample", lambda lg, p, sd: real_sample(lg, p, sd, bitmask))
-            try:
-                return real_step(seqs, is_prefill)
-            finally:
-                monkeypatch.setattr(runner_module, "sample", real_sample)
-
-        monkeypatch.setattr(engine.runner, "step", step)
-
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams], matchers: list) -> list:
-        seqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        for s, m in zip(seqs, matchers):
-            self.matchers[s.req_id] = m
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams], specs: list) -> list:
+        seqs = [self.engine.add_request(p, dataclasses.replace(sp, guided=spec))
+                for p, sp, spec in zip(prompts, params, specs)]
         while self.engine.has_unfinished():
             self.engine.step()
-        for s, m in zip(seqs, matchers):  # the last token too (the engine finished the request)
-            if m is not None:
-                m.advance(s.output_token_ids)
         return seqs
 
 
@@ -287,11 +274,11 @@ def output_text(tokenizer, seq) -> str:
     return tokenizer.decode(ids)
 
 
-def check_complete(run: GuidedRun, seq, matcher) -> None:
-    """A request under a grammar ends by its stop token, sampled where only a stop was allowed."""
+def check_complete(seq) -> None:
+    """A request under a grammar ends with ``stop`` when its grammar is complete (by a stop token, or
+    where only a stop token could follow)."""
     assert seq.finish_reason.value == "stop", f"hit max_tokens: {seq.output_token_ids[-20:]}"
-    assert seq.output_token_ids[-1] == EOS and matcher.finished
-    assert run.finished_by_grammar.get(seq.req_id) == len(seq.output_token_ids) - 1
+    assert seq.matcher.finished
 
 
 # Bounded JSON schemas: every string has maxLength, every number a range, every array maxItems,
@@ -330,7 +317,7 @@ SCHEMAS = st.one_of(_objects(_LEVEL1), _arrays(_objects(_SCALARS)))  # nesting u
 @pytest.mark.parametrize("sampled", [False, True])
 def test_every_output_follows_its_generated_schema(monkeypatch, smollm2_llm, cache, sampled):
     engine, tokenizer = smollm2_llm.engine, smollm2_llm.get_tokenizer()
-    run = GuidedRun(monkeypatch, engine)
+    run = GuidedRun(engine)
     seen: list[dict] = []
 
     @settings(max_examples=6, deadline=None, derandomize=True, database=None,
@@ -340,9 +327,9 @@ def test_every_output_follows_its_generated_schema(monkeypatch, smollm2_llm, cac
         prompts = [chat_prompt(tokenizer, f"Answer in JSON following this schema: {json.dumps(s)}") for s in schemas]
         params = [SamplingParams(max_tokens=400, temperature=1.0 if sampled else 0, seed=7 + i if sampled else None)
                   for i in range(len(schemas))]
-        matchers = [cache.matcher(GuidedSpec.json_schema(s)) for s in schemas]
-        for schema, seq, matcher in zip(schemas, run.generate(prompts, params, matchers), matchers):
-            check_complete(run, seq, matcher)
+        specs = [GuidedSpec.json_schema(s) for s in schemas]
+        for schema, seq in zip(schemas, run.generate(prompts, params, specs)):
+            check_complete(seq)
             instance = json.loads(output_text(tokenizer, seq))
             jsonschema.validate(instance, schema)
             seen.append(schema)
@@ -354,7 +341,7 @@ def test_every_output_follows_its_generated_schema(monkeypatch, smollm2_llm, cac
 @pytest.mark.slow
 def test_json_object_regex_and_choice_on_the_model(monkeypatch, smollm2_llm, cache):
     engine, tokenizer = smollm2_llm.engine, smollm2_llm.get_tokenizer()
-    run = GuidedRun(monkeypatch, engine)
+    run = GuidedRun(engine)
     specs = [GuidedSpec("json_object"), GuidedSpec.regex(r"\d{3}-[A-Z]{2}"),
              GuidedSpec.choice(["Paris", "London", "Rome"]), GuidedSpec("json_object")]
     questions = ["Describe a cat as a JSON object.", "Give me a code.", "What is the capital of France?",
@@ -362,10 +349,9 @@ def test_json_object_regex_and_choice_on_the_model(monkeypatch, smollm2_llm, cac
     prompts = [chat_prompt(tokenizer, q) for q in questions]
     params = [SamplingParams(max_tokens=300, temperature=0), SamplingParams(max_tokens=50, temperature=0.8, seed=3),
               SamplingParams(max_tokens=20, temperature=0), SamplingParams(max_tokens=300, temperature=0.7, seed=5)]
-    matchers = [cache.matcher(s) for s in specs]
-    seqs = run.generate(prompts, params, matchers)
-    for seq, m in zip(seqs, matchers):
-        check_complete(run, seq, m)
+    seqs = run.generate(prompts, params, specs)
+    for seq in seqs:
+        check_complete(seq)
     texts = [output_text(tokenizer, s) for s in seqs]
     assert isinstance(json.loads(texts[0]), dict) and isinstance(json.loads(texts[3]), dict)
     assert re.fullmatch(r"\d{3}-[A-Z]{2}", texts[1])
@@ -378,10 +364,10 @@ def test_unconstrained_rows_of_a_guided_batch_are_unchanged(monkeypatch, smollm2
     prompt = chat_prompt(tokenizer, "Write a haiku about the sea.")
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     alone = smollm2_llm.generate([prompt], greedy)[0].token_ids
-    run = GuidedRun(monkeypatch, engine)
+    run = GuidedRun(engine)
     json_prompt = chat_prompt(tokenizer, "A JSON object please.")
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
     seqs = run.generate([json_prompt, prompt], [SamplingParams(max_tokens=50, temperature=0), greedy],
-                        [cache.matcher(GuidedSpec.json_schema(schema)), None])
+                        [GuidedSpec.json_schema(schema), None])
     assert seqs[1].output_token_ids == alone
     jsonschema.validate(json.loads(output_text(tokenizer, seqs[0])), schema)

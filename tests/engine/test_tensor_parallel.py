@@ -29,18 +29,18 @@ SAMPLED = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)  # unse
 
 def _generate(engine: LLMEngine, params: SamplingParams, record_pages: list | None = None) -> list[list[int]]:
     if record_pages is not None:
-        real_step = engine.runner.step
+        real_step = engine.runner.execute
 
         def step(seqs, is_prefill):
             record_pages.append([list(s.pages) for s in seqs])
             return real_step(seqs, is_prefill)
 
-        engine.runner.step = step
+        engine.runner.execute = step
     seqs = [engine.add_request(p, params) for p in PROMPTS]
     while engine.has_unfinished():
         engine.step()
     if record_pages is not None:
-        del engine.runner.step
+        del engine.runner.execute
     return [s.output_token_ids for s in seqs]
 
 

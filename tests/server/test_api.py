@@ -201,8 +201,8 @@ def _error(status, message, param, type_):
      _error(400, "top_p must be in (0, 1], got 1.5", "top_p", "BadRequestError")),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0},
      _error(400, "max_tokens must be an integer >= 1, got 0", "max_tokens", "BadRequestError")),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 2},
-     _error(400, "n must be 1 (one choice per request), got 2", "n", "BadRequestError")),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 17},
+     _error(400, "n must be in [1, 16], got 17", "n", "BadRequestError")),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "stop": ["", "x"]},
      _error(400, "stop strings must not be empty, got ['', 'x']", "stop", "BadRequestError")),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "many"},
@@ -230,7 +230,7 @@ def test_errors_through_the_openai_client(oai):
         oai.completions.create(model="nope", prompt="hi", max_tokens=2)
     assert err.value.status_code == 404
     with pytest.raises(openai.BadRequestError):
-        oai.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, n=3)
+        oai.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, n=17)
 
 
 # -- metrics and abort ----------------------------------------------------------------------------

@@ -251,24 +251,22 @@ def test_a_template_without_tools_gets_them_in_a_system_message(tokenizer):
 @pytest.mark.parametrize("fmt", [HermesFormat(), Llama3JsonFormat(), MistralFormat()], ids=lambda f: f.name)
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}],
                          ids=["required", "named"])
-def test_a_forced_call_parses_and_follows_the_parameters(monkeypatch, smollm2_llm, fmt, choice):
+def test_a_forced_call_parses_and_follows_the_parameters(smollm2_llm, fmt, choice):
     from engine.test_structured import GuidedRun, output_text
 
     from muxserve.engine import SamplingParams
-    from muxserve.engine.structured import GrammarCache
 
     engine, tokenizer = smollm2_llm.engine, smollm2_llm.get_tokenizer()
-    cache = GrammarCache(tokenizer, 49152, [2])
     request = ToolRequest.from_body(TOOLS, choice)
     messages, tools = tool_messages([{"role": "user", "content": "What time is it in Tokyo, and is it raining?"}],
                                     request, tokenizer.chat_template)
     prompt = list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                 tokenize=True)["input_ids"])
-    run = GuidedRun(monkeypatch, engine)
+    run = GuidedRun(engine)
     params = [SamplingParams(max_tokens=200, temperature=0), SamplingParams(max_tokens=200, temperature=1.0, seed=9)]
-    matchers = [cache.matcher(request.guided_spec(fmt)) for _ in params]
-    for seq, matcher in zip(run.generate([prompt, prompt], params, matchers), matchers):
-        assert seq.finish_reason.value == "stop" and matcher.finished
+    specs = [request.guided_spec(fmt) for _ in params]
+    for seq in run.generate([prompt, prompt], params, specs):
+        assert seq.finish_reason.value == "stop" and seq.matcher.finished
         parsed = fmt.parse(output_text(tokenizer, seq))
         assert len(parsed.tool_calls) >= 1 and parsed.finish_reason == "tool_calls"
         for call in parsed.tool_calls:

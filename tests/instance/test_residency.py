@@ -1,0 +1,130 @@
+"""The instance's residency control against a fake FlexStore: waking on demand, deferring and retrying,
+the idle-timeout policy with its minimum residency, notices to the runtimes and their answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from muxserve.engine.sampling_params import SamplingParams
+from muxserve.flexstore import FlexStoreError
+from muxserve.flexstore import protocol as P
+from muxserve.instance.residency import IdleTimeout, LLMActivity, ResidencyControl, WakeDeferred
+from muxserve.ipc import runtime as M
+from muxserve.ipc.runtime import Phase
+from muxserve.scheduler.policy import get_policy
+from muxserve.scheduler.request import Request
+from muxserve.scheduler.scheduler import LLMInfo, MuxScheduler
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def llm(name) -> LLMInfo:
+    return LLMInfo(name=name, prefill_units=10, decode_units=3, max_num_seqs=16, eos_ids=frozenset(),
+                   max_model_len=256, vocab_size=128)
+
+
+class FakeStore:
+    def __init__(self):
+        self.calls = []
+        self.refuse = None  # the FlexStoreError the next wake raises
+
+    def offload(self, model):
+        self.calls.append(("offload", model))
+        return P.Offloaded(model, 4 << 20, 0.002, 3)
+
+    def wake(self, model, protected):
+        self.calls.append(("wake", model, list(protected)))
+        if self.refuse is not None:
+            raise self.refuse
+        return P.Woken(model, 0.05, 0.04, 4 << 20, {}, 9, 4)
+
+    def free(self, model, ids):
+        return 0
+
+
+class Links(dict):
+    def __init__(self, llms):
+        super().__init__({(n, ph): self._Link(self, (n, ph)) for n in llms for ph in Phase})
+        self.sent = []
+
+    class _Link:
+        def __init__(self, owner, key):
+            self.owner, self.key = owner, key
+
+        def send(self, msg):
+            self.owner.sent.append((self.key, msg))
+
+
+@pytest.fixture
+def world():
+    clock = FakeClock()
+    store = FakeStore()
+    links = Links(["a", "b"])
+    sched = MuxScheduler([llm("a"), llm("b")], store, links, get_policy("roundrobin"), 2048, 10, clock=clock)
+    control = ResidencyControl(["b"], sched, store, links, IdleTimeout(idle_s=5, min_resident_s=10), clock)
+    return clock, store, links, sched, control
+
+
+def request(rid, name):
+    return Request(rid, [1, 2, 3], SamplingParams(max_tokens=2), idx=int(rid), llm=name, arrival=0.0)
+
+
+def test_idle_timeout_respects_the_minimum_residency_and_idleness(world):
+    clock, store, links, sched, control = world
+    clock.t = 6.0
+    control.tick()
+    assert store.calls == []  # idle 6 s but resident only 6 s of the 10 required
+    clock.t = 11.0
+    control.tick()
+    assert store.calls == [("offload", "b")] and not sched.is_resident("b")
+    notices = [(key, msg) for key, msg in links.sent if isinstance(msg, M.Sync)]
+    assert {key for key, _ in notices} == {("b", Phase.PREFILL), ("b", Phase.DECODE)}
+    assert all(msg.weights_epoch == 3 and msg.kv_epoch == 0 for _, msg in notices)
+    notice = notices[0][1].notice_id
+    control.on_synced(M.Synced(notice, "b/prefill", 0.001))
+    control.on_synced(M.Synced(notice, "b/decode", 0.001))
+    assert control.unacknowledged == {}
+
+
+def test_a_request_wakes_its_llm_and_a_refusal_defers_it(world):
+    clock, store, links, sched, control = world
+    control.offload("b")
+    sched.add(request("1", "b"))
+    store.refuse = FlexStoreError("refused", "no room", {"needed": 2, "free": 0, "whole_free": 0, "reclaimable": 1})
+    with pytest.raises(WakeDeferred) as err:
+        control.wake("b")
+    assert err.value.numbers["needed"] == 2
+    control.tick()  # deferred again, quietly
+    assert control.deferred == 2 and not sched.is_resident("b")
+    store.refuse = FlexStoreError("internal", "MemoryError: out of device memory")
+    control.tick()  # a failed wake: not again within a second
+    control.tick()
+    assert sum(c[0] == "wake" for c in store.calls) == 3
+    store.refuse = None
+    clock.t += 1.5
+    control.tick()
+    assert sched.is_resident("b") and sched.weights_epochs["b"] == 4
+    [wake] = [e for e in control.events if e.kind == "wake"]
+    assert (wake.llm, wake.nbytes, wake.preempted) == ("b", 4 << 20, 0)
+    kv_notices = [msg for key, msg in links.sent if isinstance(msg, M.Sync) and key[0] == "a"]
+    assert kv_notices and kv_notices[-1].kv_epoch == 9 and kv_notices[-1].weights_epoch == 0
+    summary = control.summary()["b"]
+    assert (summary["offloads"], summary["wakes"]) == (1, 1)
+
+
+def test_only_idle_elastic_llms_move(world):
+    clock, store, links, sched, control = world
+    with pytest.raises(ValueError, match="not an elastic LLM"):
+        control.offload("a")
+    sched.add(request("1", "b"))
+    with pytest.raises(ValueError, match="not offloaded"):
+        control.offload("b")
+    with pytest.raises(ValueError, match="resident already"):
+        control.wake("b")
+    assert IdleTimeout(1.0).to_offload([LLMActivity("x", True, False, 0.0, 99.0)], 0.0) == []
