@@ -69,7 +69,11 @@ def test_the_packages_import_each_other_without_a_cycle():
             target = _unit(f"{module}.{imported}" if module == "muxserve" else module)
             if target != _unit(name):
                 graph.setdefault(_unit(name), set()).add(target)
-    assert graph["scheduler"] == {"engine", "ipc"}  # the scheduler knows no process, no server, no instance
+    # the scheduler knows no process, no server, no instance; of FlexStore only the residency types
+    assert graph["scheduler"] == {"engine", "flexstore", "ipc"}
+    flexstore = {module for name, path in _modules() if _unit(name) == "scheduler"
+                 for module, _, _ in _imports(name, path) if _unit(module) == "flexstore"}
+    assert flexstore == {"muxserve.flexstore.residency"}
     assert "instance" not in graph["flexstore"] and "scheduler" not in graph["flexstore"]
     done: set[str] = set()
 

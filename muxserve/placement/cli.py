@@ -4,7 +4,9 @@ own GPUs (spatial partitioning), and ``placement.json`` with the summary.
 
 Every LLM of a mesh of n GPUs runs with tensor_parallel_size n on placement [[0..n-1]] (the mesh's
 GPUs as CUDA_VISIBLE_DEVICES numbers them). With --estimate-tp, mesh sizes up to the GPUs of a node
-that the cost table lacks get estimated latencies (muxserve.placement.costs.TPEstimate)."""
+that the cost table lacks get estimated latencies (muxserve.placement.costs.TPEstimate). With
+--elastic (or ``elastic: true`` in models.yaml) a mesh may hold more LLMs than fit at once when
+their rates say most are idle (muxserve.placement.estimator, "Elastic meshes")."""
 
 from __future__ import annotations
 
@@ -126,6 +128,20 @@ def config_doc(est: Estimator, size: int, names: list[str], mps: dict[str, list[
     return doc
 
 
+def elastic_summary(est: Estimator, size: int, names: list[str]) -> dict:
+    """What an elastic mesh expects: weights it holds on average, chance each LLM is resident, wakes."""
+    e = est.estimate(size, names)
+    return {"idle_timeout_s": est.settings.idle_timeout_s,
+            "weights_gb_per_gpu": round(e.weight_bytes / size / GB, 3),
+            "expected_resident_gb_per_gpu": round(e.resident_bytes / size / GB, 3),
+            "memory_gb_per_gpu": round(est.settings.usable_bytes / GB, 3),
+            "p_resident": {n: round(est.p_resident(n), 4) for n in names},
+            "wakes_per_s": {n: round(w, 5) for n, w in e.wakes_per_s.items()},
+            "wake_s": {n: round(est.wake_s(n, size), 4) for n in names},
+            "wake_s_measured": [n for n in names if est.costs.wake_s(est.llms[n].cost_key, size) is not None],
+            "wake_time_fraction": round(e.wake_fraction, 5)}
+
+
 def write_outputs(out: Path, prefix: str, est: Estimator, placement: Placement, workload_file: str | None,
                   write_kv_bytes: bool) -> dict:
     written: dict[str, list[str]] = {"muxserve": [], "temporal": [], "spatial": []}
@@ -160,6 +176,7 @@ def write_outputs(out: Path, prefix: str, est: Estimator, placement: Placement, 
                        "weights_gb_per_gpu": round(sum(est.llms[n].mesh_weight_bytes(mesh.size, s.model_dtype)
                                                        for n in mesh.llms) / mesh.size / GB, 3),
                        "llms": mesh.llms,
+                       **({"elastic": elastic_summary(est, mesh.size, mesh.llms)} if s.elastic else {}),
                        "estimated_costs": [n for n in mesh.llms
                                            if est.costs.is_estimated(est.llms[n].cost_key, mesh.size)],
                        "launch": launch_command(str(out / config), list(mesh.devices), len(meshes), mps=True),
@@ -263,7 +280,42 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fixed cost of one all-reduce (microseconds)")
     t.add_argument("--tp-allreduce-gbps", type=float, default=dt.allreduce_bus_gbps,
                    help="all-reduce bus bandwidth (GB/s)")
+    e = p.add_argument_group("elastic residency (more LLMs on a mesh than fit at once; models.yaml: elastic: true "
+                             "or elastic: {idle_timeout_s: S})")
+    e.add_argument("--elastic", action="store_true",
+                   help="the weights of a mesh may exceed its memory when the LLMs expected to be resident (a "
+                        "request within --idle-timeout-s at their rate) fit; an LLM that does not fit alone is refused")
+    e.add_argument("--idle-timeout-s", type=float, default=None,
+                   help=f"an LLM idle this long is offloaded (default {d.idle_timeout_s:g})")
+    e.add_argument("--idle-reserve-gb", type=float, default=d.idle_reserve_gb,
+                   help=f"per offloaded LLM and GPU: what stays on the device (its runtime processes) "
+                        f"(default {d.idle_reserve_gb:g})")
+    e.add_argument("--wake-gbps", type=float, default=d.wake_gbps,
+                   help="host -> device copy bandwidth per GPU for the wake estimate where the cost table has no "
+                        f"_wake_s entry (default {d.wake_gbps:g}; the H200 copied pinned memory at 55.3)")
+    e.add_argument("--wake-overhead-s", type=float, default=d.wake_overhead_s,
+                   help=f"fixed part of a wake estimate (default {d.wake_overhead_s:g})")
     return p.parse_args(argv)
+
+
+def elastic_options(args, models) -> tuple[bool, float]:
+    """(elastic, idle timeout) from the flags, else models.yaml's ``elastic`` (true, or a mapping
+    with ``idle_timeout_s``)."""
+    spec = models.extra.get("elastic", False)
+    timeout = PlacementSettings().idle_timeout_s
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"idle_timeout_s"}
+        if unknown:
+            raise InputError(f"{args.model_yaml}: elastic has unknown keys {sorted(unknown)}; it takes idle_timeout_s")
+        timeout = spec.get("idle_timeout_s", timeout)
+        spec = True
+    if not isinstance(spec, bool):
+        raise InputError(f"{args.model_yaml}: elastic must be true, false or {{idle_timeout_s: S}}, got {spec!r}")
+    if args.idle_timeout_s is not None:
+        timeout = args.idle_timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise InputError(f"idle_timeout_s must be seconds > 0, got {timeout!r}")
+    return args.elastic or spec, float(timeout)
 
 
 def run(args) -> dict:
@@ -275,9 +327,12 @@ def run(args) -> dict:
     costs = CostModel(load_cost_table(args.cost_file), prompt_len, output_len, args.decode_overhead_ms / 1000)
     tp = TPEstimate(args.tp_serial_fraction, args.tp_allreduce_us, args.tp_allreduce_gbps) if args.estimate_tp else None
     tp_sizes = tuple(1 << k for k in range(1, models.ngpus_per_node.bit_length()) if 1 << k <= models.ngpus_per_node)
+    elastic, idle_timeout = elastic_options(args, models)
     settings = PlacementSettings(args.gpu_memory_gb, args.memory_fraction, args.reserve_gb, args.overload_sm,
                                  args.max_decode_sm, args.prefill_sm, args.model_dtype,
-                                 max_mesh_size=models.ngpus_per_node, tp_estimate=tp, tp_sizes=tp_sizes)
+                                 max_mesh_size=models.ngpus_per_node, tp_estimate=tp, tp_sizes=tp_sizes,
+                                 elastic=elastic, idle_timeout_s=idle_timeout, idle_reserve_gb=args.idle_reserve_gb,
+                                 wake_gbps=args.wake_gbps, wake_overhead_s=args.wake_overhead_s)
     est = Estimator(describe_llms(models.models, costs, args.model_dtype), costs, settings)
     greedy = optimize(est, models.nnodes, models.ngpus_per_node, refine=not args.no_local_search)
     exact = None
@@ -287,6 +342,11 @@ def run(args) -> dict:
         exact = ilp_place(est, models.nnodes, models.ngpus_per_node)
     chosen = exact if args.method == "ilp" and exact is not None else greedy
     summary = write_outputs(out, Path(args.model_yaml).stem, est, chosen, args.workload_file, args.write_kv_bytes)
+    summary["elastic"] = elastic
+    if elastic:
+        summary["elastic_note"] = ("meshes may hold more weights than memory; running them needs elastic residency "
+                                   "with LLMs that start offloaded and a budget capped at the device's memory (the "
+                                   "instance now starts every elastic LLM resident); the configs are written pinned")
     summary.update({"model_yaml": args.model_yaml, "cost_file": args.cost_file, "avg_prompt_len": round(prompt_len, 3),
                     "avg_output_len": round(output_len, 3), "avg_lengths_from": source,
                     "greedy_tpt": round(greedy.served, 4),

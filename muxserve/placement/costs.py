@@ -194,6 +194,14 @@ class CostModel:
         self.latencies.cache_clear()
         return added
 
+    def wake_s(self, key: str, ngpu: int) -> float | None:
+        """Measured seconds to wake the model on ``ngpu`` GPUs (weights host -> device, every rank at
+        once), from the table's note ``"_wake_s": {model: {num_gpus: seconds}}``; None where absent."""
+        value = self.table.get("_wake_s", {}).get(key, {}).get(str(ngpu))
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise InputError(f"cost table: _wake_s/{key}/{ngpu} must be seconds >= 0, got {value!r}")
+        return None if value is None else float(value)
+
     def is_estimated(self, key: str, ngpu: int) -> bool:
         return ngpu in self.estimated.get(key, {})
 

@@ -1,8 +1,27 @@
-"""The unit throughput F of a mesh (reference §5.2) and each LLM's parallel candidates (Algorithm 2)."""
+"""The unit throughput F of a mesh (reference §5.2) and each LLM's parallel candidates (Algorithm 2).
+
+Elastic meshes (``PlacementSettings.elastic``, not in the original): an LLM idle for
+``idle_timeout_s`` is offloaded and woken by its next request (scheduler/residency_policy.py), so
+a mesh may hold more LLMs than fit at once. With Poisson arrivals at rate ``r``, an LLM is
+resident when a request came in the last ``T = idle_timeout_s`` seconds::
+
+    p_resident = 1 - exp(-r T)            wakes/s = r exp(-r T)  (requests that find it offloaded)
+
+and the mesh is estimated on its *expected* resident set: KV memory = mesh memory - sum
+``p_resident x weights`` - per LLM and GPU ``p_resident x reserve_gb + (1 - p_resident) x
+idle_reserve_gb`` (an offloaded LLM keeps its runtime processes); the decode SM shares count
+``p_resident x share``. Every member must still fit alone with one sequence (its candidate). Each
+wake copies the LLM's weights while the mesh decodes (decode is bound by the same memory), so
+every throughput is scaled by ``1 - sum wakes/s x wake_s``: ``wake_s`` from the cost table's
+``_wake_s`` note where measured, else ``weights per GPU / wake_gbps + wake_overhead_s`` (an
+estimate: the H200 copied pinned host memory at 55.3 GB/s, the default 25 GB/s leaves room for
+other traffic). Arrivals in bursts make LLMs resident less often than this, steadier ones more.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from muxserve.placement.costs import CostModel
@@ -29,6 +48,10 @@ class MeshEstimate:
     max_num_seqs: dict[str, int]  # KV share of each LLM, in sequences of the average length
     throughputs: dict[str, float]  # estimated requests/s per LLM (capped at its rate)
     kv_bytes_per_gpu: float
+    weight_bytes: float = 0.0  # weights of every member, whole mesh
+    resident_bytes: float = 0.0  # expected weights held (elastic), else weight_bytes
+    wakes_per_s: dict[str, float] = field(default_factory=dict)  # elastic: expected wakes per LLM
+    wake_fraction: float = 0.0  # elastic: share of the time the mesh spends copying woken weights
 
 
 class Estimator:
@@ -57,11 +80,36 @@ class Estimator:
         low = [v for v in values if v <= self.settings.max_decode_sm]
         return low or values[-1:]
 
-    def kv_budget(self, size: int, names: list[str]) -> float:
-        """KV bytes of a mesh of ``size`` GPUs that holds ``names`` (negative: does not fit)."""
+    def kv_budget(self, size: int, names: list[str], expected: bool = False) -> float:
+        """KV bytes of a mesh of ``size`` GPUs that holds ``names`` (negative: does not fit); with
+        ``expected`` (elastic meshes) weights and reserves of the expected resident set."""
         s = self.settings
-        weights = sum(self.llms[n].mesh_weight_bytes(size, s.model_dtype) for n in names)
-        return size * s.usable_bytes - weights - size * len(names) * s.reserve_gb * GB
+        if not expected:
+            weights = sum(self.llms[n].mesh_weight_bytes(size, s.model_dtype) for n in names)
+            return size * s.usable_bytes - weights - size * len(names) * s.reserve_gb * GB
+        total = size * s.usable_bytes
+        for n in names:
+            p = self.p_resident(n)
+            total -= p * self.llms[n].mesh_weight_bytes(size, s.model_dtype)
+            total -= size * (p * s.reserve_gb + (1 - p) * s.idle_reserve_gb) * GB
+        return total
+
+    def p_resident(self, name: str) -> float:
+        """Chance that an elastic LLM is resident: a request in the last ``idle_timeout_s`` seconds."""
+        return -math.expm1(-self.llms[name].rate * self.settings.idle_timeout_s)
+
+    def wakes_per_s(self, name: str) -> float:
+        """Requests that find an elastic LLM offloaded: those after a gap of ``idle_timeout_s``."""
+        rate = self.llms[name].rate
+        return rate * math.exp(-rate * self.settings.idle_timeout_s)
+
+    def wake_s(self, name: str, size: int) -> float:
+        """Seconds to wake the LLM on a mesh of ``size`` GPUs: measured (cost table) or estimated."""
+        llm, s = self.llms[name], self.settings
+        measured = self.costs.wake_s(llm.cost_key, size)
+        if measured is not None:
+            return measured
+        return llm.mesh_weight_bytes(size, s.model_dtype) / size / (s.wake_gbps * 1e9) + s.wake_overhead_s
 
     def mesh_sizes(self, llm: PlacementLLM) -> list[int]:
         """Mesh sizes the LLM may get: in the cost table (measured or estimated), splittable with TP =
@@ -106,11 +154,18 @@ class Estimator:
         cands = [self.candidates[n].get(size) for n in names]
         if any(c is None for c in cands):
             return None
-        sm_total = sum(c.decode_sm for c in cands)
-        if sm_total > 100 + self.settings.overload_sm:
+        elastic = self.settings.elastic
+        p_res = [self.p_resident(n) if elastic else 1.0 for n in names]
+        sm_total = sum(p * c.decode_sm for p, c in zip(p_res, cands))
+        if sm_total > 100 + self.settings.overload_sm + 1e-9:
             return None
-        budget = self.kv_budget(size, list(names))
+        budget = self.kv_budget(size, list(names), expected=elastic)
         members = [self.llms[n] for n in names]
+        mesh_weights = [m.mesh_weight_bytes(size, self.settings.model_dtype) for m in members]
+        wakes = {n: self.wakes_per_s(n) for n in names} if elastic else {}
+        wake_fraction = sum(wakes[n] * self.wake_s(n, size) for n in wakes)
+        if wake_fraction >= 1:
+            return None  # the mesh would do nothing but wake LLMs
         seq_bytes = [m.kv_bytes_per_token * self.seq_len for m in members]
         if budget < sum(seq_bytes):
             return None
@@ -127,7 +182,7 @@ class Estimator:
         best = None
         while True:
             prefill = sum(lat.prefill[b] for lat, b in zip(lats, bs))
-            tpt = [b / (lat.decode[b] * slow * out_len + prefill) for lat, b in zip(lats, bs)]
+            tpt = [b / (lat.decode[b] * slow * out_len + prefill) * (1 - wake_fraction) for lat, b in zip(lats, bs)]
             served = sum(min(t, r) for t, r in zip(tpt, rates))
             if best is None or served > best[0] + 1e-12:
                 best = (served, list(bs), tpt)
@@ -138,7 +193,9 @@ class Estimator:
             bs[i] += 1
         served, best_bs, tpt = best
         return MeshEstimate(served, dict(zip(names, best_bs)), dict(zip(names, caps)),
-                            {n: min(t, r) for n, t, r in zip(names, tpt, rates)}, budget / size)
+                            {n: min(t, r) for n, t, r in zip(names, tpt, rates)}, budget / size,
+                            float(sum(mesh_weights)), sum(p * w for p, w in zip(p_res, mesh_weights)), wakes,
+                            wake_fraction)
 
     def estimate(self, size: int, names) -> MeshEstimate | None:
         return self.mesh(size, tuple(sorted(names, key=natural_key)))

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from muxserve.errors import InputError
 from muxserve.placement.estimator import Estimator, MeshEstimate
-from muxserve.placement.llms import PlacementLLM
+from muxserve.placement.llms import GB, PlacementLLM
 from muxserve.workload.models_file import natural_key
 
 
@@ -201,16 +201,33 @@ def feasible_groups(est: Estimator, nnodes: int, ngpus_per_node: int) -> list[tu
     need = [est.min_mesh_size(n) for n in est.llms]
     if any(n is None for n in need):
         bad = [name for name, n in zip(est.llms, need) if n is None]
-        sizes = {name: est.mesh_sizes(est.llms[name]) for name in bad}
-        raise InputError(f"{', '.join(bad)}: no mesh size of the cost table (here {sizes}) holds the weights and one "
-                         f"sequence ({est.settings.gpu_memory_gb:g} GB per GPU, {est.settings.reserve_gb:g} GB reserve "
-                         "per LLM and GPU); profile bigger meshes or estimate them (--estimate-tp)")
+        raise InputError("; ".join(never_fits(est, name) for name in bad)
+                         + ": profile bigger meshes or estimate them (--estimate-tp)")
     groups = []
     for group in mesh_groups(nnodes, ngpus_per_node):
         sizes = [s for split in group for s in split]
         if len(sizes) <= len(est.llms) and max(sizes) >= max(need):
             groups.append(group)
     return groups
+
+
+def never_fits(est: Estimator, name: str) -> str:
+    """Why an LLM has no mesh size: its weights, reserve and one sequence against each size's memory
+    (the same alone as on an elastic mesh: a woken LLM needs all of it)."""
+    s, llm = est.settings, est.llms[name]
+    sizes = est.mesh_sizes(llm)
+    if not sizes:
+        return f"{name}: the cost table has no mesh size for {llm.cost_key!r} within {s.max_mesh_size} GPUs"
+    seq = llm.kv_bytes_per_token * est.seq_len
+    parts = []
+    for n in sizes:
+        weights = llm.mesh_weight_bytes(n, s.model_dtype) / n
+        if est.kv_budget(n, [name]) >= seq:
+            parts.append(f"{n} GPU{'s' if n > 1 else ''}: fits in memory but the cost table gives no usable latency")
+            continue
+        parts.append(f"{n} GPU{'s' if n > 1 else ''}: {weights / GB:.2f} GB weights + {s.reserve_gb:g} GB reserve "
+                     f"+ {seq / n / GB:.3f} GB for one sequence > {s.usable_bytes / GB:.2f} GB usable per GPU")
+    return f"{name} ({llm.model}) never fits, even alone: " + ", ".join(parts)
 
 
 def optimize(est: Estimator, nnodes: int, ngpus_per_node: int, refine: bool = True) -> Placement:

@@ -28,6 +28,13 @@ class PlacementSettings(msgspec.Struct, frozen=True):
     max_mesh_size: int | None = None  # largest mesh an LLM may get (the GPUs of a node); None: any in the table
     tp_estimate: TPEstimate | None = None  # latencies for mesh sizes the cost table lacks (an estimate)
     tp_sizes: tuple[int, ...] = ()  # the mesh sizes to estimate where missing (e.g. 2, 4, 8)
+    # Elastic residency (estimator.py, "Elastic meshes"): a mesh's weights may exceed its memory
+    # when the LLMs expected to be resident fit.
+    elastic: bool = False
+    idle_timeout_s: float = 60.0  # an LLM idle this long is offloaded (the residency policy's knob)
+    idle_reserve_gb: float = 1.6  # per offloaded LLM and GPU: its two runtime processes stay (2 x 0.8 GB)
+    wake_gbps: float = 25.0  # host -> device copy of a wake, per GPU, where the cost table has no wake_s
+    wake_overhead_s: float = 0.05  # fixed part of a wake (mapping, messages) in that estimate
 
     @property
     def usable_bytes(self) -> float:

@@ -1,1 +1,1 @@
-"""The multiplexed scheduler (ADBS, baselines): requests, policies, quotas, SM units, wait bounds, stats, recovery."""
+"""The multiplexed scheduler (ADBS, baselines): requests, quotas, SM units, wait bounds, stats, recovery, residency."""

@@ -37,6 +37,7 @@ SCRIPTS = {
     "flexstore/bench_flexstore.py": [],
     "serve/bench_api_features.py": [],
     "serve/bench_serve.py": ["--workload-file", "workload.json"],
+    "serve/runtime_memory.py": [],
     "structured/bench_grammar.py": [],
 }
 # Their defaults measure on a GPU: on a machine without one they stop with a usage error.
