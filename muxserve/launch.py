@@ -40,7 +40,7 @@ from muxserve.instance.instance import Instance
 from muxserve.instance.options import InstanceOptions
 from muxserve.progress import Progress
 from muxserve.scheduler.recovery import LLMUnavailable
-from muxserve.scheduler.request import Request
+from muxserve.scheduler.state import Request
 from muxserve.scheduler.stats import format_stats, summarize_run
 from muxserve.workload.workload_file import Workload, WorkloadRequest, load_workload
 

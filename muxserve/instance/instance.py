@@ -36,11 +36,10 @@ from muxserve.ipc.process import describe_exit
 from muxserve.ipc.rundir import create_run_dir
 from muxserve.ipc.runtime import Phase
 from muxserve.scheduler.policy import QuotaMode
-from muxserve.scheduler.quota import QuotaManager, QuotaModel
+from muxserve.scheduler.quota import QuotaManager, QuotaModel, units_for
 from muxserve.scheduler.recovery import LLMUnavailable
-from muxserve.scheduler.request import Request
 from muxserve.scheduler.scheduler import ErrorCallback, LLMInfo, MuxScheduler, TokenCallback
-from muxserve.scheduler.sm_units import units_for
+from muxserve.scheduler.state import Request
 from muxserve.scheduler.stats import BaseLatency
 
 logger = logging.getLogger(__name__)

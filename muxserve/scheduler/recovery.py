@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from muxserve.engine.sequence import FinishReason
 from muxserve.ipc.runtime import Phase
-from muxserve.scheduler.request import Request
+from muxserve.scheduler.state import Request
 
 
 class LLMUnavailable(RuntimeError):

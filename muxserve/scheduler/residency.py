@@ -9,7 +9,7 @@ residency policy (``instance/residency.py``), not the scheduler's.
 
 from __future__ import annotations
 
-from muxserve.scheduler.request import Request
+from muxserve.scheduler.state import Request
 
 
 class ResidencyTracking:

@@ -22,15 +22,14 @@ from muxserve.engine.sequence import FinishReason
 from muxserve.ipc.runtime import Job, JobResult, Phase
 from muxserve.scheduler.fairness import OverloadFairness, WaitGuard
 from muxserve.scheduler.policy import QuotaMode, SchedulePolicy
-from muxserve.scheduler.quota import QuotaManager
+from muxserve.scheduler.quota import QuotaManager, SMResource
 from muxserve.scheduler.recovery import LLMUnavailable, RuntimeRecovery
-from muxserve.scheduler.request import Request
 from muxserve.scheduler.residency import ResidencyTracking
-from muxserve.scheduler.sm_units import SMResource
 from muxserve.scheduler.state import (
     Dispatch,
     ErrorCallback,
     LLMInfo,
+    Request,
     RuntimeLink,
     TokenCallback,
     _Inflight,

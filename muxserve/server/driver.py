@@ -32,7 +32,7 @@ from muxserve.engine.sequence import FinishReason
 from muxserve.engine.structured import grammar_cache_for
 from muxserve.instance.instance import Instance
 from muxserve.scheduler.recovery import LLMUnavailable
-from muxserve.scheduler.request import Request
+from muxserve.scheduler.state import Request
 from muxserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from muxserve.engine.sequence import FinishReason
 from muxserve.instance.instance import InstanceLoad
 from muxserve.instance.residency import ResidencyEvent
-from muxserve.scheduler.request import Request
+from muxserve.scheduler.state import Request
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,

@@ -12,8 +12,8 @@ from muxserve.instance.residency import IdleTimeout, LLMActivity, ResidencyContr
 from muxserve.ipc import runtime as M
 from muxserve.ipc.runtime import Phase
 from muxserve.scheduler.policy import get_policy
-from muxserve.scheduler.request import Request
 from muxserve.scheduler.scheduler import LLMInfo, MuxScheduler
+from muxserve.scheduler.state import Request
 
 
 class FakeClock:

@@ -26,10 +26,9 @@ from muxserve.engine.kv_cache import KVLayout, PageAllocator
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.ipc.runtime import Job, JobResult, Phase
 from muxserve.scheduler.policy import get_policy
-from muxserve.scheduler.quota import QuotaManager, QuotaModel
-from muxserve.scheduler.request import Request
+from muxserve.scheduler.quota import QuotaManager, QuotaModel, units_for
 from muxserve.scheduler.scheduler import LLMInfo, MuxScheduler
-from muxserve.scheduler.sm_units import units_for
+from muxserve.scheduler.state import Request
 
 FLOPS = 150e12  # bf16, what a prefill of this engine gets of an H200 (about 40 % of peak)
 BANDWIDTH = 2.0e12  # bytes/s a decode step reads (about 40 % of peak)

@@ -6,7 +6,7 @@ from muxserve.engine.sampling_params import SamplingParams
 from muxserve.engine.sequence import FinishReason
 from muxserve.engine.structured import GuidedSpec
 from muxserve.ipc.runtime import JobResult, Phase, TokenLogprob
-from muxserve.scheduler.request import Request
+from muxserve.scheduler.state import Request
 
 SPEC = GuidedSpec.choice(["yes", "no"])
 

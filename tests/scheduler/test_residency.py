@@ -34,7 +34,7 @@ def harness():
 
 def add(sched, name, rid, n=8, max_tokens=8):
     from muxserve.engine.sampling_params import SamplingParams
-    from muxserve.scheduler.request import Request
+    from muxserve.scheduler.state import Request
 
     idx = int(rid[1:]) + (100 if name == "b" else 0)
     req = Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens, temperature=0), idx=idx,

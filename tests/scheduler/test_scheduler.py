@@ -17,10 +17,9 @@ from muxserve.engine.kv_cache import KVLayout, PageAllocator
 from muxserve.engine.sampling_params import SamplingParams
 from muxserve.ipc.runtime import Job, JobResult, Phase, SeqInput
 from muxserve.scheduler.policy import get_policy
-from muxserve.scheduler.quota import QuotaManager, QuotaModel
-from muxserve.scheduler.request import Request
+from muxserve.scheduler.quota import QuotaManager, QuotaModel, units_for
 from muxserve.scheduler.scheduler import LLMInfo, MuxScheduler
-from muxserve.scheduler.sm_units import units_for
+from muxserve.scheduler.state import Request
 
 PAGE_TOKENS = 4
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float32, page_bytes=256)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from muxserve.scheduler.sm_units import NUM_UNITS, SMResource, units_for
+from muxserve.scheduler.quota import NUM_UNITS, SMResource, units_for
 
 
 @pytest.mark.parametrize("percentage, units", [(100, 10), (80, 8), (30, 3), (35, 3), (10, 1), (5, 1), (1, 1)])
