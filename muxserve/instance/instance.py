@@ -221,9 +221,12 @@ class Instance:
                 scheduler.set_offloaded(llm)
             granule = o.granule_bytes
             weight_granules = {m.name: -(-m.weight_bytes // granule) for m in self.store_info.models}
+            # A wake leaves room for one token block of the widest LLM: the resident LLMs can go on.
+            headroom = max(-(-m.layout.pages_per_block * m.layout.page_bytes // granule)
+                           for m in self.store_info.models)
             self.residency = ResidencyControl(elastic, scheduler, self._allocator, self.runtimes.links, policy,
                                               offloaded=offloaded, weight_granules=weight_granules,
-                                              min_resident_s=o.min_resident_s)
+                                              min_resident_s=o.min_resident_s, kv_headroom=headroom)
             if offloaded:
                 logger.info("elastic LLMs offloaded at start (beyond the memory budget): %s", offloaded)
         return scheduler

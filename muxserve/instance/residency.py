@@ -6,10 +6,12 @@
   inside in-flight jobs). Those go back to the head of their queues and are recomputed. A wake
   that cannot find room now (everything is in flight) is tried again at the next poll.
 * **Make room (LRU).** With ``weight_granules`` known, a wake first checks the budget: when free
-  granules plus whole free KV granules do not hold the LLM's weights, idle elastic LLMs (no
-  request waiting, running or holding pages, resident at least ``min_resident_s``) are offloaded,
-  least recently used first, until they do; so a wake offloads idle LLMs before it preempts busy
-  ones. A wake FlexStore still refuses offloads the next idle LLM and is tried again. An LLM with
+  granules plus whole free KV granules do not hold the LLM's weights, or the granules no weights
+  hold would not keep ``kv_headroom`` for KV after it, idle elastic LLMs (no request waiting,
+  running or holding pages, resident at least ``min_resident_s``) are offloaded, least recently
+  used first, until they do; so a wake offloads idle LLMs before it preempts busy ones, and a
+  wake that would leave no KV at all waits (until an LLM goes idle) instead of stalling everyone.
+  A wake FlexStore still refuses offloads the next idle LLM and is tried again. An LLM with
   requests is never offloaded. This is what lets an instance hold more elastic LLMs than fit
   (``memory_budget_bytes``): those that do not fit start offloaded (``offloaded``).
 * **Offload by policy.** A :class:`ResidencyPolicy` names the elastic LLMs to offload; the one
@@ -120,12 +122,13 @@ class ResidencyControl:
     def __init__(self, elastic: list[str], scheduler, client, links: dict[tuple[str, Phase], object],
                  policy: ResidencyPolicy | None = None, clock: Callable[[], float] = time.monotonic,
                  offloaded: Iterable[str] = (), weight_granules: dict[str, int] | None = None,
-                 min_resident_s: float = 0.0):
+                 min_resident_s: float = 0.0, kv_headroom: int = 0):
         now = clock()
         offloaded = set(offloaded)
         self.elastic = {name: _Elastic(now, now, name not in offloaded) for name in elastic}
         self.weight_granules = weight_granules  # per LLM: granules its weights take (None: no make_room)
         self.min_resident_s = min_resident_s
+        self.kv_headroom = kv_headroom  # granules of KV a wake leaves for the resident LLMs (make_room)
         self.scheduler = scheduler
         self.client = client
         self.links = links
@@ -223,21 +226,34 @@ class ResidencyControl:
         return [name for _, name in sorted(out)]
 
     def make_room(self, llm: str) -> list[ResidencyEvent]:
-        """Offload idle elastic LLMs, least recently used first, until the budget's free and whole free
-        KV granules hold ``llm``'s weights (or none is left to offload). Returns the offloads."""
+        """Offload idle elastic LLMs, least recently used first, until (a) the granules no weights hold
+        cover ``llm``'s weights plus ``kv_headroom`` (so the LLMs resident after the wake still have
+        KV to run on) and (b) the budget's free and whole free KV granules cover its weights (so the
+        wake preempts nobody). Returns the offloads; raises :class:`WakeDeferred` when (a) cannot be
+        met now (every other resident LLM has requests): waking would leave no KV for anyone."""
         if not self.weight_granules:
             return []
         budget = self.client.stats().budget
         if budget is None:
             return []
-        short = self.weight_granules.get(llm, 0) - budget.free_granules - budget.kv_whole_free
+        weights = self.weight_granules.get(llm, 0)
+        unheld = budget.num_granules - budget.pinned_granules - budget.elastic_granules
+        short_total = weights + self.kv_headroom - unheld
+        short_now = weights - budget.free_granules - budget.kv_whole_free
         events = []
         for victim in self.lru_idle(exclude=llm):
-            if short <= 0:
+            if short_total <= 0 and short_now <= 0:
                 break
             logger.info("making room for %s: offloading %s (idle, least recently used)", llm, victim)
             events.append(self.offload(victim))
-            short -= self.weight_granules.get(victim, 0)
+            short_total -= self.weight_granules.get(victim, 0)
+            short_now -= self.weight_granules.get(victim, 0)
+        if short_total > 0:
+            self.deferred += 1
+            raise WakeDeferred(f"cannot wake {llm!r} yet: its weights ({weights} granules) and {self.kv_headroom} "
+                               f"granules of KV need {short_total} more granules than the budget's "
+                               f"{budget.num_granules} less the weights held, and no idle LLM is left to offload",
+                               {"needed": weights + self.kv_headroom, "unheld": unheld, "short": short_total})
         return events
 
     def _wake_offloading_lru(self, llm: str) -> ResidencyEvent:

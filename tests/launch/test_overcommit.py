@@ -17,6 +17,7 @@ from muxserve.instance.instance import Instance
 from muxserve.instance.options import InstanceOptions
 from muxserve.scheduler.policy import get_policy
 
+from .helpers import run_launch
 from .test_elastic import GRANULE, PAGE, _no_segment_left  # noqa: F401 (an autouse fixture)
 
 pytestmark = pytest.mark.timeout(600)
@@ -116,3 +117,26 @@ def test_memory_budget_bytes_is_checked_at_load(setup):
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match="memory_budget_bytes needs at least one LLM with 'residency: elastic'"):
         load_config(path)
+
+
+def test_launch_serves_three_elastic_llms_in_a_budget_for_two(setup, tmp_path):
+    # Granules of 2 MiB (the launcher's): llm-0 3, llm-1 1, llm-2 2; a budget of 5 starts llm-2 offloaded.
+    path = overcommit_config(setup, "overcommit-launch.yaml", 5 << 21)
+    doc = yaml.safe_load(path.read_text())
+    doc["models"] = doc["models"][:3]
+    path.write_text(yaml.safe_dump(doc))
+    proc, stats = run_launch(path, setup.workload, tmp_path, "--no-slo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "elastic LLMs offloaded at start (beyond the memory budget): ['llm-2']" in proc.stderr
+    got = {r["idx"]: r["output_token_ids"] for r in stats["requests"]}
+    assert got == {r.idx: setup.expected[r.idx] for r in setup.requests}
+    events = stats["summary"]["overall"]["residency_events"]
+    assert [e["llm"] for e in events if e["kind"] == "wake"][:1] == ["llm-2"]
+    assert stats["summary"]["per_model"]["llm-2"]["residency"]["wakes"] >= 1
+
+
+def test_launch_refuses_an_llm_that_can_never_fit(setup, tmp_path):
+    path = overcommit_config(setup, "overcommit-small.yaml", 3 << 21)  # llm-0: 3 granules + a block of KV
+    proc, _ = run_launch(path, setup.workload, tmp_path)
+    assert proc.returncode != 0
+    assert "elastic LLM 'llm-0' can never run within memory_budget_bytes 6291456" in proc.stderr, proc.stderr[-2000:]
