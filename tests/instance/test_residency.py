@@ -202,3 +202,44 @@ def test_a_wake_with_nothing_idle_to_offload_waits():
     control.tick()
     assert [c[:2] for c in store.calls] == [("wake", "d")] and not control.elastic["d"].resident
     assert all(control.elastic[n].resident for n in ("b", "c", "e"))
+
+
+class HeldStore(BudgetStore):
+    """BudgetStore whose figures follow the weights held: 35 granules, b, c and e resident (10 each)."""
+
+    def __init__(self):
+        super().__init__(free=5)
+        self.held = 30
+
+    def stats(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(budget=P.BudgetInfo(35, 2 << 20, 0, self.held, 0, self.free_granules, 0))
+
+    def offload(self, model):
+        self.held -= 10
+        return super().offload(model)
+
+    def wake(self, model, protected):
+        self.held += 10
+        return super().wake(model, protected)
+
+
+def test_a_wake_that_would_leave_no_kv_waits_until_an_llm_goes_idle():
+    clock = FakeClock()
+    store = HeldStore()
+    names = ["b", "c", "d", "e"]
+    links = Links(names)
+    sched = MuxScheduler([llm(n) for n in names], store, links, get_policy("roundrobin"), 2048, 10, clock=clock)
+    control = ResidencyControl(names, sched, store, links, None, clock, offloaded=["d"],
+                               weight_granules={n: 10 for n in names}, kv_headroom=1)
+    sched.set_offloaded("d")
+    for i, name in enumerate(["b", "c", "e"]):
+        sched.add(request(str(10 + i), name))
+    sched.add(request("2", "d"))
+    control.tick()  # 5 granules hold no weights: d's 10 plus 1 of KV do not fit, and nobody is idle
+    assert store.calls == [] and control.deferred == 1 and not control.elastic["d"].resident
+    sched.llms["c"].waiting.clear()  # c's request went away: c is idle
+    control.tick()
+    assert [c[:2] for c in store.calls] == [("offload", "c"), ("wake", "d")]
+    assert control.elastic["d"].resident and not control.elastic["c"].resident
