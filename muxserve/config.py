@@ -7,6 +7,11 @@ Format (compatible with the original MuxServe)::
     overload_threshold: 2
     gpu_memory_utilization: 0.5      # fraction of each GPU's TOTAL memory given to the KV pool
     kv_cache_bytes: 268435456        # optional: pool size in bytes (required meaning on CPU)
+    memory_budget_bytes: 1073741824  # optional, with elastic LLMs: the device memory for weights AND KV
+                                     # together (instead of kv_cache_bytes); the weights of all LLMs may
+                                     # exceed it: elastic LLMs that do not fit start offloaded and are
+                                     # woken by their requests, offloading idle ones least recently used
+                                     # first (README: serving more LLMs than fit)
     models:
       - name: llm-0
         model: smollm2-135m            # folder, .gguf file or known short name
@@ -80,6 +85,7 @@ class MuxServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, f
     overload_threshold: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
     gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
     kv_cache_bytes: PositiveInt | None = None
+    memory_budget_bytes: PositiveInt | None = None
     models: Annotated[list[LLMConfig], msgspec.Meta(min_length=1)]
     workloads: WorkloadsEntry = msgspec.field(default_factory=WorkloadsEntry)
 
@@ -129,3 +135,10 @@ def check_config(config: MuxServeConfig, source: str) -> None:
             raise ConfigError(f"{where}: residency 'elastic' needs a single-device instance and an LLM without "
                               f"tensor or pipeline parallelism (num_gpus={config.num_gpus}, {gpus} devices); "
                               f"use residency 'pinned'")
+    if config.memory_budget_bytes is not None:
+        if config.kv_cache_bytes is not None:
+            raise ConfigError(f"{source}: memory_budget_bytes ({config.memory_budget_bytes}) replaces kv_cache_bytes "
+                              f"({config.kv_cache_bytes}): the budget holds weights and KV together; give one of them")
+        if not any(m.residency == "elastic" for m in config.models):
+            raise ConfigError(f"{source}: memory_budget_bytes needs at least one LLM with 'residency: elastic' (only "
+                              f"elastic LLMs' weights can leave the device); use kv_cache_bytes for pinned LLMs")

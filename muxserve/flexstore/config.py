@@ -69,6 +69,11 @@ class FlexStoreConfig(msgspec.Struct, frozen=True):
     as in the original, ``gpu_memory_utilization`` x the GPU's *total* memory on a GPU (rounded
     down to a multiple of 128 pages); the weights and every runtime's activations must fit in
     the rest.
+
+    ``memory_budget_bytes`` (with an elastic LLM) is the device memory for weights and KV together,
+    instead of ``kv_cache_bytes`` plus every LLM's weights: the weights of all LLMs may exceed it.
+    Elastic LLMs start resident in the order given while their weights fit (leaving a granule for
+    KV); the others start offloaded, woken on demand.
     """
 
     models: tuple[ModelEntry, ...]
@@ -81,6 +86,7 @@ class FlexStoreConfig(msgspec.Struct, frozen=True):
     num_devices: int = 1
     granule_bytes: int = 2 * 1024 * 1024  # mapping unit of the memory budget (elastic LLMs only)
     reserve_granules: int = 32  # whole free KV granules kept mapped ahead of growth (elastic LLMs only)
+    memory_budget_bytes: int | None = None  # weights + KV of the device (elastic LLMs only); see above
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -111,6 +117,12 @@ class FlexStoreConfig(msgspec.Struct, frozen=True):
                              f"({self.page_bytes})")
         if self.reserve_granules < 0:
             raise ValueError(f"reserve_granules must be >= 0, got {self.reserve_granules}")
+        if self.memory_budget_bytes is not None:
+            if not self.elastic:
+                raise ValueError("memory_budget_bytes needs an LLM with residency 'elastic'")
+            if self.memory_budget_bytes < self.granule_bytes:
+                raise ValueError(f"memory_budget_bytes ({self.memory_budget_bytes}) holds no granule of "
+                                 f"{self.granule_bytes} B")
         if self.elastic and self.num_devices > 1:
             raise ValueError(f"elastic residency needs a single-device FlexStore, not a mesh of {self.num_devices}")
         if not _SHM_PREFIX.match(self.shm_prefix):

@@ -4,7 +4,9 @@ When any LLM of a (single-device) FlexStore is elastic, FlexStore does not alloc
 
 * the **budget** (``budget.MemoryBudget``) counts every LLM's weights and the mapped KV granules
   against ``kv_cache_bytes`` (or the GPU share) plus the weights of every LLM: with everyone
-  resident, KV gets what a fixed pool would; an offloaded LLM's weights become KV room;
+  resident, KV gets what a fixed pool would; an offloaded LLM's weights become KV room. With
+  ``memory_budget_bytes`` the budget is that instead, and the weights of all LLMs may exceed it:
+  an elastic LLM that does not fit at start begins offloaded (only its host copy holds the weights);
 * the **KV range** (``device_memory``) is reserved once for every page id of the budget and mapped
   granule by granule as the budget grows it (and trimmed when idle);
 * each elastic LLM's weights live in a **weights range** of their own, filled from a **host copy**
@@ -61,14 +63,15 @@ class ElasticMemory:
     """The budget and ranges of one device; see the module docstring. Owned by FlexStoreManager."""
 
     def __init__(self, device: torch.device, tag: str, kv_bytes: int, page_bytes: int, granule_bytes: int,
-                 reserve_granules: int, weight_bytes: dict[str, int]):
+                 reserve_granules: int, weight_bytes: dict[str, int], budget_bytes: int | None = None):
         self.device = device
         self.tag = tag
         self.granule_bytes = granule_bytes
-        kv_granules = math.ceil(kv_bytes / granule_bytes)
-        weight_granules = sum(math.ceil(n / granule_bytes) for n in weight_bytes.values())
-        self.budget = _Budget((kv_granules + weight_granules) * granule_bytes, page_bytes, granule_bytes,
-                              reserve_granules)
+        if budget_bytes is None:
+            kv_granules = math.ceil(kv_bytes / granule_bytes)
+            weight_granules = sum(math.ceil(n / granule_bytes) for n in weight_bytes.values())
+            budget_bytes = (kv_granules + weight_granules) * granule_bytes
+        self.budget = _Budget(budget_bytes, page_bytes, granule_bytes, reserve_granules)
         self.kv: DeviceRange = create_range(f"{tag}-kv", self.budget.num_pages * page_bytes, device, granule_bytes)
         self.pool = KVPool(self.kv.tensor, page_bytes)
         self.weights: dict[str, DeviceRange] = {}
@@ -81,18 +84,22 @@ class ElasticMemory:
         self.budget.register_model(name, layout, weight_bytes, Residency.PINNED)
         self.counts[name] = ResidencyCounts()
 
-    def add_elastic(self, name: str, layout: KVLayout, host: HostCopy, index: int) -> DeviceRange:
-        """Register an elastic LLM and wake its weights range from ``host`` (it starts resident, so its
-        runtimes can capture CUDA graphs over mapped memory)."""
+    def add_elastic(self, name: str, layout: KVLayout, host: HostCopy, index: int,
+                    resident: bool = True) -> DeviceRange:
+        """Register an elastic LLM and, when ``resident``, wake its weights range from ``host`` (so its
+        runtimes can capture CUDA graphs over mapped memory); otherwise it starts offloaded (its
+        runtimes capture on first use, as after a restart while offloaded)."""
         self.hosts[name] = host  # released by close() from now on
         granules = math.ceil(host.nbytes / self.granule_bytes)
-        self.budget.register_model(name, layout, host.nbytes, Residency.ELASTIC)
+        state = WeightState.RESIDENT if resident else WeightState.OFFLOADED
+        self.budget.register_model(name, layout, host.nbytes, Residency.ELASTIC, state)
         rng = self.weights[name] = create_range(f"{self.tag}-e{index}", granules * self.granule_bytes, self.device,
                                                 self.granule_bytes)
         self.range_server.add(rng)
         if self.device.type == "cuda":
             host.pin()
-        map_and_copy_in(rng, host.tensor)
+        if resident:
+            map_and_copy_in(rng, host.tensor)
         self.counts[name] = ResidencyCounts()
         return rng
 
@@ -168,7 +175,7 @@ class ElasticMemory:
     def budget_info(self) -> P.BudgetInfo:
         f = self.budget.figures()
         return P.BudgetInfo(f.num_granules, f.granule_bytes, f.pinned_granules, f.elastic_granules, f.kv_granules,
-                            f.free_granules)
+                            f.free_granules, f.kv_whole_free)
 
     def names(self) -> list[str]:
         """Shared-memory names of the ranges and host copies (CPU)."""

@@ -7,6 +7,7 @@ It is transport-free: :meth:`FlexStoreManager.handle` maps one protocol request 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 
@@ -130,12 +131,24 @@ class FlexStoreManager:
         cfg = self.config
         weight_bytes = {e.name: self.shards[e.name][0].segment.nbytes for e in cfg.models}
         self.elastic = ElasticMemory(self.device, self._tag, kv_bytes, cfg.page_bytes, cfg.granule_bytes,
-                                     cfg.reserve_granules, weight_bytes)
+                                     cfg.reserve_granules, weight_bytes, cfg.memory_budget_bytes)
+        budget = self.elastic.budget
+        if cfg.memory_budget_bytes is not None:
+            check_budget_fits(budget, cfg, weight_bytes, self.layouts)
         for i, entry in enumerate(cfg.models):
             stored = self.shards[entry.name][0]
             if entry.residency == "elastic":
                 self._segments.remove(stored.segment)  # the host copy: ElasticMemory releases it
-                self.elastic.add_elastic(entry.name, self.layouts[entry.name], HostCopy(stored.segment), i)
+                # Pinned LLMs first (they are counted below); an elastic LLM starts resident while its
+                # weights leave a granule for KV, else offloaded (memory_budget_bytes only).
+                pinned = sum(math.ceil(weight_bytes[e.name] / cfg.granule_bytes) for e in cfg.models[i:]
+                             if e.residency != "elastic")
+                granules = math.ceil(stored.segment.nbytes / cfg.granule_bytes)
+                resident = granules + pinned + 1 <= budget.free_granules or cfg.memory_budget_bytes is None
+                self.elastic.add_elastic(entry.name, self.layouts[entry.name], HostCopy(stored.segment), i, resident)
+                if not resident:
+                    logger.info("%s starts offloaded: its weights (%d granules) do not fit the budget's %d free "
+                                "granules now", entry.name, granules, budget.free_granules)
             else:
                 self.elastic.add_pinned(entry.name, self.layouts[entry.name], stored.segment.nbytes)
         self.pool = self.elastic.pool
@@ -322,3 +335,21 @@ class FlexStoreManager:
                 logger.exception("could not release segment %s", segment.descriptor.name or segment.descriptor.kind)
         if self.devices[0].type == "cuda":
             release_torch_ipc_files()
+
+
+def check_budget_fits(budget, cfg: FlexStoreConfig, weight_bytes: dict[str, int], layouts: dict[str, KVLayout]) -> None:
+    """ValueError when the pinned LLMs' weights exceed ``memory_budget_bytes``, or when an elastic LLM's
+    weights plus one token block of KV do not fit next to them (it could never run)."""
+    g = cfg.granule_bytes
+    pinned = sum(math.ceil(weight_bytes[e.name] / g) for e in cfg.models if e.residency != "elastic")
+    if pinned > budget.num_granules:
+        raise ValueError(f"memory_budget_bytes {cfg.memory_budget_bytes}: the pinned LLMs' weights need {pinned} "
+                         f"granules of {g} B, more than the budget's {budget.num_granules}")
+    for e in cfg.models:
+        if e.residency != "elastic":
+            continue
+        need = math.ceil(weight_bytes[e.name] / g) + math.ceil(layouts[e.name].pages_per_block * cfg.page_bytes / g)
+        if pinned + need > budget.num_granules:
+            raise ValueError(f"memory_budget_bytes {cfg.memory_budget_bytes}: elastic LLM {e.name!r} can never run: "
+                             f"its weights ({weight_bytes[e.name]} B) and one block of KV need {need} granules of "
+                             f"{g} B, but the budget has {budget.num_granules - pinned} beside the pinned weights")

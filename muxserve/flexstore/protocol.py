@@ -157,6 +157,7 @@ class BudgetInfo(msgspec.Struct, array_like=True, frozen=True):
     elastic_granules: int  # weights of elastic LLMs that hold theirs now
     kv_granules: int  # mapped KV granules
     free_granules: int  # held by nobody
+    kv_whole_free: int = 0  # mapped KV granules without a page in use (a wake takes them first)
 
 
 # -- replies -----------------------------------------------------------------------------------

@@ -69,6 +69,12 @@ def bind_parameters(model: nn.Module, buffer: torch.Tensor, tensors: list[Tensor
         setattr(model.get_submodule(module_name), attr, nn.Parameter(view, requires_grad=False))
 
 
+def stored_bytes(folder: Path, dtype: str, parallel: TensorParallel = SINGLE) -> int:
+    """Bytes FlexStore's segment of one model (rank) takes, computed on the meta device (nothing is read
+    but ``config.json``): what its weights cost the device's memory budget."""
+    return plan_layout(meta_model(ModelSpec.from_folder(folder), parse_dtype(dtype), parallel))[1]
+
+
 def load_shared(entry: ModelEntry, folder: Path, device: torch.device, segment_name: str,
                 parallel: TensorParallel = SINGLE) -> StoredWeights:
     """Load one model's weights (``parallel``: one rank's shard) into a new shared segment (FlexStore side)."""

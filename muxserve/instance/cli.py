@@ -21,6 +21,7 @@ from muxserve.engine.model_config import ModelSpec
 from muxserve.engine.model_hub import resolve_model
 from muxserve.engine.parallel import check_tensor_parallel
 from muxserve.errors import ConfigError
+from muxserve.instance.budget import check_memory_budget
 from muxserve.instance.options import InstanceOptions
 from muxserve.instance.processes import ChildDied
 from muxserve.instance.supervisor import RestartPolicy
@@ -121,6 +122,8 @@ def check_instance_args(args: argparse.Namespace, config: MuxServeConfig, device
             raise ConfigError(f"--block-size {args.block_size} gives pages of {page} B, which do not divide the "
                               f"{ELASTIC_GRANULE >> 20} MiB granule that an elastic LLM's memory budget maps: choose "
                               f"a block size whose page is a power of two, or leave --block-size out")
+    if config.memory_budget_bytes is not None:
+        check_memory_budget(config, page_bytes_for(config, args.block_size), ELASTIC_GRANULE, source)
     if args.flexstore_port is not None:
         if not 1 <= args.flexstore_port <= 65535:
             raise ConfigError(f"--flexstore-port must be a TCP port (1-65535), got {args.flexstore_port}")
@@ -187,8 +190,8 @@ def page_bytes_for(config: MuxServeConfig, block_size: int | None) -> int:
 
 def planned_max_tokens(config: MuxServeConfig, page_bytes: int, device: str) -> dict[str, int] | None:
     """Tokens one request of each LLM can hold with the whole pool, known before start on CPU."""
-    if config.kv_cache_bytes is None and device != "cpu":
-        return None  # sized from the GPU's memory by FlexStore at start
+    if config.memory_budget_bytes is not None or (config.kv_cache_bytes is None and device != "cpu"):
+        return None  # sized by FlexStore at start (from the GPU's memory, or from the memory budget)
     pages = (config.kv_cache_bytes or DEFAULT_CPU_KV_BYTES) // page_bytes
     out = {}
     for m in config.models:

@@ -25,6 +25,7 @@ from muxserve.flexstore import FlexStoreConfig, FlexStoreDied, FlexStoreProcess
 from muxserve.flexstore.auth import new_secret
 from muxserve.flexstore.config import ModelEntry
 from muxserve.instance import calibrate
+from muxserve.instance.budget import check_memory_budget
 from muxserve.instance.mps import mps_env
 from muxserve.instance.options import InstanceOptions
 from muxserve.instance.processes import ChildDied, ProcessGroup
@@ -133,6 +134,7 @@ class Instance:
 
     def _start_flexstore(self) -> None:
         o = self.options
+        check_memory_budget(self.config, o.page_bytes, o.granule_bytes)
         device = "cuda:0" if o.device == "cuda" else "cpu"
         models = tuple(ModelEntry(m.name, m.model, m.torch_dtype_name, m.load_format,
                                   tensor_parallel_size=m.tensor_parallel_size, devices=tuple(m.devices),
@@ -143,7 +145,8 @@ class Instance:
                                        gpu_memory_utilization=self.config.gpu_memory_utilization,
                                        page_bytes=o.page_bytes, shm_prefix=f"muxserve{os.getpid()}",
                                        num_devices=self.config.num_gpus, granule_bytes=o.granule_bytes,
-                                       reserve_granules=o.reserve_granules)
+                                       reserve_granules=o.reserve_granules,
+                                       memory_budget_bytes=self.config.memory_budget_bytes)
         log = o.log_dir / "flexstore.log" if o.log_dir else None
         if o.log_dir:
             o.log_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +213,21 @@ class Instance:
         elastic = [m.name for m in self.config.models if m.residency == "elastic"]
         if elastic:
             policy = None if o.offload_idle_s is None else IdleTimeout(o.offload_idle_s, o.min_resident_s)
-            self.residency = ResidencyControl(elastic, scheduler, self._allocator, self.runtimes.links, policy)
+            # Elastic LLMs that did not fit the memory budget at start begin offloaded; a wake short of
+            # room offloads idle ones, least recently used first (ResidencyControl.make_room).
+            offloaded = [m.name for m in self.store_info.models if m.residency == "elastic" and m.state == "offloaded"]
+            for llm in offloaded:
+                scheduler.set_offloaded(llm)
+            granule = o.granule_bytes
+            weight_granules = {m.name: -(-m.weight_bytes // granule) for m in self.store_info.models}
+            # A wake leaves room for one token block of the widest LLM: the resident LLMs can go on.
+            headroom = max(-(-m.layout.pages_per_block * m.layout.page_bytes // granule)
+                           for m in self.store_info.models)
+            self.residency = ResidencyControl(elastic, scheduler, self._allocator, self.runtimes.links, policy,
+                                              offloaded=offloaded, weight_granules=weight_granules,
+                                              min_resident_s=o.min_resident_s, kv_headroom=headroom)
+            if offloaded:
+                logger.info("elastic LLMs offloaded at start (beyond the memory budget): %s", offloaded)
         return scheduler
 
     # -- requests ---------------------------------------------------------------------------

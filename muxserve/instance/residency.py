@@ -5,6 +5,15 @@
   from free budget, then whole free KV granules, then other LLMs' newest requests (never those
   inside in-flight jobs). Those go back to the head of their queues and are recomputed. A wake
   that cannot find room now (everything is in flight) is tried again at the next poll.
+* **Make room (LRU).** With ``weight_granules`` known, a wake first checks the budget: when free
+  granules plus whole free KV granules do not hold the LLM's weights, or the granules no weights
+  hold would not keep ``kv_headroom`` for KV after it, idle elastic LLMs (no request waiting,
+  running or holding pages, resident at least ``min_resident_s``) are offloaded, least recently
+  used first, until they do; so a wake offloads idle LLMs before it preempts busy ones, and a
+  wake that would leave no KV at all waits (until an LLM goes idle) instead of stalling everyone.
+  A wake FlexStore still refuses offloads the next idle LLM and is tried again. An LLM with
+  requests is never offloaded. This is what lets an instance hold more elastic LLMs than fit
+  (``memory_budget_bytes``): those that do not fit start offloaded (``offloaded``).
 * **Offload by policy.** A :class:`ResidencyPolicy` names the elastic LLMs to offload; the one
   given here, :class:`IdleTimeout`, offloads an LLM idle (no request waiting, running or holding
   pages) for ``idle_s`` that has been resident at least ``min_resident_s`` (against thrash). A
@@ -21,7 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -111,9 +120,15 @@ class ResidencyControl:
     """
 
     def __init__(self, elastic: list[str], scheduler, client, links: dict[tuple[str, Phase], object],
-                 policy: ResidencyPolicy | None = None, clock: Callable[[], float] = time.monotonic):
+                 policy: ResidencyPolicy | None = None, clock: Callable[[], float] = time.monotonic,
+                 offloaded: Iterable[str] = (), weight_granules: dict[str, int] | None = None,
+                 min_resident_s: float = 0.0, kv_headroom: int = 0):
         now = clock()
-        self.elastic = {name: _Elastic(now, now) for name in elastic}
+        offloaded = set(offloaded)
+        self.elastic = {name: _Elastic(now, now, name not in offloaded) for name in elastic}
+        self.weight_granules = weight_granules  # per LLM: granules its weights take (None: no make_room)
+        self.min_resident_s = min_resident_s
+        self.kv_headroom = kv_headroom  # granules of KV a wake leaves for the resident LLMs (make_room)
         self.scheduler = scheduler
         self.client = client
         self.links = links
@@ -187,7 +202,8 @@ class ResidencyControl:
             if now < self._retry_at.get(llm, 0.0):
                 continue
             try:
-                self.wake(llm)
+                self.make_room(llm)
+                self._wake_offloading_lru(llm)
             except WakeDeferred as exc:
                 logger.debug("wake of %s deferred: %s", llm, exc)
             except FlexStoreError as exc:  # FlexStore could not map or copy (it gave the memory back): later
@@ -199,6 +215,60 @@ class ResidencyControl:
         for llm in self.policy.to_offload(self.activity(now), now):
             if llm in self.elastic and self.elastic[llm].resident and self.scheduler.is_idle(llm):
                 self.offload(llm)
+
+    def lru_idle(self, exclude: str = "", now: float | None = None) -> list[str]:
+        """Resident elastic LLMs that may be offloaded to make room: idle (nothing waiting, running or
+        holding pages), resident at least ``min_resident_s``; least recently used first."""
+        now = self.clock() if now is None else now
+        out = [(max(s.last_busy, s.since), name) for name, s in self.elastic.items()
+               if name != exclude and s.resident and self.scheduler.is_idle(name)
+               and now - s.since >= self.min_resident_s]
+        return [name for _, name in sorted(out)]
+
+    def make_room(self, llm: str) -> list[ResidencyEvent]:
+        """Offload idle elastic LLMs, least recently used first, until (a) the granules no weights hold
+        cover ``llm``'s weights plus ``kv_headroom`` (so the LLMs resident after the wake still have
+        KV to run on) and (b) the budget's free and whole free KV granules cover its weights (so the
+        wake preempts nobody). Returns the offloads; raises :class:`WakeDeferred` when (a) cannot be
+        met now (every other resident LLM has requests): waking would leave no KV for anyone."""
+        if not self.weight_granules:
+            return []
+        budget = self.client.stats().budget
+        if budget is None:
+            return []
+        weights = self.weight_granules.get(llm, 0)
+        unheld = budget.num_granules - budget.pinned_granules - budget.elastic_granules
+        short_total = weights + self.kv_headroom - unheld
+        short_now = weights - budget.free_granules - budget.kv_whole_free
+        events = []
+        for victim in self.lru_idle(exclude=llm):
+            if short_total <= 0 and short_now <= 0:
+                break
+            logger.info("making room for %s: offloading %s (idle, least recently used)", llm, victim)
+            events.append(self.offload(victim))
+            short_total -= self.weight_granules.get(victim, 0)
+            short_now -= self.weight_granules.get(victim, 0)
+        if short_total > 0:
+            self.deferred += 1
+            raise WakeDeferred(f"cannot wake {llm!r} yet: its weights ({weights} granules) and {self.kv_headroom} "
+                               f"granules of KV need {short_total} more granules than the budget's "
+                               f"{budget.num_granules} less the weights held, and no idle LLM is left to offload",
+                               {"needed": weights + self.kv_headroom, "unheld": unheld, "short": short_total})
+        return events
+
+    def _wake_offloading_lru(self, llm: str) -> ResidencyEvent:
+        """Wake ``llm``; while FlexStore refuses for want of room, offload the least recently used idle
+        elastic LLM and try again (WakeDeferred once none is left)."""
+        while True:
+            try:
+                return self.wake(llm)
+            except WakeDeferred:
+                victims = self.lru_idle(exclude=llm)
+                if not victims:
+                    raise
+                logger.info("wake of %s refused for room: offloading %s (idle, least recently used)", llm,
+                            victims[0])
+                self.offload(victims[0])
 
     def activity(self, now: float | None = None) -> list[LLMActivity]:
         now = self.clock() if now is None else now

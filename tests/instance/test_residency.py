@@ -128,3 +128,118 @@ def test_only_idle_elastic_llms_move(world):
     with pytest.raises(ValueError, match="resident already"):
         control.wake("b")
     assert IdleTimeout(1.0).to_offload([LLMActivity("x", True, False, 0.0, 99.0)], 0.0) == []
+
+
+class BudgetStore(FakeStore):
+    """A fake FlexStore with a budget: ``free`` granules free; ``refusals`` wakes refused first."""
+
+    def __init__(self, free: int, refusals: int = 0):
+        super().__init__()
+        self.free_granules, self.refusals = free, refusals
+
+    def stats(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(budget=P.BudgetInfo(64, 2 << 20, 0, 30, 0, self.free_granules, 0))
+
+    def offload(self, model):
+        self.free_granules += 10
+        return super().offload(model)
+
+    def wake(self, model, protected):
+        if self.refusals:
+            self.refusals -= 1
+            self.calls.append(("wake", model, list(protected)))
+            raise FlexStoreError("refused", "no room", {"needed": 10, "free": 0, "whole_free": 0, "reclaimable": 0})
+        self.free_granules -= 10
+        return super().wake(model, protected)
+
+
+def lru_world(free: int, refusals: int = 0):
+    clock = FakeClock()
+    store = BudgetStore(free, refusals)
+    names = ["a", "b", "c", "d", "e"]
+    links = Links(names)
+    sched = MuxScheduler([llm(n) for n in names], store, links, get_policy("roundrobin"), 2048, 10, clock=clock)
+    control = ResidencyControl(["b", "c", "d", "e"], sched, store, links, None, clock, offloaded=["d"],
+                               weight_granules={n: 10 for n in names}, min_resident_s=10)
+    sched.set_offloaded("d")
+    clock.t = 20.0
+    for name, busy in (("b", 5.0), ("c", 2.0), ("e", 8.0)):
+        control.elastic[name].last_busy = busy
+    control.elastic["e"].since = 15.0  # woken 5 s ago: below min_resident_s
+    return clock, store, sched, control
+
+
+def test_a_wake_short_of_room_offloads_idle_llms_least_recently_used_first():
+    clock, store, sched, control = lru_world(free=3)
+    assert not control.elastic["d"].resident and not sched.is_resident("d")
+    sched.add(request("1", "c"))  # c is the least recently used, but it has a request: it stays
+    assert control.lru_idle(exclude="d") == ["b"]
+    sched.add(request("2", "d"))
+    control.tick()
+    assert [c[:2] for c in store.calls] == [("offload", "b"), ("wake", "d")]  # one offload was enough
+    assert control.elastic["d"].resident and not control.elastic["b"].resident
+    assert sched.is_resident("d") and not sched.is_resident("b")
+    assert [(e.kind, e.llm) for e in control.events] == [("offload", "b"), ("wake", "d")]
+
+
+def test_a_refused_wake_offloads_the_next_idle_llm_and_is_retried():
+    clock, store, sched, control = lru_world(free=10, refusals=1)  # the figures say it fits; FlexStore refuses
+    clock.t = 30.0  # e has now been resident long enough; b (busy at 5) is older than e (busy at 8)
+    control.elastic["c"].last_busy = 9.0
+    sched.add(request("2", "d"))
+    control.tick()
+    assert [c[:2] for c in store.calls] == [("wake", "d"), ("offload", "b"), ("wake", "d")]
+    assert control.elastic["d"].resident and control.deferred == 1
+
+
+def test_a_wake_with_nothing_idle_to_offload_waits():
+    clock, store, sched, control = lru_world(free=0, refusals=5)
+    for i, name in enumerate(["b", "c", "e"]):
+        sched.add(request(str(10 + i), name))
+    sched.add(request("2", "d"))
+    control.tick()
+    assert [c[:2] for c in store.calls] == [("wake", "d")] and not control.elastic["d"].resident
+    assert all(control.elastic[n].resident for n in ("b", "c", "e"))
+
+
+class HeldStore(BudgetStore):
+    """BudgetStore whose figures follow the weights held: 35 granules, b, c and e resident (10 each)."""
+
+    def __init__(self):
+        super().__init__(free=5)
+        self.held = 30
+
+    def stats(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(budget=P.BudgetInfo(35, 2 << 20, 0, self.held, 0, self.free_granules, 0))
+
+    def offload(self, model):
+        self.held -= 10
+        return super().offload(model)
+
+    def wake(self, model, protected):
+        self.held += 10
+        return super().wake(model, protected)
+
+
+def test_a_wake_that_would_leave_no_kv_waits_until_an_llm_goes_idle():
+    clock = FakeClock()
+    store = HeldStore()
+    names = ["b", "c", "d", "e"]
+    links = Links(names)
+    sched = MuxScheduler([llm(n) for n in names], store, links, get_policy("roundrobin"), 2048, 10, clock=clock)
+    control = ResidencyControl(names, sched, store, links, None, clock, offloaded=["d"],
+                               weight_granules={n: 10 for n in names}, kv_headroom=1)
+    sched.set_offloaded("d")
+    for i, name in enumerate(["b", "c", "e"]):
+        sched.add(request(str(10 + i), name))
+    sched.add(request("2", "d"))
+    control.tick()  # 5 granules hold no weights: d's 10 plus 1 of KV do not fit, and nobody is idle
+    assert store.calls == [] and control.deferred == 1 and not control.elastic["d"].resident
+    sched.llms["c"].waiting.clear()  # c's request went away: c is idle
+    control.tick()
+    assert [c[:2] for c in store.calls] == [("offload", "c"), ("wake", "d")]
+    assert control.elastic["d"].resident and not control.elastic["c"].resident
