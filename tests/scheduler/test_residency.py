@@ -20,9 +20,9 @@ class EpochBudget(MemoryBudget):
     kv_epoch = 7  # what FlexStoreClient reports; jobs carry it
 
 
-@pytest.fixture
-def harness():
-    budget = EpochBudget(24 * GRANULE, LAYOUT.page_bytes, GRANULE, reserve_granules=0)
+def make_harness(granules: int):
+    """A scheduler over a budget of ``granules``: pinned LLM a, elastic LLM b of 8 granules of weights."""
+    budget = EpochBudget(granules * GRANULE, LAYOUT.page_bytes, GRANULE, reserve_granules=0)
     budget.register_model("a", LAYOUT)
     budget.register_model("b", LAYOUT, weight_bytes=8 * GRANULE, residency="elastic")
     log = []
@@ -30,6 +30,11 @@ def harness():
     links = {(i.name, ph): RecordingLink((i.name, ph), log) for i in infos for ph in Phase}
     sched = MuxScheduler(infos, budget, links, get_policy("roundrobin"), 2048, 10, clock=FakeClock())
     return sched, budget, log
+
+
+@pytest.fixture
+def harness():
+    return make_harness(24)
 
 
 def add(sched, name, rid, n=8, max_tokens=8):
@@ -71,13 +76,7 @@ def test_offloading_an_llm_with_requests_is_refused(harness):
 
 
 def test_a_wake_preempts_the_newest_unprotected_requests_which_are_recomputed():
-    budget = EpochBudget(13 * GRANULE, LAYOUT.page_bytes, GRANULE, reserve_granules=0)
-    budget.register_model("a", LAYOUT)
-    budget.register_model("b", LAYOUT, weight_bytes=8 * GRANULE, residency="elastic")
-    log = []
-    infos = [llm("a"), llm("b")]
-    links = {(i.name, ph): RecordingLink((i.name, ph), log) for i in infos for ph in Phase}
-    sched = MuxScheduler(infos, budget, links, get_policy("roundrobin"), 2048, 10, clock=FakeClock())
+    sched, budget, log = make_harness(13)
     budget.offload("b")
     budget.finish_offload("b")
     sched.set_offloaded("b")
