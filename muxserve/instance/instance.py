@@ -298,9 +298,10 @@ class Instance:
         return self._residency().offload(llm)
 
     def wake(self, llm: str) -> ResidencyEvent:
-        """Wake an offloaded elastic LLM now (``residency.WakeDeferred`` when in-flight jobs hold the room).
-        A request of an offloaded LLM wakes it anyway."""
-        return self._residency().wake(llm)
+        """Wake an offloaded elastic LLM now, offloading idle ones least recently used first when the
+        budget is short (``residency.WakeDeferred`` when the room is held by requests). A request of an
+        offloaded LLM wakes it anyway."""
+        return self._residency().wake_making_room(llm)
 
     def _residency(self) -> ResidencyControl:
         if self.residency is None:

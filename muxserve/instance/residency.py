@@ -202,8 +202,7 @@ class ResidencyControl:
             if now < self._retry_at.get(llm, 0.0):
                 continue
             try:
-                self.make_room(llm)
-                self._wake_offloading_lru(llm)
+                self.wake_making_room(llm)
             except WakeDeferred as exc:
                 logger.debug("wake of %s deferred: %s", llm, exc)
             except FlexStoreError as exc:  # FlexStore could not map or copy (it gave the memory back): later
@@ -255,6 +254,14 @@ class ResidencyControl:
                                f"{budget.num_granules} less the weights held, and no idle LLM is left to offload",
                                {"needed": weights + self.kv_headroom, "unheld": unheld, "short": short_total})
         return events
+
+    def wake_making_room(self, llm: str) -> ResidencyEvent:
+        """Wake ``llm``, offloading idle elastic LLMs least recently used first when the budget is
+        short (:meth:`make_room`, then again for as long as FlexStore refuses for want of room)."""
+        if self._elastic(llm).resident:
+            raise ValueError(f"{llm!r} is resident already")
+        self.make_room(llm)
+        return self._wake_offloading_lru(llm)
 
     def _wake_offloading_lru(self, llm: str) -> ResidencyEvent:
         """Wake ``llm``; while FlexStore refuses for want of room, offload the least recently used idle

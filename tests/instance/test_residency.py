@@ -184,6 +184,16 @@ def test_a_wake_short_of_room_offloads_idle_llms_least_recently_used_first():
     assert [(e.kind, e.llm) for e in control.events] == [("offload", "b"), ("wake", "d")]
 
 
+def test_a_wake_asked_for_makes_room_as_a_request_does():
+    clock, store, sched, control = lru_world(free=3)
+    with pytest.raises(ValueError, match="'b' is resident already"):
+        control.wake_making_room("b")
+    assert store.calls == []
+    control.wake_making_room("d")  # no request waits: an operator's wake
+    assert [c[:2] for c in store.calls] == [("offload", "c"), ("wake", "d")]  # c: least recently used
+    assert control.elastic["d"].resident and not control.elastic["c"].resident
+
+
 def test_a_refused_wake_offloads_the_next_idle_llm_and_is_retried():
     clock, store, sched, control = lru_world(free=10, refusals=1)  # the figures say it fits; FlexStore refuses
     clock.t = 30.0  # e has now been resident long enough; b (busy at 5) is older than e (busy at 8)
